@@ -1,0 +1,1 @@
+"""The `ddk-cache` command line (installed as ddk_cache.cli): parses arguments, calls a stage."""

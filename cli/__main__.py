@@ -1,0 +1,3 @@
+from ddk_cache.cli.main import main
+
+main()

@@ -1,0 +1,179 @@
+"""Create or resume a store and write it one whole shard at a time.
+
+Crash safety: every shard of every array is written whole (one object per shard, and
+zarr's local store writes objects atomically), then the split's `shard_done[i]` marker
+is set. A killed dump therefore leaves complete shards marked, and at worst an
+unmarked shard that is recomputed on resume. The root `status` becomes "complete" only
+after every marker is set, so readers never take a half-written store for a finished one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ddk_cache.cache_format import (
+    DOMAIN_ATTR,
+    FORMAT_NAME,
+    HEADER_ATTR,
+    SHARD_DONE,
+    SPLITS,
+    TARGET_LOGPROBS,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    StoreLayout,
+    create_split_arrays,
+    open_store,
+    teacher_loss,
+)
+from ddk_cache.engines.base import TopKResult
+from ddk_cache.errors import StoreError
+from ddk_cache.packing import PackedDomain, PackedSplit
+
+
+class CacheWriter:
+    """Writes shards of a store whose header, groups and arrays already exist."""
+
+    def __init__(self, root: zarr.Group, url: str, layout: StoreLayout) -> None:
+        self.root = root
+        self.url = url
+        self.layout = layout
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        url: str,
+        header: dict[str, Any],
+        domains: list[PackedDomain],
+        layout: StoreLayout,
+        overwrite: bool = False,
+        storage_options: dict | None = None,
+    ) -> "CacheWriter":
+        """Open `url` for writing: create it, or resume it if it was made with the same identity.
+
+        `header["identity"]` holds everything that must match for shards from two runs to
+        belong in one store; a mismatch is refused unless `overwrite` is set.
+        """
+        store = open_store(url, read_only=False, storage_options=storage_options)
+        existing = _existing_header(store, url)
+        if existing is not None and overwrite:
+            zarr.open_group(store, mode="w")  # clears the old store
+            existing = None
+        if existing is None:
+            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "writing"}})
+            for domain in domains:
+                _create_domain(root, domain, layout)
+            return cls(root, url, layout)
+
+        _check_identity(existing["identity"], header["identity"], url)
+        _remove_partial_files(url)
+        root = zarr.open_group(store, mode="r+")
+        for domain in domains:
+            _check_domain_data(root, domain, url)
+        return cls(root, url, layout)
+
+    def split_group(self, domain: str, split: str) -> zarr.Group:
+        return self.root[f"{domain}/{split}"]
+
+    def pending_shards(self, domain: str, split: str) -> list[int]:
+        done = self.split_group(domain, split)[SHARD_DONE][:]
+        return [int(i) for i in np.flatnonzero(done == 0)]
+
+    def write_shard(self, domain: str, split: str, shard: int, windows: np.ndarray, result: TopKResult) -> None:
+        """Write shard `shard` of every array, then mark it done (the marker is the commit)."""
+        group = self.split_group(domain, split)
+        region = self.layout.shard_slice(shard, group[TOKENS].shape[0])
+        if windows.shape[0] != region.stop - region.start:
+            raise ValueError(f"shard {shard} expects {region.stop - region.start} windows, got {windows.shape[0]}")
+        group[TOKENS][region] = windows
+        group[TOPK_IDS][region] = result.topk_ids
+        group[TOPK_LOGPROBS][region] = result.topk_logprobs.astype(group[TOPK_LOGPROBS].dtype)
+        group[TARGET_LOGPROBS][region] = result.target_logprobs
+        group[SHARD_DONE][shard] = 1
+
+    def finish_domain(self, domain: str) -> dict[str, Any]:
+        """Record the teacher's validation loss, read back from the stored actual-token log-probs."""
+        loss, ppl = teacher_loss(self.split_group(domain, "valid")[TARGET_LOGPROBS][:])
+        group = self.root[domain]
+        info = {**group.attrs[DOMAIN_ATTR], "teacher_valid_loss": loss, "teacher_valid_ppl": ppl}
+        group.attrs[DOMAIN_ATTR] = info
+        return info
+
+    def finish(self) -> None:
+        header = dict(self.root.attrs[HEADER_ATTR])
+        header.update(status="complete", completed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        self.root.attrs[HEADER_ATTR] = header
+
+
+def _existing_header(store, url: str) -> dict | None:
+    """The header of an existing ddk-cache store at `url`, None if nothing is there."""
+    try:
+        root = zarr.open_group(store, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        local = Path(url)
+        if "://" not in url and local.exists() and (not local.is_dir() or any(local.iterdir())):
+            raise StoreError(f"{url} exists and is not a ddk-cache store: refusing to touch it; choose another --out") from None
+        return None
+    header = root.attrs.get(HEADER_ATTR)
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise StoreError(f"{url} is a Zarr store but not a ddk-cache store: refusing to touch it; choose another --out")
+    return header
+
+
+def _check_identity(old: dict, new: dict, url: str) -> None:
+    differing = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if differing:
+        key = differing[0]
+        raise StoreError(
+            f"{url} was made with a different {', '.join(differing)} "
+            f"(store: {_short(old.get(key))}, now: {_short(new.get(key))}): "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def _check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
+    info = root[domain.name].attrs[DOMAIN_ATTR]
+    for split in SPLITS:
+        packed: PackedSplit = getattr(domain, split)
+        if info[split]["tokens_sha256"] != packed.sha256():
+            raise StoreError(
+                f"{url}: the text of domain {domain.name!r} ({split}) changed since this store was started: "
+                "pass --overwrite to start again, or restore the original data"
+            )
+
+
+def _create_domain(root: zarr.Group, domain: PackedDomain, layout: StoreLayout) -> None:
+    group = root.create_group(domain.name)
+    info: dict[str, Any] = {"name": domain.name, "teacher_valid_loss": None, "teacher_valid_ppl": None}
+    for split in SPLITS:
+        packed: PackedSplit = getattr(domain, split)
+        create_split_arrays(group.create_group(split), packed.n_windows, layout)
+        info[split] = {
+            "windows": packed.n_windows,
+            "tokens": packed.n_tokens,
+            "documents": packed.n_documents,
+            "tokens_sha256": packed.sha256(),
+        }
+    group.attrs[DOMAIN_ATTR] = info
+
+
+def _remove_partial_files(url: str) -> None:
+    """Drop temp files that zarr's atomic writes leave behind when a process is killed mid-write."""
+    if "://" in url:
+        return
+    for partial in Path(url).rglob("*.partial"):
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,56 @@
+"""The contract every teacher engine (Hugging Face, vLLM) fulfils, so stores are identical.
+
+An engine receives windows of `seq_len + 1` token ids. For each of the first `seq_len`
+positions t it returns the teacher's distribution over token t + 1 given tokens <= t:
+the top-k ids in descending log-prob order, their raw log-probs (log_softmax at
+temperature 1, so the tail mass 1 - sum(exp) is known), and the log-prob of the actual
+next token `window[t + 1]`, whether or not it is in the top-k.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TopKResult:
+    """Engine output for `B` windows of `L` scored positions."""
+
+    topk_ids: np.ndarray  # int32 [B, L, k], descending log-prob
+    topk_logprobs: np.ndarray  # float32 [B, L, k]
+    target_logprobs: np.ndarray  # float32 [B, L], log p(window[t + 1] | window[: t + 1])
+
+    def __post_init__(self) -> None:
+        b, length, k = self.topk_ids.shape
+        if self.topk_logprobs.shape != (b, length, k) or self.target_logprobs.shape != (b, length):
+            raise ValueError("inconsistent TopKResult shapes")
+
+
+class TeacherEngine(ABC):
+    """Scores windows with a teacher model. Subclasses load the model in `__init__`."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def config(self) -> Any:
+        """The teacher's transformers config (vocab size, architecture) for provenance."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Engine name, version and every setting that can change the numbers it produces."""
+
+    @abstractmethod
+    def score(self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None) -> TopKResult:
+        """Top-k distributions for `windows` (int32 `[B, seq_len + 1]`); calls `progress(tokens)` as it goes."""
+
+    def value_settings(self) -> dict[str, Any]:
+        """The subset of `describe()` that must match to resume a store (numbers would differ otherwise)."""
+        return {"name": self.name}

@@ -1,0 +1,51 @@
+"""Turn a domain's manifest sources into documents (strings) with `datasets.load_dataset`.
+
+Everything `load_dataset` accepts works: hub ids (which need hub access) and the local
+builders `json`, `parquet`, `text`, `csv` with `data_files`. A row becomes one document,
+either one column (`text_field`) or several joined by a `template`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ddk_cache.errors import ManifestError
+from ddk_cache.manifest import DomainSpec, SourceSpec
+
+
+def load_domain_documents(domain: DomainSpec) -> list[str]:
+    """All non-blank documents of a domain, sources in manifest order, rows in file order."""
+    documents: list[str] = []
+    for index, source in enumerate(domain.sources):
+        where = f"domain {domain.name!r} source {index} ({source.describe()})"
+        documents.extend(_iter_source_documents(source, where))
+    if not documents:
+        raise ManifestError(f"domain {domain.name!r} has no text: its sources yielded no non-blank documents")
+    return documents
+
+
+def _iter_source_documents(source: SourceSpec, where: str) -> Iterator[str]:
+    import datasets  # deferred: importing datasets costs a second, and --help should not pay it
+
+    datasets.disable_progress_bars()  # one progress bar (ours) is enough
+
+    kwargs = dict(source.load_kwargs)
+    if source.data_files:
+        kwargs["data_files"] = list(source.data_files)
+    if source.revision:
+        kwargs["revision"] = source.revision
+    try:
+        dataset = datasets.load_dataset(source.path, source.config_name, split=source.split, **kwargs)
+    except Exception as exc:  # datasets raises many types; the user needs the one-line reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ManifestError(f"{where}: cannot load dataset: {reason}") from None
+    missing = [f for f in source.required_fields if f not in dataset.column_names]
+    if missing:
+        raise ManifestError(
+            f"{where}: text field {missing[0]!r} is not a column (columns: {', '.join(dataset.column_names)}); "
+            "fix 'text_field' or 'template'"
+        )
+    for row in dataset:
+        text = source.template.format(**row) if source.template is not None else row[source.text_field]
+        if isinstance(text, str) and text.strip():
+            yield text

@@ -1,0 +1,78 @@
+"""`ddk-cache inspect`: what a store holds and where it came from, as readable tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from ddk_cache.cache_format import SPLITS
+from ddk_cache.cache_reader import CacheReader
+
+
+def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
+    """One row per domain and split: windows, tokens, shards written, bytes stored per token."""
+    rows = []
+    for domain in reader.domains:
+        info = reader.domain_info(domain)
+        for split in SPLITS:
+            tokens = info[split]["tokens"]
+            stored = reader.bytes_stored(domain, split)
+            done, total = reader.shards_done(domain, split)
+            rows.append(
+                {
+                    "domain": domain,
+                    "split": split,
+                    "windows": info[split]["windows"],
+                    "tokens": tokens,
+                    "documents": info[split]["documents"],
+                    "shards": f"{done}/{total}",
+                    "bytes_per_token": stored / tokens if tokens else 0.0,
+                    "teacher_valid_ppl": info.get("teacher_valid_ppl") if split == "valid" else None,
+                    "teacher_valid_loss": info.get("teacher_valid_loss") if split == "valid" else None,
+                }
+            )
+    return rows
+
+
+def render_inspection(reader: CacheReader) -> Group:
+    header = reader.header
+    capture = header["capture"]
+    table = Table(title=f"ddk-cache store {reader.url} ({header['status']})")
+    for column in ("domain", "split", "windows", "tokens", "documents", "shards", "k", "bytes/token", "teacher ppl"):
+        table.add_column(column, justify="left" if column in ("domain", "split") else "right")
+    for row in domain_rows(reader):
+        ppl = row["teacher_valid_ppl"]
+        table.add_row(
+            row["domain"],
+            row["split"],
+            f"{row['windows']:,}",
+            f"{row['tokens']:,}",
+            f"{row['documents']:,}",
+            row["shards"],
+            str(capture["k"]),
+            f"{row['bytes_per_token']:.1f}",
+            f"{ppl:.3f}" if ppl is not None else "",
+        )
+    provenance = Table(title="provenance", show_header=False)
+    provenance.add_column("field")
+    provenance.add_column("value", overflow="fold")
+    teacher, tokenizer, engine = header["teacher"], header["tokenizer"], header["engine"]
+    for field, value in (
+        ("format", f"{header['format']} v{header['format_version']}"),
+        ("teacher", teacher["name_or_path"]),
+        ("teacher weights", teacher.get("weights_sha256") or f"revision {teacher.get('revision')}"),
+        ("teacher arch / vocab / dtype", f"{teacher['architecture']} / {teacher['vocab_size']} / {teacher.get('dtype')}"),
+        ("tokenizer", f"{tokenizer['name_or_path']} ({tokenizer['class']}, {tokenizer['size']} tokens)"),
+        ("tokenizer fingerprint", tokenizer["fingerprint"]),
+        ("engine", f"{engine['name']} {engine['version']} {engine.get('settings', {})}"),
+        ("capture", f"{capture['mode']} k={capture['k']} seq_len={capture['seq_len']} T={capture['temperature']}"),
+        ("layout", str(header["layout"])),
+        ("manifest sha256", header["manifest_sha256"]),
+        ("created", f"{header['created_at']} by {header['created_by']}"),
+        ("completed", str(header.get("completed_at", "not yet"))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in header["versions"].items() if v)),
+    ):
+        provenance.add_row(field, value)
+    return Group(table, provenance)
