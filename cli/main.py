@@ -87,7 +87,8 @@ def teacher_dump(
     console.print(
         f"scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s "
         f"({summary.tokens_per_second:,.0f} tokens/s); shards written {summary.shards_written}, "
-        f"already done {summary.shards_skipped}"
+        f"already done {summary.shards_skipped}",
+        soft_wrap=True,
     )
 
 

@@ -112,7 +112,7 @@ def build_header(
         "k": config.k,
         "seq_len": manifest.seq_len,
         "manifest_sha256": manifest.sha256(),
-        "layout": layout.to_attrs(),
+        "layout": {key: value for key, value in layout.to_attrs().items() if key not in ("k", "seq_len")},
     }
     return {
         "format": FORMAT_NAME,

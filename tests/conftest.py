@@ -27,12 +27,13 @@ def make_documents(domain: str, n_docs: int, seed: int, min_words: int = 20, max
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 2-layer Llama (random weights, fixed seed) with a BPE tokenizer trained on the test domains."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny_teacher")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<bos>", "<eos>"], show_progress=False)
     corpus = [doc for domain in DOMAIN_WORDS for doc in make_documents(domain, 50, seed=99)]
     bpe.train_from_iterator(corpus, trainer=trainer)

@@ -1,0 +1,83 @@
+"""The HF engine's numbers are exactly the teacher's log_softmax top-k, at every position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ddk_cache.engines import hf as hf_engine
+from ddk_cache.engines import create_engine
+from ddk_cache.errors import EngineError
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_teacher) -> np.ndarray:
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_teacher).config.vocab_size
+    return np.random.default_rng(0).integers(0, vocab, size=(5, 17), dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher, windows):
+    """Direct computation: log_softmax over the full vocabulary, then topk and gather."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        x = torch.as_tensor(windows, dtype=torch.long)
+        logprobs = torch.log_softmax(model(input_ids=x[:, :-1]).logits.float(), dim=-1)
+    top = logprobs.topk(K, dim=-1)
+    return top.indices.numpy(), top.values.numpy(), logprobs.gather(-1, x[:, 1:, None]).squeeze(-1).numpy(), logprobs.numpy()
+
+
+def test_topk_equals_direct_log_softmax_topk_at_every_position(tiny_teacher, windows, reference):
+    engine = create_engine("hf", str(tiny_teacher), device="cpu", batch_size=2)
+    result = engine.score(windows, K)
+    ref_ids, ref_values, ref_target, _ = reference
+    assert result.topk_ids.shape == (5, 16, K) and result.topk_ids.dtype == np.int32
+    np.testing.assert_array_equal(result.topk_ids, ref_ids)
+    np.testing.assert_allclose(result.topk_logprobs, ref_values, rtol=0, atol=1e-5)
+    assert np.all(np.diff(result.topk_logprobs, axis=-1) <= 0), "top-k must be in descending order"
+
+
+def test_target_logprob_is_the_actual_next_token_including_the_last_position(tiny_teacher, windows, reference):
+    result = create_engine("hf", str(tiny_teacher), device="cpu").score(windows, K)
+    _, _, ref_target, full = reference
+    np.testing.assert_allclose(result.target_logprobs, ref_target, atol=1e-5)
+    # the last position predicts window[-1], the token after the model's input
+    last = full[np.arange(5), -1, windows[:, -1]]
+    np.testing.assert_allclose(result.target_logprobs[:, -1], last, atol=1e-5)
+    # raw log-probs: the top-k mass is a probability below one, the remaining tail is known
+    assert np.all(np.exp(result.topk_logprobs).sum(-1) <= 1 + 1e-5)
+
+
+def test_blocked_log_softmax_matches_unblocked(tiny_teacher, windows, monkeypatch):
+    engine = create_engine("hf", str(tiny_teacher), device="cpu", batch_size=5)
+    whole = engine.score(windows, K)
+    monkeypatch.setattr(hf_engine, "LOGPROB_BLOCK_ELEMENTS", 3 * engine.config.vocab_size)  # 3 rows per block
+    blocked = engine.score(windows, K)
+    np.testing.assert_array_equal(blocked.topk_ids, whole.topk_ids)
+    np.testing.assert_array_equal(blocked.target_logprobs, whole.target_logprobs)
+
+
+def test_progress_reports_every_scored_token(tiny_teacher, windows):
+    seen: list[int] = []
+    create_engine("hf", str(tiny_teacher), device="cpu", batch_size=2).score(windows, K, progress=seen.append)
+    assert seen == [32, 32, 16]
+
+
+def test_bad_teacher_and_bad_k_are_clear_errors(tmp_path, tiny_teacher, windows):
+    with pytest.raises(EngineError, match="cannot load teacher"):
+        create_engine("hf", str(tmp_path / "no-model"))
+    with pytest.raises(EngineError, match="unknown engine 'tpu'"):
+        create_engine("tpu", str(tiny_teacher))
+    engine = create_engine("hf", str(tiny_teacher), device="cpu")
+    with pytest.raises(EngineError, match="k=100000 must be between 1"):
+        engine.score(windows, 100_000)
+
+
+def test_auto_dtype_is_float32_on_cpu(tiny_teacher):
+    engine = create_engine("auto", str(tiny_teacher), device="cpu")
+    assert engine.describe()["settings"]["dtype"] == "float32"
+    assert engine.value_settings() == {"name": "hf", "dtype": "float32"}

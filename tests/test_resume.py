@@ -1,0 +1,109 @@
+"""A dump killed with SIGKILL at any point resumes without redoing finished shards, and the
+final store equals an uninterrupted run's, array for array and value for value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from ddk_cache.cache_format import DATA_ARRAYS, SPLITS
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.errors import StoreError
+
+# Runs the real CLI in a child process that SIGKILLs itself at a chosen point of the write path.
+KILLING_RUNNER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from ddk_cache import cache_writer
+    from ddk_cache.cache_format import TOKENS, TOPK_IDS
+
+    kill_at, mode = int(os.environ["KILL_AT_SHARD"]), os.environ["KILL_MODE"]
+    write_shard, finish, written = cache_writer.CacheWriter.write_shard, cache_writer.CacheWriter.finish, [0]
+
+    def killing_write_shard(self, domain, split, shard, windows, result):
+        if written[0] == kill_at:
+            if mode == "mid-shard":  # garbage in some arrays of this shard, then die before its marker
+                group = self.split_group(domain, split)
+                region = self.layout.shard_slice(shard, group[TOKENS].shape[0])
+                group[TOKENS][region] = np.zeros_like(windows)
+                group[TOPK_IDS][region] = np.full_like(result.topk_ids, 7)
+            if mode != "before-finish":
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_shard(self, domain, split, shard, windows, result)
+        written[0] += 1
+
+    def killing_finish(self):
+        if mode == "before-finish":
+            os.kill(os.getpid(), signal.SIGKILL)
+        finish(self)
+
+    cache_writer.CacheWriter.write_shard = killing_write_shard
+    cache_writer.CacheWriter.finish = killing_finish
+    from ddk_cache.cli.main import main
+    sys.argv = ["ddk-cache", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def run_dump(tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    args = ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out)]
+    args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress"]
+    command = [sys.executable, str(runner), "teacher-dump", *args] if runner else [sys.executable, "-m", "ddk_cache.cli", "teacher-dump", *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_store(tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import corpus_manifest
+
+    tmp = tmp_path_factory.mktemp("reference")
+    manifest = corpus_manifest.__wrapped__(tmp)
+    out = tmp / "uninterrupted.zarr"
+    result = run_dump(tiny_teacher, manifest, out)
+    assert result.returncode == 0, result.stderr
+    return manifest, out
+
+
+def assert_same_store(actual: Path, expected: Path) -> None:
+    a, b = zarr.open_group(str(actual), mode="r"), zarr.open_group(str(expected), mode="r")
+    header_a, header_b = dict(a.attrs["ddk_cache"]), dict(b.attrs["ddk_cache"])
+    for volatile in ("created_at", "completed_at"):
+        header_a.pop(volatile), header_b.pop(volatile)
+    assert header_a == header_b
+    for domain in header_b["domains"]:
+        assert a[domain].attrs.asdict() == b[domain].attrs.asdict()
+        for split in SPLITS:
+            for name in (*DATA_ARRAYS, "shard_done"):
+                np.testing.assert_array_equal(a[f"{domain}/{split}/{name}"][:], b[f"{domain}/{split}/{name}"][:])
+
+
+@pytest.mark.parametrize(("mode", "kill_at"), [("before-write", 0), ("before-write", 9), ("mid-shard", 13), ("before-finish", 0)])
+def test_killed_dump_resumes_to_the_uninterrupted_store(tmp_path, tiny_teacher, reference_store, mode, kill_at):
+    manifest, reference = reference_store
+    runner = tmp_path / "killing_runner.py"
+    runner.write_text(KILLING_RUNNER)
+    out = tmp_path / "killed.zarr"
+
+    killed = run_dump(tiny_teacher, manifest, out, runner, KILL_AT_SHARD=str(kill_at), KILL_MODE=mode)
+    assert killed.returncode == -9, killed.stderr
+    with pytest.raises(StoreError, match="incomplete"):
+        CacheReader(str(out))  # never mistaken for a finished store
+
+    resumed = run_dump(tiny_teacher, manifest, out)
+    assert resumed.returncode == 0, resumed.stderr
+    finished_before_kill = kill_at if mode != "before-finish" else "all"
+    if finished_before_kill != "all":
+        assert f"already done {finished_before_kill}" in resumed.stdout
+    else:
+        assert "shards written 0" in resumed.stdout
+    assert not list(out.rglob("*.partial"))
+    assert_same_store(out, reference)
