@@ -138,3 +138,19 @@ def test_cli_reports_missing_manifest_file(tmp_path, tiny_teacher):
     )
     assert result.exit_code == 2
     assert "manifest file" in result.stderr and "does not exist" in result.stderr
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_ddk_paper_manifest_is_valid():
+    manifest = load_manifest(REPO / "data_manifests" / "ddk_paper_ten_domains.yaml")
+    assert len(manifest.domains) == 10 and manifest.seq_len == 4096
+    assert all(d.valid_sequences == DEFAULT_VALID_SEQUENCES for d in manifest.domains)
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "corpora").is_dir(), reason="../shared/corpora is not beside the checkout")
+def test_shipped_benchmark_manifest_points_at_shared_corpora():
+    manifest = load_manifest(REPO / "data_manifests" / "shared_corpora.yaml")
+    assert [d.name for d in manifest.domains] == ["wikipedia", "literature", "code", "math"]
+    assert all(Path(f).is_file() for d in manifest.domains for s in d.sources for f in s.data_files)
