@@ -58,7 +58,8 @@ def run_dump(tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None 
     args = ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out)]
     args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress"]
     command = [sys.executable, str(runner), "teacher-dump", *args] if runner else [sys.executable, "-m", "ddk_cache.cli", "teacher-dump", *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    # cwd away from the checkout, so the installed package is imported, not the source tree
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=out.parent)
 
 
 @pytest.fixture(scope="module")
