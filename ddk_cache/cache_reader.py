@@ -62,6 +62,9 @@ class CacheReader:
     def domains(self) -> list[str]:
         return list(self.header["domains"])
 
+    def has_domain(self, domain: str) -> bool:
+        return domain in self.root
+
     def domain_info(self, domain: str) -> dict[str, Any]:
         return dict(self.root[domain].attrs[DOMAIN_ATTR])
 

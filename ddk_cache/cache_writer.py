@@ -62,13 +62,14 @@ class CacheWriter:
         """
         store = open_store(url, read_only=False, storage_options=storage_options)
         existing = _existing_header(store, url)
-        if existing is not None and overwrite:
-            zarr.open_group(store, mode="w")  # clears the old store
-            existing = None
+        if existing is not None and (overwrite or existing.get("status") == "creating"):
+            existing = None  # replaced below; a store killed while "creating" holds no scored data yet
         if existing is None:
-            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "writing"}})
+            # "creating" until every group and array exists, so a kill during creation is detectable
+            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "creating"}})
             for domain in domains:
                 _create_domain(root, domain, layout)
+            root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
             return cls(root, url, layout)
 
         _check_identity(existing["identity"], header["identity"], url)

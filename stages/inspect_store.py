@@ -15,6 +15,10 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
     """One row per domain and split: windows, tokens, shards written, bytes stored per token."""
     rows = []
     for domain in reader.domains:
+        if not reader.has_domain(domain):  # a dump killed while creating the store's groups
+            rows.append({"domain": domain, "split": "not created", "windows": 0, "tokens": 0, "documents": 0,
+                         "shards": "0/0", "bytes_per_token": 0.0, "teacher_valid_ppl": None, "teacher_valid_loss": None})
+            continue
         info = reader.domain_info(domain)
         for split in SPLITS:
             tokens = info[split]["tokens"]

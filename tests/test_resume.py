@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
+from typer.testing import CliRunner
+
 from ddk_cache.cache_format import DATA_ARRAYS, SPLITS
 from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
 
 # Runs the real CLI in a child process that SIGKILLs itself at a chosen point of the write path.
@@ -45,6 +48,15 @@ KILLING_RUNNER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         finish(self)
 
+    create_domain, created = cache_writer._create_domain, [0]
+
+    def killing_create_domain(root, domain, layout):
+        if mode == "mid-create" and created[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        create_domain(root, domain, layout)
+        created[0] += 1
+
+    cache_writer._create_domain = killing_create_domain
     cache_writer.CacheWriter.write_shard = killing_write_shard
     cache_writer.CacheWriter.finish = killing_finish
     from ddk_cache.cli.main import main
@@ -87,7 +99,10 @@ def assert_same_store(actual: Path, expected: Path) -> None:
                 np.testing.assert_array_equal(a[f"{domain}/{split}/{name}"][:], b[f"{domain}/{split}/{name}"][:])
 
 
-@pytest.mark.parametrize(("mode", "kill_at"), [("before-write", 0), ("before-write", 9), ("mid-shard", 13), ("before-finish", 0)])
+@pytest.mark.parametrize(
+    ("mode", "kill_at"),
+    [("before-write", 0), ("before-write", 9), ("mid-shard", 13), ("before-finish", 0), ("mid-create", 1)],
+)
 def test_killed_dump_resumes_to_the_uninterrupted_store(tmp_path, tiny_teacher, reference_store, mode, kill_at):
     manifest, reference = reference_store
     runner = tmp_path / "killing_runner.py"
@@ -99,12 +114,14 @@ def test_killed_dump_resumes_to_the_uninterrupted_store(tmp_path, tiny_teacher, 
     with pytest.raises(StoreError, match="incomplete"):
         CacheReader(str(out))  # never mistaken for a finished store
 
+    inspected = CliRunner().invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert inspected.exit_code == 0 and f"({'creating' if mode == 'mid-create' else 'writing'})" in inspected.output
+
     resumed = run_dump(tiny_teacher, manifest, out)
     assert resumed.returncode == 0, resumed.stderr
-    finished_before_kill = kill_at if mode != "before-finish" else "all"
-    if finished_before_kill != "all":
-        assert f"already done {finished_before_kill}" in resumed.stdout
-    else:
+    if mode == "before-finish":
         assert "shards written 0" in resumed.stdout
+    else:
+        assert f"already done {kill_at if mode != 'mid-create' else 0}" in resumed.stdout
     assert not list(out.rglob("*.partial"))
     assert_same_store(out, reference)
