@@ -102,6 +102,98 @@ def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")]) ->
         console.print(render_inspection(CacheReader(store, allow_incomplete=True)))
 
 
+@app.command("distill")
+def distill(
+    store: Annotated[str, typer.Option(help="Cache store written by teacher-dump (path or URL).")],
+    student: Annotated[str, typer.Option(help="Student: a folder or hub id with weights, or a folder with only config.json.")],
+    out: Annotated[Path, typer.Option(help="Output folder: student (save_pretrained), metrics.jsonl, checkpoint.pt.")],
+    tokenizer: Annotated[Optional[str], typer.Option(help="Student tokenizer, if not in the student folder.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (DDK: 3e-5 for large pretrained students).")] = 3e-4,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak (DDK: 0.1).")] = 0.1,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default min(1000, steps/10)).")] = None,
+    weight_decay: Annotated[float, typer.Option()] = 0.1,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
+    divergence: Annotated[str, typer.Option(help="forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tv.")] = "forward_kl",
+    tail: Annotated[str, typer.Option(help="rest (keep the missing mass as a bucket) or renorm.")] = "rest",
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
+    gamma: Annotated[float, typer.Option(help="loss = CE + gamma * KD (DDK: 0.2; 0 = CE only).")] = 0.2,
+    mix: Annotated[Optional[float], typer.Option(help="Use loss = (1 - mix) * CE + mix * KD instead (MiniLLM baseline: 0.5).")] = None,
+    jsd_beta: Annotated[float, typer.Option()] = 0.5,
+    skew_alpha: Annotated[float, typer.Option()] = 0.1,
+    sampler: Annotated[str, typer.Option(help="Domain sampler: ddk, static (manifest weights) or uniform.")] = "ddk",
+    ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.")] = 0.5,
+    ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).")] = True,
+    update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).")] = None,
+    eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation.")] = 32,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every K steps).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
+    from ddk_cache.losses import KDConfig
+    from ddk_cache.stages.distill import DistillConfig, run_distill
+
+    with user_errors():
+        try:
+            kd = KDConfig(
+                divergence=divergence, tail=tail, temperature=temperature, gamma=gamma,
+                form="mix" if mix is not None else "add", lam=mix if mix is not None else 0.5, beta=jsd_beta, alpha=skew_alpha,
+            )
+        except ValueError as exc:
+            raise DDKCacheError(str(exc)) from None
+        if sampler not in ("ddk", "static", "uniform"):
+            raise DDKCacheError(f"unknown sampler {sampler!r}: choose ddk, static or uniform")
+        config = DistillConfig(
+            store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+            lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
+            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, show_progress=progress,
+        )
+        summary = run_distill(config)
+    before = {e.domain: e for e in summary.first_eval}
+    table = Table(title=f"distill: {summary.steps} steps, {summary.tokens_per_second:,.0f} student tokens/s")
+    for column in ("domain", "teacher ppl", "student ppl before", "student ppl after", "final weight"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for e in summary.final_eval:
+        table.add_row(e.domain, f"{e.teacher_ppl:.3f}", f"{before[e.domain].student_ppl:.3f}", f"{e.student_ppl:.3f}",
+                      f"{summary.final_weights[e.domain]:.3f}")
+    console.print(table)
+    console.print(f"student saved to {summary.out} (metrics: {summary.out / 'metrics.jsonl'})", soft_wrap=True)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model folder or hub id (AutoModelForCausalLM).")],
+    store: Annotated[str, typer.Argument(help="Cache store (path or URL).")],
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not in the model folder.")] = None,
+    max_windows: Annotated[Optional[int], typer.Option(help="Validation windows per domain (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    device: Annotated[str, typer.Option()] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Per-domain validation loss and perplexity of a model on a store's valid/ split, next to the teacher's."""
+    import json
+
+    from ddk_cache.stages.evaluate import run_eval
+
+    with user_errors():
+        results = run_eval(model, store, tokenizer, max_windows, batch_size, device)
+    table = Table(title=f"eval: {model} on {store}")
+    for column in ("domain", "windows", "model loss", "model ppl", "teacher loss", "teacher ppl"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for e in results:
+        table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "
+")
+
+
 def main() -> None:
     app(prog_name="ddk-cache")
 

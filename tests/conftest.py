@@ -65,7 +65,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def corpus_manifest(tmp_path) -> Path:
-    """A 3-domain manifest over local json/text/csv-like files, exercising field and template sources."""
+    return write_corpus_manifest(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
+    """A complete k=8 store of the 3-domain corpus, dumped once for the stage-two tests."""
+    from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+
+    tmp = tmp_path_factory.mktemp("tiny_store")
+    out = tmp / "cache.zarr"
+    run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out), k=8,
+                                       device="cpu", shard_windows=8, chunk_windows=4, show_progress=False))
+    return out
+
+
+def write_corpus_manifest(tmp_path: Path) -> Path:
+    """A 3-domain manifest over local json and text files, exercising field and template sources."""
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "prose.jsonl", [{"text": d} for d in make_documents("prose", 40, seed=1)])

@@ -76,10 +76,10 @@ def run_dump(tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None 
 
 @pytest.fixture(scope="module")
 def reference_store(tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import corpus_manifest
+    from conftest import write_corpus_manifest
 
     tmp = tmp_path_factory.mktemp("reference")
-    manifest = corpus_manifest.__wrapped__(tmp)
+    manifest = write_corpus_manifest(tmp)
     out = tmp / "uninterrupted.zarr"
     result = run_dump(tiny_teacher, manifest, out)
     assert result.returncode == 0, result.stderr

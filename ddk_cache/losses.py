@@ -1,0 +1,194 @@
+"""Distillation losses on sparse (top-k) teacher targets.
+
+The cache holds, per position, the teacher's top-k ids and raw log-probs. A divergence is
+computed over "buckets": the k cached ids, plus optionally one "rest" bucket holding the
+probability mass outside the top-k on each side. Two tail modes:
+
+- `rest` (default): teacher rest = 1 - sum(top-k probs), known exactly because the cache
+  stores raw log-probs; student rest = 1 - sum of its probs on the same ids. Nothing is
+  renormalised, so a student that puts mass outside the teacher's top-k is penalised, and
+  at k = vocab every divergence equals its dense full-vocabulary value.
+- `renorm`: both distributions are renormalised over the teacher's top-k ids (what many
+  offline-KD tools do). Biased when the top-k misses mass, but insensitive to the tail.
+
+Temperature T re-tempers both sides: the student as softmax(z / T), the teacher from its
+stored log-probs as softmax(lp / T) over the top-k. In `rest` mode with T != 1 the tail's
+shape is unknown; it is treated as spread evenly over the vocabulary's remaining ids (exact
+at T = 1, the DDK default).
+
+Memory: no `[positions, vocab]` tensor is built for the teacher; the student's log-probs are
+gathered at the k ids. Beyond the student's own logits and their log_softmax (which CE needs
+anyway), memory is `positions x k`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
+TailMode = Literal["rest", "renorm"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+TAIL_MODES: tuple[str, ...] = ("rest", "renorm")
+_MIN_MASS = 1e-12  # floor of a rest bucket, so log() and its gradient stay finite
+_ABSENT = -1e4  # log-prob of a dropped entry: exp() is exactly 0 in float32, yet gradients stay finite
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """How the distillation term is built and mixed with cross-entropy.
+
+    `form="add"`: loss = CE + gamma * KD (DDK: gamma = 0.2, T = 1).
+    `form="mix"`: loss = (1 - lam) * CE + lam * KD (MiniLLM's word-level KD baseline: lam = 0.5).
+    """
+
+    divergence: Divergence = "forward_kl"
+    tail: TailMode = "rest"
+    temperature: float = 1.0
+    gamma: float = 0.2
+    form: Literal["add", "mix"] = "add"
+    lam: float = 0.5
+    beta: float = 0.5  # JSD mixing weight
+    alpha: float = 0.1  # skew KL weight (DistiLLM)
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}: choose one of {', '.join(DIVERGENCES)}")
+        if self.tail not in TAIL_MODES:
+            raise ValueError(f"unknown tail mode {self.tail!r}: choose one of {', '.join(TAIL_MODES)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+def bucket_logprobs(
+    student_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail: TailMode = "rest",
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+    teacher_vocab: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the k cached ids (+ rest bucket), shape `[N, k(+1)]`.
+
+    `student_logprobs` `[N, V_s]` is log_softmax(student_logits / temperature); `topk_ids` /
+    `topk_logprobs` `[N, k]`; `valid` `[N, k]` marks entries to keep (ids the student
+    vocabulary lacks are dropped, so their teacher mass lands in the rest bucket).
+    `teacher_vocab` (default: the student's) sizes the tail for re-tempering the rest bucket.
+    """
+    student_lp = student_logprobs
+    if valid is None:
+        valid = torch.ones_like(topk_ids, dtype=torch.bool)
+    safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
+    absent = torch.tensor(_ABSENT, device=student_lp.device)
+    s_top = torch.where(valid, student_lp.gather(-1, safe_ids), absent)
+    t_raw = torch.where(valid, topk_logprobs.float(), absent)
+    if tail == "renorm":
+        return torch.log_softmax(t_raw / temperature, dim=-1), torch.log_softmax(s_top, dim=-1)
+    t_top, t_rest = _teacher_with_rest(t_raw, temperature, teacher_vocab or student_lp.shape[-1])
+    if student_lp.shape[-1] <= topk_ids.shape[-1]:  # every student id is cached: no student rest
+        s_rest = torch.full_like(s_top[..., :1], _ABSENT)
+    else:
+        s_rest = _log_rest(s_top)
+    return torch.cat([t_top, t_rest], dim=-1), torch.cat([s_top, s_rest], dim=-1)
+
+
+def _teacher_with_rest(t_raw: torch.Tensor, temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher top-k and rest log-probs at `temperature` (rest spread evenly over the tail ids)."""
+    k = t_raw.shape[-1]
+    tail_ids = vocab - k
+    if tail_ids <= 0:  # the whole vocabulary is cached: any rest is rounding error, not mass
+        top = t_raw if temperature == 1.0 else torch.log_softmax(t_raw / temperature, dim=-1)
+        return top, torch.full_like(t_raw[..., :1], math.log(_MIN_MASS))
+    rest = _log_rest(t_raw)
+    if temperature == 1.0:
+        return t_raw, rest
+    # each tail id holds rest / tail_ids; tempering raises it to 1/T, the bucket sums tail_ids of them
+    tempered_rest = (rest - math.log(tail_ids)) / temperature + math.log(tail_ids)
+    tempered_rest = torch.where(rest <= math.log(_MIN_MASS), torch.full_like(rest, _ABSENT), tempered_rest)
+    joint = torch.cat([t_raw / temperature, tempered_rest], dim=-1)
+    joint = joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+    return joint[..., :k], joint[..., k:]
+
+
+def _log_rest(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(top))) as `[N, 1]`, floored so an exhausted tail stays finite."""
+    mass = torch.exp(torch.logsumexp(top_logprobs, dim=-1, keepdim=True))
+    return torch.log((1.0 - mass).clamp(min=_MIN_MASS))
+
+
+def divergence(teacher_lp: torch.Tensor, student_lp: torch.Tensor, kind: Divergence, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+    """Per-position divergence `[N]` between bucket distributions given as log-probs."""
+    p, q = teacher_lp.exp(), student_lp.exp()
+    if kind == "forward_kl":
+        return _kl(p, teacher_lp, student_lp)
+    if kind == "reverse_kl":
+        return _kl(q, student_lp, teacher_lp)
+    if kind == "jsd":
+        m_lp = _log_mix(teacher_lp, student_lp, beta)
+        return beta * _kl(p, teacher_lp, m_lp) + (1 - beta) * _kl(q, student_lp, m_lp)
+    if kind == "skew_forward_kl":
+        return _kl(p, teacher_lp, _log_mix(teacher_lp, student_lp, alpha))
+    if kind == "skew_reverse_kl":
+        return _kl(q, student_lp, _log_mix(teacher_lp, student_lp, 1 - alpha))
+    if kind == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q), with 0 * log 0 = 0 (empty buckets contribute nothing)."""
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) computed in log space."""
+    stacked = torch.stack([log_a + math.log(max(weight_a, 1e-30)), log_b + math.log(max(1 - weight_a, 1e-30))])
+    return torch.logsumexp(stacked, dim=0)
+
+
+@dataclass
+class LossParts:
+    """The scalar training loss and its parts (detached copies are what gets logged)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor | None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    config: KDConfig,
+    teacher_vocab: int | None = None,
+) -> LossParts:
+    """CE on the true next token plus the KD term on the cached top-k, mixed as `config.form` says.
+
+    Shapes: logits `[..., V]`, targets `[...]`, top-k `[..., k]`. With `topk_ids=None` (or
+    gamma = 0 in the "add" form) the KD term is skipped: plain language-model training.
+    One log_softmax serves both terms at T = 1.
+    """
+    vocab = student_logits.shape[-1]
+    logprobs = torch.log_softmax(student_logits.reshape(-1, vocab).float(), dim=-1)
+    ce = F.nll_loss(logprobs, targets.reshape(-1).long())
+    kd_weight = config.gamma if config.form == "add" else config.lam
+    if topk_ids is None or topk_logprobs is None or kd_weight == 0:
+        return LossParts(total=ce, ce=ce, kd=None)
+    k = topk_ids.shape[-1]
+    tempered = logprobs if config.temperature == 1.0 else torch.log_softmax(
+        student_logits.reshape(-1, vocab).float() / config.temperature, dim=-1
+    )
+    ids = topk_ids.reshape(-1, k)
+    teacher_lp, student_lp = bucket_logprobs(
+        tempered, ids, topk_logprobs.reshape(-1, k), config.tail, config.temperature, valid=ids < vocab,
+        teacher_vocab=teacher_vocab,
+    )
+    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
+    total = ce + config.gamma * kd if config.form == "add" else (1 - config.lam) * ce + config.lam * kd
+    return LossParts(total=total, ce=ce, kd=kd)

@@ -1,0 +1,113 @@
+"""Domain samplers: which domain each training window comes from.
+
+`ddk` is the DDK rule (Liu et al. 2024). With l_S[i], l_T[i] the student's and teacher's
+validation perplexities on domain i:
+
+- initial factor:   r[i] = softmax_i(l_S[i] / l_T[i])
+- every K steps:    psi[i] = r_prev[i] * exp(l_S[i] / l_T[i])
+                    r[i] = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N      (alpha = 0.5)
+- `smooth=False` (the paper's "w/o FS" ablation) recomputes r = softmax(l_S / l_T) each time.
+
+Domains where the student lags the teacher most get sampled more; the uniform floor keeps
+every domain in the mix. `static` (the manifest's weights) and `uniform` are the baselines.
+The sampler only holds weights; the random draws come from the caller's generator, whose
+state is checkpointed with everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SAMPLER_NAMES = ("ddk", "static", "uniform")
+
+
+class DomainSampler:
+    """Fixed weights over domains; subclasses change them from evaluations."""
+
+    name = "static"
+    needs_evaluation = False
+
+    def __init__(self, domains: Sequence[str], weights: Sequence[float] | None = None) -> None:
+        if not domains:
+            raise ValueError("a sampler needs at least one domain")
+        self.domains = list(domains)
+        raw = np.ones(len(domains)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if raw.shape != (len(domains),) or np.any(raw <= 0):
+            raise ValueError("weights must be positive, one per domain")
+        self.weights = raw / raw.sum()
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Domain indices of the next `n` windows."""
+        return rng.choice(len(self.domains), size=n, p=self.weights)
+
+    def update(self, student_ppl: Sequence[float], teacher_ppl: Sequence[float]) -> None:
+        """Called after each evaluation; fixed-weight samplers ignore it."""
+
+    def weights_by_domain(self) -> dict[str, float]:
+        return {d: float(w) for d, w in zip(self.domains, self.weights)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint sampler is {state.get('name')!r}, this run uses {self.name!r}")
+        self.weights = np.asarray(state["weights"], dtype=np.float64)
+
+
+class UniformSampler(DomainSampler):
+    name = "uniform"
+
+    def __init__(self, domains: Sequence[str]) -> None:
+        super().__init__(domains, None)
+
+
+class DDKSampler(DomainSampler):
+    """DDK's domain discrepancy factor with factor smooth updating."""
+
+    name = "ddk"
+    needs_evaluation = True
+
+    def __init__(self, domains: Sequence[str], alpha: float = 0.5, smooth: bool = True) -> None:
+        super().__init__(domains, None)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.smooth = smooth
+        self.initialized = False
+
+    def update(self, student_ppl: Sequence[float], teacher_ppl: Sequence[float]) -> None:
+        ratio = np.asarray(student_ppl, dtype=np.float64) / np.asarray(teacher_ppl, dtype=np.float64)
+        if not self.initialized or not self.smooth:
+            self.weights = _softmax(ratio)
+            self.initialized = True
+            return
+        # psi = r_prev * exp(ratio), normalised in log space so large ratios cannot overflow
+        log_psi = np.log(self.weights) + ratio
+        psi = np.exp(log_psi - log_psi.max())
+        self.weights = self.alpha * psi / psi.sum() + (1 - self.alpha) / len(self.domains)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initialized": self.initialized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.initialized = bool(state["initialized"])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def create_sampler(name: str, domains: Sequence[str], manifest_weights: Sequence[float], alpha: float = 0.5, smooth: bool = True) -> DomainSampler:
+    if name == "ddk":
+        return DDKSampler(domains, alpha=alpha, smooth=smooth)
+    if name == "static":
+        return DomainSampler(domains, manifest_weights)
+    if name == "uniform":
+        return UniformSampler(domains)
+    raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")

@@ -1,0 +1,66 @@
+"""Load (or build) the student and check that it can learn from a cache.
+
+The cache stores token ids. A student may use them only if its tokenizer maps every id to
+the same token as the teacher's tokenizer did: the fingerprints must match. Its embedding
+matrix may be larger than the tokenizer (vocabularies padded to a multiple of 64 or 128 are
+common); it must not be smaller than the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddk_cache.errors import DDKCacheError
+from ddk_cache.fingerprints import tokenizer_fingerprint
+
+
+def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
+    """A causal LM from a folder or hub id with weights, or built fresh from a folder holding only config.json.
+
+    Returns `(model, tokenizer, built_from_config)`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(student)
+    has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
+    try:
+        if has_weights:
+            model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(f"cannot load student {student!r}: {_first_line(exc)}") from None
+    tokenizer_source = tokenizer_path or student
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(
+            f"cannot load the student's tokenizer from {tokenizer_source!r}: {_first_line(exc)}; pass --tokenizer"
+        ) from None
+    return model, tokenizer, not has_weights
+
+
+def check_compatible(model, tokenizer, header: dict[str, Any]) -> None:
+    """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
+    cached = header["tokenizer"]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != cached["fingerprint"]:
+        raise DDKCacheError(
+            f"the student's tokenizer ({tokenizer.name_or_path}, {len(tokenizer)} tokens, {fingerprint[:19]}...) differs from "
+            f"the cache's ({cached['name_or_path']}, {cached['size']} tokens, {cached['fingerprint'][:19]}...): "
+            "distill with the teacher's tokenizer"
+        )
+    student_vocab = model.get_input_embeddings().weight.shape[0]
+    if student_vocab < cached["size"]:
+        raise DDKCacheError(
+            f"the student's vocabulary ({student_vocab} embeddings) is smaller than the cache's tokenizer ({cached['size']} tokens): "
+            "resize the student's embeddings"
+        )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
