@@ -190,8 +190,7 @@ def evaluate(
         table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
     console.print(table)
     if json_out:
-        json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "
-")
+        json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "\n")
 
 
 def main() -> None:

@@ -48,3 +48,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from ddk_cache.checkpoint import load_checkpoint, remove_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from ddk_cache.engines.hf import resolve_device
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.evaluation import DomainEval, evaluate_domains
@@ -104,6 +104,8 @@ def run_distill(config: DistillConfig) -> DistillSummary:
         raise DDKCacheError(f"{config.out} holds no checkpoint to resume: run without --resume")
     if not config.resume and checkpoint is not None:
         raise DDKCacheError(f"{config.out} already holds a distill run: pass --resume to continue it, or choose another --out")
+    if checkpoint is None and (config.out / METRICS_NAME).exists() and (config.out / "config.json").exists():
+        raise DDKCacheError(f"{config.out} already holds a finished distill run: choose another --out")
     if checkpoint is not None:
         _check_same_run(checkpoint["config"], config.comparable(), config.out)
 
@@ -182,6 +184,7 @@ def run_distill(config: DistillConfig) -> DistillSummary:
         batcher.close()
     model.save_pretrained(config.out)
     tokenizer.save_pretrained(config.out)
+    remove_checkpoint(config.out)  # the run is finished: the saved student is its result
     return DistillSummary(
         out=config.out,
         steps=config.steps,
@@ -202,9 +205,9 @@ def _train_step(model, optimizer, batcher, sampler, generator, config, micro_bat
             logits = model(input_ids=batch.input_ids, use_cache=False).logits
         parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, config.kd, teacher_vocab=teacher_vocab)
         (parts.total / config.grad_accum).backward()
-        totals["loss"] += float(parts.total) / config.grad_accum
-        totals["ce"] += float(parts.ce) / config.grad_accum
-        totals["kd"] += float(parts.kd) / config.grad_accum if parts.kd is not None else 0.0
+        totals["loss"] += float(parts.total.detach()) / config.grad_accum
+        totals["ce"] += float(parts.ce.detach()) / config.grad_accum
+        totals["kd"] += float(parts.kd.detach()) / config.grad_accum if parts.kd is not None else 0.0
     if config.clip > 0:
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
     optimizer.step()

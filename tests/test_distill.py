@@ -1,0 +1,234 @@
+"""Stage two end to end: tiny teacher -> store -> smaller student, on CPU, with real components."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from typer.testing import CliRunner
+
+from conftest import write_corpus_manifest
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cli.main import app
+from ddk_cache.losses import bucket_logprobs, divergence
+from ddk_cache.packing import pack_domain
+from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+
+
+def make_student(folder: Path, tokenizer_dir: Path, vocab_size: int | None = None) -> Path:
+    """A 1-layer Llama folder with config + tokenizer only: distill builds it from the config."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(folder)
+    LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def specialist_store(tiny_teacher, tmp_path_factory) -> Path:
+    """A store whose teacher was trained on the 'math' domain only: the student/teacher
+    perplexity ratio is by construction largest on math."""
+    tmp = tmp_path_factory.mktemp("specialist")
+    manifest = write_corpus_manifest(tmp)
+    teacher_dir = tmp / "math_teacher"
+    shutil.copytree(tiny_teacher, teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    documents = [json.loads(line)["question"] + json.loads(line)["answer"] for line in (tmp / "data" / "math.jsonl").read_text().splitlines()]
+    windows = torch.as_tensor(pack_domain("math", documents, tokenizer, 16, 1, None, 0).train.windows, dtype=torch.long)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):
+        batch = windows[(step * 16) % len(windows) :][:16]
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(teacher_dir)
+    out = tmp / "specialist.zarr"
+    run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), k=8, device="cpu",
+                                       shard_windows=8, chunk_windows=4, show_progress=False))
+    return out
+
+
+def distill(store: Path, student: Path, out: Path, *extra: str):
+    args = ["distill", "--store", str(store), "--student", str(student), "--out", str(out), "--batch-size", "4",
+            "--eval-windows", "2", "--device", "cpu", "--no-progress", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def teacher_student_kl(model_dir: Path, store: Path) -> float:
+    """Forward KL (rest bucket) of teacher top-k vs student on every held-out window of every domain."""
+    reader = CacheReader(str(store))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for domain in reader.domains:
+            block = reader.read(domain, "valid")
+            logits = model(input_ids=torch.as_tensor(block.tokens[:, :-1], dtype=torch.long)).logits
+            t_lp, s_lp = bucket_logprobs(torch.log_softmax(logits, -1).flatten(0, 1), torch.as_tensor(block.topk_ids).long().flatten(0, 1),
+                                         torch.as_tensor(block.topk_logprobs).flatten(0, 1))
+            kl = divergence(t_lp, s_lp, "forward_kl")
+            total, count = total + float(kl.sum()), count + kl.numel()
+    return total / count
+
+
+def test_distill_trains_saves_a_loadable_student_and_logs_metrics(specialist_store, tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    result = distill(specialist_store, make_student(tmp_path / "student", tiny_teacher), out, "--steps", "40", "--update-every", "10", "--lr", "3e-3")
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(40))
+    assert np.mean([r["loss"] for r in steps[-5:]]) < np.mean([r["loss"] for r in steps[:5]]) - 0.2
+    assert all({"ce", "kd", "lr", "tokens_per_s"} <= r.keys() for r in steps)
+    updates = [r for r in rows if "domain_weights" in r]
+    assert [r["step"] for r in updates] == [0, 10, 20, 30]
+    assert set(updates[0]["eval"]["math"]) == {"student_ppl", "teacher_ppl"}
+    assert "final_eval" in rows[-1]
+    model = AutoModelForCausalLM.from_pretrained(out)  # save_pretrained output, with its tokenizer
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>" and model.config.num_hidden_layers == 1
+    assert not (out / "checkpoint.pt").exists()
+    assert "student ppl after" in result.output
+
+
+def test_ddk_moves_weight_to_the_domain_the_student_lags_most(specialist_store, tiny_teacher, tmp_path):
+    out = tmp_path / "ddk"
+    result = distill(specialist_store, make_student(tmp_path / "student", tiny_teacher), out, "--steps", "12", "--update-every", "4", "--gamma", "0")
+    assert result.exit_code == 0, result.output
+    updates = [r for r in metrics(out) if "domain_weights" in r]
+    first = updates[0]
+    ratios = {d: e["student_ppl"] / e["teacher_ppl"] for d, e in first["eval"].items()}
+    assert max(ratios, key=ratios.get) == "math"  # the construction holds
+    exp = {d: np.exp(r - max(ratios.values())) for d, r in ratios.items()}
+    for domain, weight in first["domain_weights"].items():  # softmax of the ratios, as in the paper
+        assert weight == pytest.approx(exp[domain] / sum(exp.values()))
+    for update in updates:
+        assert max(update["domain_weights"], key=update["domain_weights"].get) == "math"
+    # the uniform sampler, same data, does not move
+    uniform = tmp_path / "uniform"
+    assert distill(specialist_store, tmp_path / "student", uniform, "--steps", "8", "--update-every", "4", "--sampler", "uniform").exit_code == 0
+    assert all(w == pytest.approx(1 / 3) for r in metrics(uniform) if "domain_weights" in r for w in r["domain_weights"].values())
+
+
+def test_kd_brings_the_student_closer_to_the_teacher_than_ce_alone(specialist_store, tiny_teacher, tmp_path):
+    student = make_student(tmp_path / "student", tiny_teacher)
+    common = ("--steps", "40", "--update-every", "40", "--sampler", "uniform", "--lr", "3e-3")
+    assert distill(specialist_store, student, tmp_path / "ce", *common, "--gamma", "0").exit_code == 0
+    assert distill(specialist_store, student, tmp_path / "kd", *common, "--mix", "0.9").exit_code == 0
+    kl_ce, kl_kd = teacher_student_kl(tmp_path / "ce", specialist_store), teacher_student_kl(tmp_path / "kd", specialist_store)
+    assert kl_kd < 0.9 * kl_ce, (kl_kd, kl_ce)
+
+
+KILLING_RUNNER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ddk_cache.stages import distill
+
+    save, kill_at = distill.save_checkpoint, int(os.environ["KILL_AFTER_CHECKPOINT_STEP"])
+
+    def save_then_die(out_dir, state):
+        save(out_dir, state)
+        if state["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    distill.save_checkpoint = save_then_die
+    from ddk_cache.cli.main import main
+    sys.argv = ["ddk-cache", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def test_killed_and_resumed_run_follows_the_uninterrupted_loss_curve(tiny_store, tiny_teacher, tmp_path):
+    student = make_student(tmp_path / "student", tiny_teacher)
+    runner = tmp_path / "runner.py"
+    runner.write_text(KILLING_RUNNER)
+    args = ["distill", "--store", str(tiny_store), "--student", str(student), "--batch-size", "3", "--grad-accum", "2",
+            "--steps", "12", "--update-every", "4", "--eval-windows", "2", "--device", "cpu", "--no-progress"]
+
+    def run(out: Path, *extra: str, kill: int | None = None) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(runner), *args, "--out", str(out), *extra]
+        env = {**os.environ, "KILL_AFTER_CHECKPOINT_STEP": str(kill if kill is not None else -1)}
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    assert run(tmp_path / "straight").returncode == 0
+    killed = run(tmp_path / "killed", kill=8)
+    assert killed.returncode == -9
+    assert max(r["step"] for r in metrics(tmp_path / "killed")) == 7
+    refused = run(tmp_path / "killed")
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    resumed = run(tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    straight, again = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [r["step"] for r in again] == [r["step"] for r in straight]
+    for a, b in zip(again, straight):
+        for key in ("loss", "ce", "kd", "lr", "domain_weights", "eval", "final_eval"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    weights_a, weights_b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_b)
+
+
+def test_resume_with_other_settings_is_refused(tiny_store, tiny_teacher, tmp_path):
+    student = make_student(tmp_path / "student", tiny_teacher)
+    out = tmp_path / "run"
+    result = distill(tiny_store, student, out, "--steps", "4", "--update-every", "2")
+    assert result.exit_code == 0
+    again = distill(tiny_store, student, out, "--steps", "4")
+    assert again.exit_code == 2 and "finished distill run" in again.stderr
+
+
+def test_student_with_another_tokenizer_is_refused(tiny_store, tiny_teacher, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["completely different text for another vocabulary"] * 20,
+                            trainer=trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>", "<eos>"], show_progress=False))
+    other = tmp_path / "other_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    student = make_student(tmp_path / "student", other)
+    result = distill(tiny_store, student, tmp_path / "out", "--steps", "2")
+    assert result.exit_code == 2
+    assert "student's tokenizer" in result.stderr and "differs from the cache's" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_student_vocabulary_smaller_is_refused_padded_is_fine(tiny_store, tiny_teacher, tmp_path):
+    size = len(AutoTokenizer.from_pretrained(tiny_teacher))
+    small = make_student(tmp_path / "small", tiny_teacher, vocab_size=size - 5)
+    result = distill(tiny_store, small, tmp_path / "small_out", "--steps", "2")
+    assert result.exit_code == 2 and "smaller than the cache's tokenizer" in result.stderr
+    padded = make_student(tmp_path / "padded", tiny_teacher, vocab_size=size + 34)
+    result = distill(tiny_store, padded, tmp_path / "padded_out", "--steps", "3", "--update-every", "3")
+    assert result.exit_code == 0, result.output
+    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "padded_out") if "loss" in r)
+
+
+def test_eval_reports_model_and_teacher_per_domain(tiny_store, tiny_teacher, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_teacher), str(tiny_store), "--device", "cpu", "--json", str(tmp_path / "e.json")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e.json").read_text())
+    reader = CacheReader(str(tiny_store))
+    for row in rows:
+        # the teacher itself, evaluated live, reproduces the cached teacher loss on the same windows
+        assert row["student_loss"] == pytest.approx(row["teacher_loss"], abs=1e-4)
+        assert row["teacher_ppl"] == pytest.approx(reader.domain_info(row["domain"])["teacher_valid_ppl"], rel=1e-6)
+        assert f"{row['teacher_ppl']:.3f}" in result.output
