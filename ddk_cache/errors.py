@@ -22,3 +22,9 @@ class StoreError(DDKCacheError):
 
 class EngineError(DDKCacheError):
     """The teacher engine cannot be created or run with the given settings."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries raise multi-line ones), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -80,17 +80,34 @@ def bucket_logprobs(
     vocabulary lacks are dropped, so their teacher mass lands in the rest bucket).
     `teacher_vocab` (default: the student's) sizes the tail for re-tempering the rest bucket.
     """
-    student_lp = student_logprobs
     if valid is None:
         valid = torch.ones_like(topk_ids, dtype=torch.bool)
-    safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
-    absent = torch.tensor(_ABSENT, device=student_lp.device)
-    s_top = torch.where(valid, student_lp.gather(-1, safe_ids), absent)
+    s_top = student_logprobs.gather(-1, _safe_ids(topk_ids, valid))
+    return _buckets(s_top, topk_logprobs, valid, tail, temperature, student_logprobs.shape[-1], teacher_vocab)
+
+
+def _safe_ids(topk_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Ids usable as gather indices: dropped entries point at id 0 (and are masked afterwards)."""
+    return torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
+
+
+def _buckets(
+    s_top: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    tail: TailMode,
+    temperature: float,
+    student_vocab: int,
+    teacher_vocab: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket log-probs from the student's log-probs already gathered at the top-k ids."""
+    absent = torch.tensor(_ABSENT, device=s_top.device)
+    s_top = torch.where(valid, s_top, absent)
     t_raw = torch.where(valid, topk_logprobs.float(), absent)
     if tail == "renorm":
         return torch.log_softmax(t_raw / temperature, dim=-1), torch.log_softmax(s_top, dim=-1)
-    t_top, t_rest = _teacher_with_rest(t_raw, temperature, teacher_vocab or student_lp.shape[-1])
-    if student_lp.shape[-1] <= topk_ids.shape[-1]:  # every student id is cached: no student rest
+    t_top, t_rest = _teacher_with_rest(t_raw, temperature, teacher_vocab or student_vocab)
+    if student_vocab <= s_top.shape[-1]:  # every student id is cached: no student rest
         s_rest = torch.full_like(s_top[..., :1], _ABSENT)
     else:
         s_rest = _log_rest(s_top)
@@ -175,19 +192,25 @@ def distillation_loss(
     One log_softmax serves both terms at T = 1.
     """
     vocab = student_logits.shape[-1]
-    logprobs = torch.log_softmax(student_logits.reshape(-1, vocab).float(), dim=-1)
-    ce = F.nll_loss(logprobs, targets.reshape(-1).long())
+    flat_logits = student_logits.reshape(-1, vocab)
+    logprobs = torch.log_softmax(flat_logits.float(), dim=-1)
+    flat_targets = targets.reshape(-1, 1).long()
     kd_weight = config.gamma if config.form == "add" else config.lam
     if topk_ids is None or topk_logprobs is None or kd_weight == 0:
+        ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         return LossParts(total=ce, ce=ce, kd=None)
     k = topk_ids.shape[-1]
-    tempered = logprobs if config.temperature == 1.0 else torch.log_softmax(
-        student_logits.reshape(-1, vocab).float() / config.temperature, dim=-1
-    )
     ids = topk_ids.reshape(-1, k)
-    teacher_lp, student_lp = bucket_logprobs(
-        tempered, ids, topk_logprobs.reshape(-1, k), config.tail, config.temperature, valid=ids < vocab,
-        teacher_vocab=teacher_vocab,
+    valid = ids < vocab
+    if config.temperature == 1.0:
+        # one gather serves CE and KD: a single sparse gradient instead of two dense ones
+        gathered = logprobs.gather(-1, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1))
+        ce, s_top = -gathered[:, 0].mean(), gathered[:, 1:]
+    else:
+        ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
+        s_top = torch.log_softmax(flat_logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
+    teacher_lp, student_lp = _buckets(
+        s_top, topk_logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab
     )
     kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
     total = ce + config.gamma * kd if config.form == "add" else (1 - config.lam) * ce + config.lam * kd

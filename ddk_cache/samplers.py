@@ -86,7 +86,9 @@ class DDKSampler(DomainSampler):
             self.initialized = True
             return
         # psi = r_prev * exp(ratio), normalised in log space so large ratios cannot overflow
-        log_psi = np.log(self.weights) + ratio
+        # (a weight the first softmax underflowed to 0 stays -inf here; the uniform floor revives it)
+        with np.errstate(divide="ignore"):
+            log_psi = np.log(self.weights) + ratio
         psi = np.exp(log_psi - log_psi.max())
         self.weights = self.alpha * psi / psi.sum() + (1 - self.alpha) / len(self.domains)
 

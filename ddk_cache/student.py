@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ddk_cache.errors import DDKCacheError
+from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.fingerprints import tokenizer_fingerprint
 
 
@@ -32,13 +32,13 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise DDKCacheError(f"cannot load student {student!r}: {_first_line(exc)}") from None
+        raise DDKCacheError(f"cannot load student {student!r}: {first_line(exc)}") from None
     tokenizer_source = tokenizer_path or student
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError) as exc:
         raise DDKCacheError(
-            f"cannot load the student's tokenizer from {tokenizer_source!r}: {_first_line(exc)}; pass --tokenizer"
+            f"cannot load the student's tokenizer from {tokenizer_source!r}: {first_line(exc)}; pass --tokenizer"
         ) from None
     return model, tokenizer, not has_weights
 
@@ -59,8 +59,3 @@ def check_compatible(model, tokenizer, header: dict[str, Any]) -> None:
             f"the student's vocabulary ({student_vocab} embeddings) is smaller than the cache's tokenizer ({cached['size']} tokens): "
             "resize the student's embeddings"
         )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ddk_cache.errors import ManifestError
+from ddk_cache.errors import ManifestError, first_line
 from ddk_cache.manifest import DomainSpec, SourceSpec
 
 
@@ -37,8 +37,7 @@ def _iter_source_documents(source: SourceSpec, where: str) -> Iterator[str]:
     try:
         dataset = datasets.load_dataset(source.path, source.config_name, split=source.split, **kwargs)
     except Exception as exc:  # datasets raises many types; the user needs the one-line reason
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ManifestError(f"{where}: cannot load dataset: {reason}") from None
+        raise ManifestError(f"{where}: cannot load dataset: {first_line(exc)}") from None
     missing = [f for f in source.required_fields if f not in dataset.column_names]
     if missing:
         raise ManifestError(

@@ -21,7 +21,7 @@ from ddk_cache import __version__
 from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, SPLITS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.engines import TeacherEngine, create_engine
-from ddk_cache.errors import DDKCacheError, EngineError
+from ddk_cache.errors import DDKCacheError, EngineError, first_line
 from ddk_cache.fingerprints import teacher_description, tokenizer_description
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.packing import PackedDomain, pack_domain
@@ -94,8 +94,7 @@ def load_tokenizer(name_or_path: str, revision: str | None):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line}") from None
+        raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line(exc)}") from None
 
 
 def build_header(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
-from ddk_cache.errors import EngineError
+from ddk_cache.errors import EngineError, first_line
 
 LOGPROB_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of float32 per log_softmax block
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,8 +61,7 @@ class HFTeacherEngine(TeacherEngine):
                 teacher, dtype=self.dtype, revision=revision, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"cannot load teacher {teacher!r} as a causal LM: {first_line}") from None
+            raise EngineError(f"cannot load teacher {teacher!r} as a causal LM: {first_line(exc)}") from None
         self.model.to(self.device).eval()
 
     @property

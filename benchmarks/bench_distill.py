@@ -1,0 +1,128 @@
+"""Stage-two speed: student tokens/s with KD from the cache against CE-only training of the same
+student on the same batches, and the reader's decode rate against the student's consumption.
+
+Side by side in one process, alternating CE and KD blocks over identical pre-read batches, so
+the ratio is robust to the machine's noise.
+
+    python benchmarks/bench_distill.py --store /tmp/bench/bench.zarr --tokenizer /path/to/teacher \
+        --out-dir /tmp/bench_distill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.losses import KDConfig, distillation_loss
+from ddk_cache.optim import build_optimizer
+from ddk_cache.streaming import CacheBatcher, DomainStream
+
+
+def build_student(tokenizer_dir: str, out: Path, hidden: int, layers: int) -> torch.nn.Module:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128), max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    return model
+
+
+def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: int) -> float:
+    """Student tokens/s over `batches` with the KD loss (kd) or CE only (kd=None)."""
+    tokens, start = 0, time.perf_counter()
+    for batch in batches:
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits
+        if kd is None:
+            parts = distillation_loss(logits, batch.targets, None, None, KDConfig(gamma=0.0))
+        else:
+            parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, kd, teacher_vocab=teacher_vocab)
+        parts.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.input_ids.numel()
+    return tokens / (time.perf_counter() - start)
+
+
+def decode_rate(reader: CacheReader, threads: int) -> float:
+    """Tokens/s of decoding every train chunk of every domain (zarr read + decompress + float16 -> float32)."""
+    tokens, start = 0, time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for domain in reader.domains:
+            stream = DomainStream(reader, domain, seed=0, pool=pool)
+            futures = [pool.submit(stream._decode, c) for c in range(stream.n_chunks)]
+            for future in futures:
+                tokens += future.result().topk_ids.shape[0] * reader.header["capture"]["seq_len"]
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--tokenizer", required=True, help="the teacher's tokenizer folder")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps-per-block", type=int, default=6)
+    parser.add_argument("--blocks", type=int, default=3, help="CE/KD block pairs, alternating")
+    parser.add_argument("--reader-threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    reader = CacheReader(args.store)
+    model = build_student(args.tokenizer, args.out_dir, args.hidden, args.layers).train()
+    optimizer = build_optimizer(model, 1e-4, 0.1)
+    teacher_vocab = int(reader.header["teacher"]["vocab_size"])
+    batcher = CacheBatcher(reader, reader.domains, seed=0, threads=args.reader_threads)
+    rng = np.random.default_rng(0)
+    batches = [batcher.next_batch(rng.integers(0, len(reader.domains), args.batch_size)) for _ in range(args.steps_per_block)]
+
+    # reader throughput as the trainer sees it (domain draws, chunk read-ahead, stacking), no training
+    start = time.perf_counter()
+    produced = [batcher.next_batch(rng.integers(0, len(reader.domains), args.batch_size)) for _ in range(4 * args.steps_per_block)]
+    batcher_rate = sum(b.input_ids.numel() for b in produced) / (time.perf_counter() - start)
+    batcher.close()
+
+    train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab)  # warm-up
+    ce_rates, kd_rates = [], []
+    for _ in range(args.blocks):
+        ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab))
+        kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab))
+    decode = decode_rate(reader, args.reader_threads)
+    ratios = [k / c for k, c in zip(kd_rates, ce_rates)]
+    consumption = float(np.median(kd_rates))
+    results = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
+        "store": args.store,
+        "k": reader.header["capture"]["k"],
+        "seq_len": reader.header["capture"]["seq_len"],
+        "student": f"Llama hidden {args.hidden}, {args.layers} layers, vocab {model.config.vocab_size}, "
+                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        "batch_size": args.batch_size,
+        "ce_only_tokens_per_s": [round(r, 1) for r in ce_rates],
+        "kd_tokens_per_s": [round(r, 1) for r in kd_rates],
+        "kd_over_ce": [round(r, 3) for r in ratios],
+        "kd_over_ce_median": round(float(np.median(ratios)), 3),
+        "decode_tokens_per_s": round(decode, 1),
+        "batcher_tokens_per_s": round(batcher_rate, 1),
+        "decode_over_consumption": round(decode / consumption, 1),
+        "batcher_over_consumption": round(batcher_rate / consumption, 1),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
