@@ -23,6 +23,7 @@ import yaml
 from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.engines.hf import HFTeacherEngine
+from ddk_cache.engines import EngineOptions
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid)
     store = str(args.out_dir / "bench.zarr")
     config = TeacherDumpConfig(
-        teacher=args.teacher, manifest=manifest, out=store, k=args.k, batch_size=args.batch_size, overwrite=True, show_progress=False
+        teacher=args.teacher, manifest=manifest, out=store, k=args.k, engine_options=EngineOptions(batch_size=args.batch_size), overwrite=True, show_progress=False
     )
 
     # 1. a first dump fixes the windows (and warms caches); its store gives the exact windows to replay

@@ -79,6 +79,12 @@ class CacheWriter:
             _check_domain_data(root, domain, url)
         return cls(root, url, layout)
 
+    @classmethod
+    def open_existing(cls, url: str, layout: StoreLayout, storage_options: dict | None = None) -> "CacheWriter":
+        """Re-open a store that `create_or_resume` prepared (and checked) in another process."""
+        store = open_store(url, read_only=False, storage_options=storage_options)
+        return cls(zarr.open_group(store, mode="r+"), url, layout)
+
     def split_group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ddk_cache.engines.base import EngineInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HASHED_CONFIG_FILES = ("config.json",)
@@ -57,13 +60,13 @@ def weights_sha256(model_dir: str | Path) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
-def teacher_description(name_or_path: str, revision: str | None, config) -> dict[str, Any]:
+def teacher_description(name_or_path: str, revision: str | None, engine: "EngineInfo") -> dict[str, Any]:
     """What identifies the teacher: path or hub id, revision or weight hash, vocab size, architecture."""
     local = Path(name_or_path).is_dir()
     return {
         "name_or_path": str(Path(name_or_path).resolve()) if local else name_or_path,
-        "revision": revision or getattr(config, "_commit_hash", None),
+        "revision": revision or engine.commit_hash,
         "weights_sha256": weights_sha256(name_or_path) if local else None,
-        "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
-        "vocab_size": int(config.vocab_size),
+        "architecture": engine.architecture,
+        "vocab_size": engine.vocab_size,
     }

@@ -3,24 +3,29 @@
 Order of work is chosen so that mistakes surface before the expensive part: the
 manifest, the data and the tokenizer are checked, and the store's identity compared,
 before any window is scored. Scoring of shard i + 1 overlaps the compression and
-writing of shard i (one writer thread), so the teacher never waits on I/O.
+writing of shard i (one writer thread), so the teacher never waits on I/O. With
+`data_parallel = N`, N engine processes share the pending shards (`data_parallel.py`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
 from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, SPLITS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.engines import TeacherEngine, create_engine
+from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, TopKResult, create_engine, resolve_engine_name
+from ddk_cache.engines.base import ProgressCallback
+from ddk_cache.engines.options import check_applicable
 from ddk_cache.errors import DDKCacheError, EngineError, first_line
 from ddk_cache.fingerprints import teacher_description, tokenizer_description
 from ddk_cache.manifest import Manifest, load_manifest
@@ -36,16 +41,18 @@ class TeacherDumpConfig:
     out: str
     k: int = 64
     engine: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 8
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    data_parallel: int = 1
     chunk_windows: int | None = None
     shard_windows: int | None = None
     tokenizer: str | None = None
-    revision: str | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     show_progress: bool = True
+
+    @property
+    def revision(self) -> str | None:
+        return self.engine_options.revision
 
 
 @dataclass
@@ -62,9 +69,21 @@ class DumpSummary:
         return self.tokens_scored / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class ShardJob:
+    """One shard of one split to score and write: the unit of work, of resume and of data parallelism."""
+
+    domain: str
+    split: str
+    shard: int
+    windows: np.ndarray
+
+
 def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
     if config.k <= 0:
         raise DDKCacheError(f"--k must be a positive integer, got {config.k}")
+    if config.data_parallel <= 0:
+        raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
     manifest = load_manifest(config.manifest)
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
     domains = [
@@ -75,17 +94,34 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         layout = StoreLayout.choose(manifest.seq_len, config.k, config.chunk_windows, config.shard_windows)
     except ValueError as exc:
         raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
-    engine = create_engine(
-        config.engine, config.teacher, device=config.device, dtype=config.dtype, batch_size=config.batch_size, revision=config.revision
-    )
-    vocab = int(engine.config.vocab_size)
-    if len(tokenizer) > vocab:
-        raise EngineError(f"tokenizer has {len(tokenizer)} tokens but the teacher only {vocab}: pass the teacher's own tokenizer")
-    if config.k > vocab:
-        raise EngineError(f"--k {config.k} exceeds the teacher's vocabulary size {vocab}")
-    header = build_header(config, manifest, tokenizer, engine, layout, [d.name for d in domains])
-    writer = CacheWriter.create_or_resume(config.out, header, domains, layout, config.overwrite, config.storage_options)
-    return _score_all(writer, engine, domains, layout, config)
+    engine_name = resolve_engine_name(config.engine)
+    check_applicable(engine_name, config.engine_options)
+
+    def open_writer(info: EngineInfo) -> CacheWriter:
+        """Called once the engine is up (its identity is part of the store's), before any scoring."""
+        if len(tokenizer) > info.vocab_size:
+            raise EngineError(f"tokenizer has {len(tokenizer)} tokens but the teacher only {info.vocab_size}: pass the teacher's own tokenizer")
+        if config.k > info.vocab_size:
+            raise EngineError(f"--k {config.k} exceeds the teacher's vocabulary size {info.vocab_size}")
+        header = build_header(config, manifest, tokenizer, info, layout, [d.name for d in domains])
+        return CacheWriter.create_or_resume(config.out, header, domains, layout, config.overwrite, config.storage_options)
+
+    summary = DumpSummary(url=config.out)
+    if config.data_parallel > 1:
+        from ddk_cache.stages.data_parallel import run_data_parallel
+
+        writer = run_data_parallel(config, engine_name, domains, layout, open_writer, summary)
+    else:
+        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.k)
+        writer = open_writer(EngineInfo.of(engine))
+        jobs = pending_jobs(writer, domains, layout, summary)
+        start = time.perf_counter()  # scoring and writing only: model loading is not throughput
+        with progress_bar(jobs, layout, config.show_progress) as bar:
+            score_jobs(engine, writer, jobs, config.k, bar.update)
+        summary.seconds = time.perf_counter() - start
+    summary.domains = [writer.finish_domain(d.name) for d in domains]
+    writer.finish()
+    return summary
 
 
 def load_tokenizer(name_or_path: str, revision: str | None):
@@ -98,16 +134,16 @@ def load_tokenizer(name_or_path: str, revision: str | None):
 
 
 def build_header(
-    config: TeacherDumpConfig, manifest: Manifest, tokenizer, engine: TeacherEngine, layout: StoreLayout, domain_names: list[str]
+    config: TeacherDumpConfig, manifest: Manifest, tokenizer, engine: EngineInfo, layout: StoreLayout, domain_names: list[str]
 ) -> dict[str, Any]:
     """The store's self-description; `identity` is the part a resumed run must match exactly."""
-    teacher = teacher_description(config.teacher, config.revision, engine.config)
+    teacher = teacher_description(config.teacher, config.revision, engine)
     tokenizer_info = tokenizer_description(tokenizer)
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher": teacher["weights_sha256"] or f"{teacher['name_or_path']}@{teacher['revision']}",
         "tokenizer": tokenizer_info["fingerprint"],
-        "engine": engine.value_settings(),
+        "engine": engine.value_settings,
         "k": config.k,
         "seq_len": manifest.seq_len,
         "manifest_sha256": manifest.sha256(),
@@ -119,9 +155,9 @@ def build_header(
         "created_by": f"ddk-cache {__version__}",
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "identity": identity,
-        "teacher": {**teacher, "dtype": engine.value_settings().get("dtype")},
+        "teacher": {**teacher, "dtype": engine.value_settings.get("dtype")},
         "tokenizer": tokenizer_info,
-        "engine": engine.describe(),
+        "engine": {**engine.description, "data_parallel": config.data_parallel},
         "capture": {
             "mode": "topk",
             "k": config.k,
@@ -138,34 +174,59 @@ def build_header(
     }
 
 
-def _score_all(
-    writer: CacheWriter, engine: TeacherEngine, domains: list[PackedDomain], layout: StoreLayout, config: TeacherDumpConfig
-) -> DumpSummary:
-    summary = DumpSummary(url=config.out)
-    plan = [(d, split, writer.pending_shards(d.name, split)) for d in domains for split in SPLITS]
-    summary.shards_skipped = sum(layout.n_shards(getattr(d, s).n_windows) for d, s, _ in plan) - sum(len(p) for *_, p in plan)
-    total_windows = sum(layout.shard_size(i, getattr(d, s).n_windows) for d, s, shards in plan for i in shards)
-    bar = tqdm(total=total_windows * layout.seq_len, unit="tok", unit_scale=True, desc="teacher-dump", disable=not config.show_progress)
-    start = time.perf_counter()
+def pending_jobs(writer: CacheWriter, domains: list[PackedDomain], layout: StoreLayout, summary: DumpSummary) -> list[ShardJob]:
+    """Every shard not yet marked done, in store order; counts the skipped ones into `summary`."""
+    jobs = []
+    for domain in domains:
+        for split in SPLITS:
+            packed = getattr(domain, split)
+            pending = writer.pending_shards(domain.name, split)
+            summary.shards_skipped += layout.n_shards(packed.n_windows) - len(pending)
+            jobs += [ShardJob(domain.name, split, shard, packed.windows[layout.shard_slice(shard, packed.n_windows)]) for shard in pending]
+    summary.shards_written = len(jobs)
+    summary.tokens_scored = sum(job.windows.shape[0] for job in jobs) * layout.seq_len
+    return jobs
+
+
+def progress_bar(jobs: list[ShardJob], layout: StoreLayout, show: bool) -> tqdm:
+    total = sum(job.windows.shape[0] for job in jobs) * layout.seq_len
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher-dump", disable=not show)
+
+
+def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], k: int, progress: ProgressCallback) -> None:
+    """Score shards and write them, overlapping the writing of one group with scoring the next.
+
+    Consecutive shards are grouped until the engine's `preferred_windows` is reached, so an
+    engine that batches internally (vLLM) always has a deep queue; results are split back
+    into whole shards for the writer.
+    """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-writer") as pool:
         in_flight: Future | None = None
-        for domain, split, shards in plan:
-            packed = getattr(domain, split)
-            for shard in shards:
-                bar.set_postfix_str(f"{domain.name}/{split} shard {shard}")
-                windows = packed.windows[layout.shard_slice(shard, packed.n_windows)]
-                result = engine.score(windows, config.k, progress=bar.update)
-                if in_flight is not None:
-                    in_flight.result()  # at most one shard buffered: bounded memory, errors surface promptly
-                in_flight = pool.submit(writer.write_shard, domain.name, split, shard, windows, result)
-                summary.tokens_scored += windows.shape[0] * layout.seq_len
-                summary.shards_written += 1
-            if split == SPLITS[-1]:
-                if in_flight is not None:
-                    in_flight.result()
-                    in_flight = None
-                summary.domains.append(writer.finish_domain(domain.name))
-    summary.seconds = time.perf_counter() - start
-    bar.close()
-    writer.finish()
-    return summary
+        for group in group_jobs(jobs, engine.preferred_windows):
+            windows = np.concatenate([job.windows for job in group]) if len(group) > 1 else group[0].windows
+            result = engine.score(windows, k, progress=progress)
+            if in_flight is not None:
+                in_flight.result()  # at most one group buffered: bounded memory, errors surface promptly
+            in_flight = pool.submit(_write_group, writer, group, result)
+        if in_flight is not None:
+            in_flight.result()
+
+
+def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[ShardJob]]:
+    group: list[ShardJob] = []
+    for job in jobs:
+        group.append(job)
+        if sum(j.windows.shape[0] for j in group) >= min_windows:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _write_group(writer: CacheWriter, group: list[ShardJob], result: TopKResult) -> None:
+    offset = 0
+    for job in group:
+        part = slice(offset, offset + job.windows.shape[0])
+        offset = part.stop
+        shard_result = TopKResult(result.topk_ids[part], result.topk_logprobs[part], result.target_logprobs[part])
+        writer.write_shard(job.domain, job.split, job.shard, job.windows, shard_result)

@@ -22,6 +22,7 @@ from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.losses import bucket_logprobs, divergence
 from ddk_cache.packing import pack_domain
+from ddk_cache.engines import EngineOptions
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 
 
@@ -56,7 +57,7 @@ def specialist_store(tiny_teacher, tmp_path_factory) -> Path:
         optimizer.zero_grad()
     model.save_pretrained(teacher_dir)
     out = tmp / "specialist.zarr"
-    run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), k=8, device="cpu",
+    run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), k=8, engine_options=EngineOptions(device="cpu"),
                                        shard_windows=8, chunk_windows=4, show_progress=False))
     return out
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ddk_cache.engines import hf as hf_engine
-from ddk_cache.engines import create_engine
+from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.errors import EngineError
 
 K = 8
@@ -32,7 +32,7 @@ def reference(tiny_teacher, windows):
 
 
 def test_topk_equals_direct_log_softmax_topk_at_every_position(tiny_teacher, windows, reference):
-    engine = create_engine("hf", str(tiny_teacher), device="cpu", batch_size=2)
+    engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu", batch_size=2))
     result = engine.score(windows, K)
     ref_ids, ref_values, ref_target, _ = reference
     assert result.topk_ids.shape == (5, 16, K) and result.topk_ids.dtype == np.int32
@@ -42,7 +42,7 @@ def test_topk_equals_direct_log_softmax_topk_at_every_position(tiny_teacher, win
 
 
 def test_target_logprob_is_the_actual_next_token_including_the_last_position(tiny_teacher, windows, reference):
-    result = create_engine("hf", str(tiny_teacher), device="cpu").score(windows, K)
+    result = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu")).score(windows, K)
     _, _, ref_target, full = reference
     np.testing.assert_allclose(result.target_logprobs, ref_target, atol=1e-5)
     # the last position predicts window[-1], the token after the model's input
@@ -53,7 +53,7 @@ def test_target_logprob_is_the_actual_next_token_including_the_last_position(tin
 
 
 def test_blocked_log_softmax_matches_unblocked(tiny_teacher, windows, monkeypatch):
-    engine = create_engine("hf", str(tiny_teacher), device="cpu", batch_size=5)
+    engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu", batch_size=5))
     whole = engine.score(windows, K)
     monkeypatch.setattr(hf_engine, "LOGPROB_BLOCK_ELEMENTS", 3 * engine.config.vocab_size)  # 3 rows per block
     blocked = engine.score(windows, K)
@@ -63,7 +63,7 @@ def test_blocked_log_softmax_matches_unblocked(tiny_teacher, windows, monkeypatc
 
 def test_progress_reports_every_scored_token(tiny_teacher, windows):
     seen: list[int] = []
-    create_engine("hf", str(tiny_teacher), device="cpu", batch_size=2).score(windows, K, progress=seen.append)
+    create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu", batch_size=2)).score(windows, K, progress=seen.append)
     assert seen == [32, 32, 16]
 
 
@@ -72,12 +72,12 @@ def test_bad_teacher_and_bad_k_are_clear_errors(tmp_path, tiny_teacher, windows)
         create_engine("hf", str(tmp_path / "no-model"))
     with pytest.raises(EngineError, match="unknown engine 'tpu'"):
         create_engine("tpu", str(tiny_teacher))
-    engine = create_engine("hf", str(tiny_teacher), device="cpu")
+    engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu"))
     with pytest.raises(EngineError, match="k=100000 must be between 1"):
         engine.score(windows, 100_000)
 
 
 def test_auto_dtype_is_float32_on_cpu(tiny_teacher):
-    engine = create_engine("auto", str(tiny_teacher), device="cpu")
+    engine = create_engine("auto", str(tiny_teacher), EngineOptions(device="cpu"))
     assert engine.describe()["settings"]["dtype"] == "float32"
     assert engine.value_settings() == {"name": "hf", "dtype": "float32"}

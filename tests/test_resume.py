@@ -66,9 +66,11 @@ KILLING_RUNNER = textwrap.dedent(
 )
 
 
-def run_dump(tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+def run_dump(
+    tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None = None, extra: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
     args = ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out)]
-    args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress"]
+    args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress", *extra]
     command = [sys.executable, str(runner), "teacher-dump", *args] if runner else [sys.executable, "-m", "ddk_cache.cli", "teacher-dump", *args]
     # cwd away from the checkout, so the installed package is imported, not the source tree
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=out.parent)
@@ -91,6 +93,8 @@ def assert_same_store(actual: Path, expected: Path) -> None:
     header_a, header_b = dict(a.attrs["ddk_cache"]), dict(b.attrs["ddk_cache"])
     for volatile in ("created_at", "completed_at"):
         header_a.pop(volatile), header_b.pop(volatile)
+    for header in (header_a, header_b):  # how many processes wrote it is provenance, not content
+        header["engine"] = {key: value for key, value in header["engine"].items() if key != "data_parallel"}
     assert header_a == header_b
     for domain in header_b["domains"]:
         assert a[domain].attrs.asdict() == b[domain].attrs.asdict()
@@ -124,4 +128,26 @@ def test_killed_dump_resumes_to_the_uninterrupted_store(tmp_path, tiny_teacher, 
     else:
         assert f"already done {kill_at if mode != 'mid-create' else 0}" in resumed.stdout
     assert not list(out.rglob("*.partial"))
+    assert_same_store(out, reference)
+
+
+def test_data_parallel_workers_write_the_uninterrupted_store(tmp_path, tiny_teacher, reference_store):
+    manifest, reference = reference_store
+    out = tmp_path / "dp.zarr"
+    result = run_dump(tiny_teacher, manifest, out, extra=("--data-parallel", "2"))
+    assert result.returncode == 0, result.stderr
+    assert_same_store(out, reference)
+    assert CacheReader(str(out)).header["engine"]["data_parallel"] == 2
+
+
+def test_data_parallel_resumes_a_killed_single_process_dump(tmp_path, tiny_teacher, reference_store):
+    manifest, reference = reference_store
+    runner = tmp_path / "killing_runner.py"
+    runner.write_text(KILLING_RUNNER)
+    out = tmp_path / "killed.zarr"
+    killed = run_dump(tiny_teacher, manifest, out, runner, KILL_AT_SHARD="9", KILL_MODE="before-write")
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_dump(tiny_teacher, manifest, out, extra=("--data-parallel", "2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already done 9" in resumed.stdout
     assert_same_store(out, reference)

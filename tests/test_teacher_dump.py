@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
-from ddk_cache.engines import create_engine
+from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.errors import StoreError
 from ddk_cache.fingerprints import tokenizer_fingerprint
 from ddk_cache.manifest import load_manifest
@@ -63,7 +63,7 @@ def test_store_is_plain_zarr_v3_with_documented_layout(store, corpus_manifest, t
 def test_stored_values_equal_the_teacher_on_the_same_windows(store, corpus_manifest, tiny_teacher):
     manifest = load_manifest(corpus_manifest)
     tokenizer = load_tokenizer(str(tiny_teacher), None)
-    engine = create_engine("hf", str(tiny_teacher), device="cpu")
+    engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu"))
     reader = CacheReader(str(store))
     for spec in manifest.domains:
         packed = pack_domain(spec.name, load_domain_documents(spec), tokenizer, 16, spec.valid_sequences, spec.token_budget, manifest.seed)

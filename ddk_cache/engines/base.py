@@ -37,6 +37,9 @@ class TeacherEngine(ABC):
     """Scores windows with a teacher model. Subclasses load the model in `__init__`."""
 
     name: str
+    # Windows the stage should hand `score` at once (several shards' worth for engines that
+    # schedule internally and only stay busy with a deep queue of requests).
+    preferred_windows: int = 1
 
     @property
     @abstractmethod
@@ -54,3 +57,26 @@ class TeacherEngine(ABC):
     def value_settings(self) -> dict[str, Any]:
         """The subset of `describe()` that must match to resume a store (numbers would differ otherwise)."""
         return {"name": self.name}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a store records about an engine, detached from the model (picklable), so a
+    data-parallel worker can report it to the process that writes the store's header."""
+
+    description: dict[str, Any]
+    value_settings: dict[str, Any]
+    vocab_size: int
+    architecture: str
+    commit_hash: str | None
+
+    @classmethod
+    def of(cls, engine: TeacherEngine) -> "EngineInfo":
+        config = engine.config
+        return cls(
+            description=engine.describe(),
+            value_settings=engine.value_settings(),
+            vocab_size=int(config.vocab_size),
+            architecture=(getattr(config, "architectures", None) or [type(config).__name__])[0],
+            commit_hash=getattr(config, "_commit_hash", None),
+        )

@@ -1,0 +1,155 @@
+"""The inference-node engine: vLLM, for big teachers (tensor parallel, quantized, fast).
+
+Each window becomes one request whose prompt is the window's first `seq_len` tokens
+(`TokensPrompt`, no tokenizer round trip) and which generates exactly one token, forced
+to the window's last token; `prompt_logprobs=k` and `logprobs=k` then give the top-k at
+every position, with the actual token's log-prob alongside (see `vllm_outputs` for how
+vLLM's outputs map onto our positions). Windows are submitted `windows_per_call` at a
+time so the scheduler always has a deep queue.
+
+vLLM is imported here only, so the core runs without it (`pip install "ddk-cache[vllm]"`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
+from ddk_cache.engines.options import EngineOptions
+from ddk_cache.engines.vllm_outputs import request_outputs_to_result
+from ddk_cache.errors import EngineError, first_line
+
+MIN_VLLM = (0, 10, 2)  # V1 engine: raw log-probs taken before allowed_token_ids masks the logits
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version, None if it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return None
+
+
+def supports_flat_logprobs() -> bool:
+    from vllm import SamplingParams
+
+    return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) or hasattr(SamplingParams(), "flat_logprobs")
+
+
+def build_sampling_params(k: int, next_token: int, flat: bool) -> Any:
+    """One request's parameters: top-k at every prompt position and at the forced last step."""
+    from vllm import SamplingParams
+
+    extra = {"flat_logprobs": True} if flat else {}
+    return SamplingParams(
+        prompt_logprobs=k,
+        logprobs=k,
+        max_tokens=1,
+        temperature=0.0,
+        allowed_token_ids=[int(next_token)],
+        detokenize=False,
+        **extra,
+    )
+
+
+class VLLMTeacherEngine(TeacherEngine):
+    name = "vllm"
+
+    def __init__(self, teacher: str, k: int, options: EngineOptions) -> None:
+        version = vllm_version()
+        if version is None:
+            raise EngineError('--engine vllm needs vLLM: pip install "ddk-cache[vllm]" on a GPU node, or use --engine hf')
+        if _version_tuple(version) < MIN_VLLM:
+            raise EngineError(f"vLLM {version} is too old: ddk-cache needs >= {'.'.join(map(str, MIN_VLLM))}")
+        if options.windows_per_call <= 0:
+            raise EngineError(f"--windows-per-call must be positive, got {options.windows_per_call}")
+        try:
+            from vllm import LLM
+        except Exception as exc:  # a CPU-only or partial install fails in many ways
+            raise EngineError(f"vLLM {version} is installed but cannot be imported ({first_line(exc)}): use --engine hf here") from None
+        self.k = k
+        self.options = options
+        self.preferred_windows = options.windows_per_call
+        self.version = version
+        self.flat = supports_flat_logprobs()
+        self.settings = _llm_settings(teacher, k, options)
+        try:
+            self.llm = LLM(**self.settings)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not start the teacher {teacher!r} ({first_line(exc)}): check the GPU and the vLLM options, or use --engine hf") from None
+        self._config = self.llm.llm_engine.model_config.hf_config
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        settings = {key: value for key, value in self.settings.items() if key != "model"}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "torch_version": torch.__version__,
+            "settings": {**settings, "windows_per_call": self.options.windows_per_call, "flat_logprobs": self.flat},
+        }
+
+    def value_settings(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "quantization": self.options.quantization}
+
+    def score(self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None) -> TopKResult:
+        from vllm.inputs import TokensPrompt
+
+        if k > self.k:
+            raise EngineError(f"k={k} exceeds the max_logprobs={self.k} this engine was started with")
+        parts = []
+        for start in range(0, len(windows), self.options.windows_per_call):
+            block = windows[start : start + self.options.windows_per_call]
+            prompts = [TokensPrompt(prompt_token_ids=window[:-1].tolist()) for window in block]
+            params = [build_sampling_params(k, window[-1], self.flat) for window in block]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            parts.append(request_outputs_to_result(outputs, block, k))
+            if progress is not None:
+                progress(block.shape[0] * (block.shape[1] - 1))
+        return TopKResult(
+            topk_ids=np.concatenate([p.topk_ids for p in parts]),
+            topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
+            target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
+        )
+
+
+def _llm_settings(teacher: str, k: int, options: EngineOptions) -> dict[str, Any]:
+    """Arguments for `vllm.LLM`: everything that can change the numbers is recorded in the store."""
+    settings: dict[str, Any] = {
+        "model": teacher,
+        "tokenizer": teacher,
+        "skip_tokenizer_init": True,  # prompts are token ids; outputs are not detokenized
+        "max_logprobs": k,
+        "dtype": options.dtype,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "enable_prefix_caching": False,  # requests with prompt log-probs bypass it anyway
+        "enforce_eager": options.enforce_eager,
+        "trust_remote_code": options.trust_remote_code,
+        "seed": 0,
+    }
+    optional = {
+        "revision": options.revision,
+        "quantization": options.quantization,
+        "max_num_batched_tokens": options.max_num_batched_tokens,
+        "max_model_len": options.max_model_len,
+    }
+    settings.update({key: value for key, value in optional.items() if value is not None})
+    return settings
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

@@ -1,0 +1,178 @@
+"""Data parallelism for stage one: one engine process per GPU (or GPU group), one store.
+
+Zarr's rule is that a shard is the unit of safe writing, and every array of a split has
+fixed shapes from the start, so processes that write *different shards* never touch the
+same object; each shard's `shard_done` marker is its own object too. The parent therefore:
+
+1. starts N workers (spawned, never forked: CUDA and zarr's I/O thread do not survive a
+   fork), each pinned to its GPUs through CUDA_VISIBLE_DEVICES, which load the engine and
+   report what it is (`EngineInfo`);
+2. creates or resumes the store with that identity (only the parent writes metadata);
+3. puts every pending shard on one job queue, so a faster worker simply takes more;
+4. collects progress, and finishes the store once every worker has exited cleanly.
+
+A worker that fails stops the run with its error; finished shards stay marked, so running
+the same command again resumes as after any other interruption.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ddk_cache.cache_format import StoreLayout
+from ddk_cache.cache_writer import CacheWriter
+from ddk_cache.engines import EngineInfo, create_engine
+from ddk_cache.errors import DDKCacheError, first_line
+from ddk_cache.packing import PackedDomain
+
+POLL_SECONDS = 1.0
+
+
+def run_data_parallel(
+    config: Any,
+    engine_name: str,
+    domains: list[PackedDomain],
+    layout: StoreLayout,
+    open_writer: Callable[[EngineInfo], CacheWriter],
+    summary: Any,
+) -> CacheWriter:
+    from ddk_cache.stages.teacher_dump import pending_jobs, progress_bar
+
+    n = config.data_parallel
+    device_groups = assign_devices(n, config.engine_options.tensor_parallel_size)
+    context = mp.get_context("spawn")
+    jobs_queue, events = context.Queue(), context.Queue()
+    workers = []
+    for rank, devices in enumerate(device_groups):
+        env = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        args = (rank, engine_name, config, layout, jobs_queue, events)
+        with _environment(env):  # a spawned child copies the parent's environment when it starts
+            process = context.Process(target=_worker_main, args=args, name=f"ddk-dump-{rank}", daemon=True)
+            process.start()
+        workers.append(process)
+    try:
+        infos = _wait_ready(workers, events)
+        settings = {repr(info.value_settings) for info in infos}
+        if len(settings) > 1:
+            raise DDKCacheError(f"data-parallel workers run differently configured engines: {sorted(settings)}")
+        writer = open_writer(infos[0])
+        jobs = pending_jobs(writer, domains, layout, summary)
+        start = time.perf_counter()
+        for job in jobs:
+            jobs_queue.put(job)
+        for _ in workers:
+            jobs_queue.put(None)
+        with progress_bar(jobs, layout, config.show_progress) as bar:
+            _collect(workers, events, bar.update)
+        summary.seconds = time.perf_counter() - start
+        return writer
+    finally:
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=30)
+
+
+def assign_devices(n: int, tensor_parallel: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each worker: disjoint groups of `tensor_parallel` GPUs, or None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [None] * n
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if n * tensor_parallel > len(gpus):
+        raise DDKCacheError(
+            f"--data-parallel {n} x --tensor-parallel-size {tensor_parallel} needs {n * tensor_parallel} GPUs, "
+            f"this node shows {len(gpus)}: lower one of them"
+        )
+    return [",".join(gpus[r * tensor_parallel : (r + 1) * tensor_parallel]) for r in range(n)]
+
+
+def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, jobs_queue: Any, events: Any) -> None:
+    """Load the engine, report it, then score and write shards from the queue until a None."""
+    from ddk_cache.stages.teacher_dump import score_jobs
+
+    try:
+        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.k)
+        events.put(("ready", rank, EngineInfo.of(engine)))
+        first = jobs_queue.get()
+        if first is None:
+            events.put(("done", rank, None))
+            return
+        writer = CacheWriter.open_existing(config.out, layout, config.storage_options)
+
+        def jobs():
+            job = first
+            while job is not None:
+                yield job
+                job = jobs_queue.get()
+
+        score_jobs(engine, writer, jobs(), config.k, lambda tokens: events.put(("tokens", rank, tokens)))
+        events.put(("done", rank, None))
+    except DDKCacheError as exc:
+        events.put(("error", rank, str(exc)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which owns the exit code
+        events.put(("error", rank, f"{type(exc).__name__}: {first_line(exc)}"))
+
+
+def _wait_ready(workers: list, events: Any) -> list[EngineInfo]:
+    infos: dict[int, EngineInfo] = {}
+    while len(infos) < len(workers):
+        kind, rank, payload = _next_event(workers, events)
+        if kind == "ready":
+            infos[rank] = payload
+    return [infos[rank] for rank in range(len(workers))]
+
+
+def _collect(workers: list, events: Any, progress: Callable[[int], None]) -> None:
+    done: set[int] = set()
+    while len(done) < len(workers):
+        kind, rank, payload = _next_event(workers, events)
+        if kind == "tokens":
+            progress(payload)
+        elif kind == "done":
+            done.add(rank)
+
+
+def _next_event(workers: list, events: Any) -> tuple[str, int, Any]:
+    """The next worker event; a reported error or a silently dead worker becomes a DDKCacheError."""
+    while True:
+        try:
+            kind, rank, payload = events.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            for rank, process in enumerate(workers):
+                if process.exitcode not in (None, 0):
+                    raise DDKCacheError(
+                        f"data-parallel worker {rank} died (exit code {process.exitcode}) without reporting an error: "
+                        "rerun the same command to resume"
+                    ) from None
+            continue
+        if kind == "error":
+            raise DDKCacheError(f"data-parallel worker {rank}: {payload}")
+        return kind, rank, payload
+
+
+class _environment:
+    """Temporarily set environment variables (for a child process about to be spawned)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        for key, value in self.values.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc: object) -> None:
+        for key, old in self.saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old

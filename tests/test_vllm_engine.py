@@ -1,0 +1,161 @@
+"""Contract tests of the vLLM engine against vLLM's real output classes, without a GPU.
+
+vLLM's `RequestOutput`, `CompletionOutput`, `FlatLogprobs` and the very function its output
+processor uses to fill them (`append_logprobs_for_next_position`) import on CPU. We build
+outputs exactly as vLLM would for a known distribution (the tiny teacher's, computed with
+transformers) and check that the adapter yields the HF engine's arrays: the k + 1 rule,
+the actual token inside or outside the top-k, and the last position coming from the
+generated step. The live-engine test at the bottom runs only with a GPU and a full vLLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ddk_cache.engines import EngineOptions, create_engine, resolve_engine_name
+from ddk_cache.engines.vllm_outputs import request_outputs_to_result
+from ddk_cache.errors import EngineError
+
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed: .ci/run installs its pure-Python classes with `pip install --no-deps vllm`"
+)
+from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs, create_sample_logprobs  # noqa: E402
+from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
+
+from ddk_cache.engines.vllm_engine import build_sampling_params, supports_flat_logprobs  # noqa: E402
+
+K = 64  # of a 300-token vocabulary: the actual token is often, but not always, inside the top-k
+
+
+@pytest.fixture(scope="module")
+def distribution(tiny_teacher):
+    """Windows and the teacher's full log-softmax at each of their scored positions."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    windows = np.random.default_rng(1).integers(3, vocab, size=(4, 21), dtype=np.int32)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(input_ids=torch.as_tensor(windows[:, :-1], dtype=torch.long)).logits, dim=-1).numpy()
+    # the last position's actual token: the most likely one in window 0, the least likely in window 1
+    windows[0, -1] = int(np.argmax(logprobs[0, -1]))
+    windows[1, -1] = int(np.argmin(logprobs[1, -1]))
+    return windows, logprobs
+
+
+def vllm_style_output(window: np.ndarray, logprobs: np.ndarray, k: int, flat: bool) -> RequestOutput:
+    """What vLLM's output processor builds for one request of our engine (prompt = window[:-1])."""
+
+    def append(container, lp_row: np.ndarray, actual: int) -> None:
+        order = np.argsort(-lp_row, kind="stable")[:k]
+        rank = int((lp_row > lp_row[actual]).sum()) + 1
+        token_ids = [actual, *order.tolist()]
+        values = [float(lp_row[actual]), *lp_row[order].tolist()]
+        append_logprobs_for_next_position(container, token_ids, values, [None] * (k + 1), rank, k)
+
+    seq_len = len(window) - 1
+    prompt = create_prompt_logprobs(flat)  # position 0: None
+    for i in range(1, seq_len):
+        append(prompt, logprobs[i - 1], int(window[i]))
+    sample = create_sample_logprobs(flat)
+    append(sample, logprobs[seq_len - 1], int(window[seq_len]))
+    completion = CompletionOutput(
+        index=0, text="", token_ids=[int(window[seq_len])], cumulative_logprob=None, logprobs=sample, finish_reason="length"
+    )
+    return RequestOutput(
+        request_id="0", prompt=None, prompt_token_ids=window[:seq_len].tolist(), prompt_logprobs=prompt, outputs=[completion], finished=True
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_result(tiny_teacher, distribution):
+    windows, _ = distribution
+    return create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu")).score(windows, K)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "dict"])
+def test_adapter_gives_the_hf_engine_arrays(distribution, hf_result, flat):
+    windows, logprobs = distribution
+    outputs = [vllm_style_output(w, lp, K, flat) for w, lp in zip(windows, logprobs)]
+    if flat:
+        assert all(len(o.prompt_logprobs.token_ids) == (windows.shape[1] - 2) * (K + 1) for o in outputs), "k + 1 entries per position"
+    else:
+        sizes = {len(d) for o in outputs for d in o.prompt_logprobs[1:]}
+        assert sizes == {K, K + 1}, "both the collapsed (actual in top-k) and the k + 1 case occur"
+    result = request_outputs_to_result(outputs, windows, K)
+    np.testing.assert_array_equal(result.topk_ids, hf_result.topk_ids)
+    np.testing.assert_allclose(result.topk_logprobs, hf_result.topk_logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.target_logprobs, hf_result.target_logprobs, rtol=0, atol=1e-5)
+    # the last position comes from the generated step: inside the top-k for window 0, far outside for window 1
+    assert result.topk_ids[0, -1, 0] == windows[0, -1]
+    assert windows[1, -1] not in result.topk_ids[1, -1]
+    np.testing.assert_allclose(result.target_logprobs[1, -1], logprobs[1, -1].min(), atol=1e-6)
+
+
+def test_sampling_params_are_valid_for_the_installed_vllm():
+    params = build_sampling_params(K, 17, flat=supports_flat_logprobs())
+    assert (params.prompt_logprobs, params.logprobs, params.max_tokens) == (K, K, 1)
+    assert params.allowed_token_ids == [17] and params.detokenize is False
+    assert params.flat_logprobs is True, "vLLM 0.33 supports flat log-probs: use them"
+
+
+def test_outputs_that_break_the_contract_are_refused(distribution):
+    windows, logprobs = distribution
+    outputs = [vllm_style_output(w, lp, K, True) for w, lp in zip(windows, logprobs)]
+    with pytest.raises(EngineError, match="outputs out of order"):
+        request_outputs_to_result(outputs[::-1], windows, K)
+    with pytest.raises(EngineError, match="k \\+ 1 = 9"):
+        request_outputs_to_result(outputs, windows, 8)
+    with pytest.raises(EngineError, match="4 outputs for 3 windows"):
+        request_outputs_to_result(outputs, windows[:3], K)
+    unforced = vllm_style_output(windows[0], logprobs[0], K, True)
+    unforced.outputs[0].token_ids = [int(windows[0, -1]) + 1]
+    with pytest.raises(EngineError, match="does not honour"):
+        request_outputs_to_result([unforced], windows[:1], K)
+    # log-probs taken after allowed_token_ids masked the logits: every other token is -inf
+    masked = logprobs[0].copy()
+    masked[-1, :] = -np.inf
+    masked[-1, windows[0, -1]] = 0.0
+    with pytest.raises(EngineError, match="raw_logprobs"):
+        request_outputs_to_result([vllm_style_output(windows[0], masked, K, True)], windows[:1], K)
+
+
+def test_auto_picks_hf_without_a_gpu_and_vllm_options_are_refused_for_hf(tiny_teacher):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto picks vLLM here")
+    assert resolve_engine_name("auto") == "hf"
+    with pytest.raises(EngineError, match="--tensor-parallel-size does not apply to --engine hf"):
+        create_engine("hf", str(tiny_teacher), EngineOptions(tensor_parallel_size=2))
+    with pytest.raises(EngineError, match="--batch-size does not apply to --engine vllm"):
+        create_engine("vllm", str(tiny_teacher), EngineOptions(batch_size=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the live vLLM engine needs a GPU")
+def test_live_vllm_engine_matches_hf_engine(tiny_teacher, distribution):
+    windows, _ = distribution
+    try:
+        from vllm import LLM  # noqa: F401
+    except Exception as exc:  # the light CPU install cannot start an engine
+        pytest.skip(f"vLLM here is not a full install: {exc}")
+    live = create_engine("vllm", str(tiny_teacher), EngineOptions(dtype="float32", gpu_memory_utilization=0.3), max_k=K).score(windows, K)
+    ref = create_engine("hf", str(tiny_teacher), EngineOptions(device="cuda", dtype="float32")).score(windows, K)
+    np.testing.assert_allclose(live.target_logprobs, ref.target_logprobs, atol=2e-3)
+    np.testing.assert_allclose(live.topk_logprobs, ref.topk_logprobs, atol=2e-3)
+    assert (live.topk_ids == ref.topk_ids).mean() > 0.99  # near-ties may swap order between kernels
+
+
+def test_vllm_engine_without_a_gpu_is_a_one_line_cli_error(tmp_path, tiny_teacher, corpus_manifest):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from typer.testing import CliRunner
+
+    from ddk_cache.cli.main import app
+
+    out = tmp_path / "cache.zarr"
+    args = ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(corpus_manifest), "--out", str(out), "--engine", "vllm", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "vLLM" in result.output and "--engine hf" in result.output
+    assert not out.exists(), "nothing is written before the engine is up"
