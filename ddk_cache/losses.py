@@ -213,5 +213,33 @@ def distillation_loss(
         s_top, topk_logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab
     )
     kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
+    return _combine(ce, kd, config)
+
+
+def dense_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, config: KDConfig) -> LossParts:
+    """CE plus KD against the teacher's *full* distribution, from live teacher logits.
+
+    The reference that the cache approximates (dense online KD): no top-k, no tail model,
+    both sides tempered by `config.temperature`. It needs `[positions, vocab]` for the teacher
+    as well, which is exactly the memory and the teacher GPU time the cache saves. A student
+    vocabulary padded beyond the teacher's gets teacher probability 0 on the extra ids.
+    """
+    vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
+    if teacher_vocab > vocab:
+        raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) is larger than the student's ({vocab})")
+    flat = student_logits.reshape(-1, vocab).float()
+    logprobs = torch.log_softmax(flat, dim=-1)
+    ce = F.nll_loss(logprobs, targets.reshape(-1).long())
+    t_logits = teacher_logits.reshape(-1, teacher_vocab).float()
+    if teacher_vocab < vocab:
+        t_logits = F.pad(t_logits, (0, vocab - teacher_vocab), value=_ABSENT)
+    t = config.temperature
+    teacher_lp = torch.log_softmax(t_logits / t, dim=-1)
+    student_lp = logprobs if t == 1.0 else torch.log_softmax(flat / t, dim=-1)
+    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
+    return _combine(ce, kd, config)
+
+
+def _combine(ce: torch.Tensor, kd: torch.Tensor, config: KDConfig) -> LossParts:
     total = ce + config.gamma * kd if config.form == "add" else (1 - config.lam) * ce + config.lam * kd
     return LossParts(total=total, ce=ce, kd=kd)

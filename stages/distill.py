@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.checkpoint import load_checkpoint, remove_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from ddk_cache.engines.hf import resolve_device
-from ddk_cache.errors import DDKCacheError
+from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.evaluation import DomainEval, evaluate_domains
-from ddk_cache.losses import KDConfig, distillation_loss
+from ddk_cache.losses import KDConfig, dense_distillation_loss, distillation_loss
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.samplers import create_sampler
 from ddk_cache.streaming import CacheBatcher
@@ -62,6 +62,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    online_teacher: str | None = None  # reference mode: dense KD from the live teacher, not the cache
     storage_options: dict[str, Any] | None = None
     show_progress: bool = True
 
@@ -113,6 +114,7 @@ def run_distill(config: DistillConfig) -> DistillSummary:
     model, tokenizer, _ = load_student(config.student, config.tokenizer)
     check_compatible(model, tokenizer, reader.header)
     model.to(device).train()
+    online_teacher = _load_online_teacher(config.online_teacher, reader.header, device) if config.online_teacher else None
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     scheduler = build_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     weights = [(reader.header["manifest"]["domains"][i].get("weight", 1.0)) for i in range(len(domains))]
@@ -154,7 +156,9 @@ def run_distill(config: DistillConfig) -> DistillSummary:
                     record["eval"] = {e.domain: {"student_ppl": e.student_ppl, "teacher_ppl": e.teacher_ppl} for e in evals}
                     record["domain_weights"] = sampler.weights_by_domain()
                 started = time.perf_counter()
-                parts = _train_step(model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype)
+                parts = _train_step(
+                    model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype, online_teacher
+                )
                 scheduler.step()
                 elapsed = time.perf_counter() - started
                 train_seconds += elapsed
@@ -195,7 +199,9 @@ def run_distill(config: DistillConfig) -> DistillSummary:
     )
 
 
-def _train_step(model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype) -> dict[str, float]:
+def _train_step(
+    model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype, online_teacher=None
+) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches; returns the logged loss parts."""
     totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     for _ in range(config.grad_accum):
@@ -203,7 +209,13 @@ def _train_step(model, optimizer, batcher, sampler, generator, config, micro_bat
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with autocast:
             logits = model(input_ids=batch.input_ids, use_cache=False).logits
-        parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, config.kd, teacher_vocab=teacher_vocab)
+            if online_teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = online_teacher(input_ids=batch.input_ids, use_cache=False).logits
+        if online_teacher is not None:
+            parts = dense_distillation_loss(logits, batch.targets, teacher_logits, config.kd)
+        else:
+            parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, config.kd, teacher_vocab=teacher_vocab)
         (parts.total / config.grad_accum).backward()
         totals["loss"] += float(parts.total.detach()) / config.grad_accum
         totals["ce"] += float(parts.ce.detach()) / config.grad_accum
@@ -213,6 +225,23 @@ def _train_step(model, optimizer, batcher, sampler, generator, config, micro_bat
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The live teacher for the dense reference; it must be the teacher that made the cache."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(f"cannot load the online teacher {path!r}: {first_line(exc)}") from None
+    cached_vocab = int(header["teacher"]["vocab_size"])
+    if int(teacher.config.vocab_size) != cached_vocab:
+        raise DDKCacheError(
+            f"the online teacher has vocabulary {teacher.config.vocab_size}, the cache's teacher {cached_vocab}: pass the teacher that made the cache"
+        )
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def _validate(config: DistillConfig) -> None:

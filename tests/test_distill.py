@@ -233,3 +233,18 @@ def test_eval_reports_model_and_teacher_per_domain(tiny_store, tiny_teacher, tmp
         assert row["student_loss"] == pytest.approx(row["teacher_loss"], abs=1e-4)
         assert row["teacher_ppl"] == pytest.approx(reader.domain_info(row["domain"])["teacher_valid_ppl"], rel=1e-6)
         assert f"{row['teacher_ppl']:.3f}" in result.output
+
+
+def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_teacher, tmp_path):
+    """Same batch, same initial student: CE agrees; dense KL >= the cache's top-k + rest-bucket KL
+    (merging the tail into one bucket can only lose divergence), and equality would mean no tail."""
+    student = make_student(tmp_path / "student", tiny_teacher)
+    common = ("--steps", "2", "--update-every", "2", "--sampler", "uniform")
+    cached = distill(tiny_store, student, tmp_path / "cached", *common)
+    dense = distill(tiny_store, student, tmp_path / "dense", *common, "--online-teacher", str(tiny_teacher))
+    assert cached.exit_code == 0 and dense.exit_code == 0, cached.output + dense.output
+    first_cached, first_dense = metrics(tmp_path / "cached")[0], metrics(tmp_path / "dense")[0]
+    assert first_cached["ce"] == pytest.approx(first_dense["ce"], rel=1e-6)
+    assert first_dense["kd"] > first_cached["kd"] * 1.01
+    broken = distill(tiny_store, student, tmp_path / "broken", *common, "--online-teacher", str(tmp_path / "nowhere"))
+    assert broken.exit_code == 2 and "cannot load the online teacher" in broken.output

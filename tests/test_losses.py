@@ -129,3 +129,21 @@ def test_bad_config_is_refused():
         KDConfig(divergence="kl")
     with pytest.raises(ValueError, match="temperature must be positive"):
         KDConfig(temperature=0)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cached_loss_at_k_equal_vocab_equals_dense_online_loss(logits, kind, temperature):
+    """The whole training loss from a full-vocabulary 'cache' equals the live dense reference."""
+    from ddk_cache.losses import dense_distillation_loss
+
+    teacher_logits, student_logits = logits
+    targets = torch.arange(N) % V
+    config = KDConfig(divergence=kind, temperature=temperature, beta=BETA, alpha=ALPHA)
+    top = torch.log_softmax(teacher_logits, -1).topk(V, dim=-1)
+    cached = distillation_loss(student_logits, targets, top.indices, top.values, config)
+    dense = dense_distillation_loss(student_logits, targets, teacher_logits, config)
+    torch.testing.assert_close(cached.total, dense.total, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dense.ce, F.cross_entropy(student_logits, targets))
+    p, q = torch.softmax(teacher_logits / temperature, -1), torch.softmax(student_logits / temperature, -1)
+    torch.testing.assert_close(dense.kd, dense_reference(p, q, kind).mean(), atol=2e-5, rtol=1e-4)
