@@ -230,7 +230,7 @@ def fetch_demo_teacher(out: Annotated[Path, typer.Argument(help="Folder to write
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the teacher, corpus, cache and student.")] = Path("ddk-quickstart"),
-    teacher: Annotated[Optional[Path], typer.Option(help="An already converted demo teacher folder (default: OUT/teacher).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="Use this teacher folder as is, instead of fetching the demo teacher into OUT/teacher.")] = None,
     steps: Annotated[int, typer.Option(help="Student optimizer steps.")] = 150,
     train_tokens: Annotated[int, typer.Option(help="Training tokens cached per domain.")] = 8192,
     seed: Annotated[int, typer.Option()] = 0,

