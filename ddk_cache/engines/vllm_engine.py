@@ -106,6 +106,13 @@ class VLLMTeacherEngine(TeacherEngine):
 
         if k > self.k:
             raise EngineError(f"k={k} exceeds the max_logprobs={self.k} this engine was started with")
+        seq_len, max_model_len = windows.shape[1] - 1, int(self.llm.llm_engine.model_config.max_model_len)
+        if seq_len >= max_model_len:  # vLLM needs room for the one generated (forced) token
+            raise EngineError(
+                f"seq_len {seq_len} leaves no room for the forced token within vLLM's max_model_len {max_model_len}: "
+                f"pass --max-model-len {seq_len + 1} (with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if that exceeds the model's context; "
+                "only positions below seq_len are ever computed)"
+            )
         parts = []
         for start in range(0, len(windows), self.options.windows_per_call):
             block = windows[start : start + self.options.windows_per_call]
