@@ -59,8 +59,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the runs already in --out-dir")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(args.out_dir, args.seeds[0], args.json.parent)
+        return
 
     store = args.out_dir / "quality.zarr"
     manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid)
@@ -129,14 +133,14 @@ def plot(out_dir: Path, seed: int, dest: Path) -> None:
             continue
         updates = [json.loads(line) for line in path.read_text().splitlines()]
         updates = [u for u in updates if "eval" in u]
-        for domain in updates[0]["eval"]:
-            steps = [u["step"] for u in updates]
+        for i, domain in enumerate(updates[0]["eval"]):
+            steps, color = [u["step"] for u in updates], f"C{i}"
             if arm == "ddk":
-                left.plot(steps, [u["domain_weights"][domain] for u in updates], label=domain)
+                left.plot(steps, [u["domain_weights"][domain] for u in updates], color=color, label=domain)
             right.plot(steps, [u["eval"][domain]["student_ppl"] / u["eval"][domain]["teacher_ppl"] for u in updates], style,
-                       label=f"{domain} ({arm})")
+                       color=color, label=f"{domain} ({arm})")
     left.set(title="DDK domain weights", xlabel="step", ylabel="sampling probability")
-    right.set(title="student / teacher perplexity", xlabel="step", yscale="log")
+    right.set(title="student / teacher perplexity (solid: DDK, dotted: uniform KD)", xlabel="step", yscale="log")
     left.legend(fontsize=8)
     right.legend(fontsize=7)
     fig.tight_layout()
