@@ -41,17 +41,17 @@ def teacher_dump(
     out: Annotated[str, typer.Option(help="Output store: a local path or an object-store URL (s3://...).")],
     k: Annotated[int, typer.Option(help="Top-k entries kept per position.")] = 64,
     engine: Annotated[str, typer.Option(help="Teacher engine: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")] = "auto",
-    device: Annotated[str, typer.Option(help="[hf] auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: Annotated[str, typer.Option(help="HF engine: auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="[hf] Windows per forward pass.")] = 8,
-    tensor_parallel_size: Annotated[int, typer.Option(help="[vllm] GPUs per engine (tensor parallel).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="HF engine: Windows per forward pass.")] = 8,
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per engine (tensor parallel).")] = 1,
     data_parallel: Annotated[int, typer.Option(help="Engine processes on disjoint shards, one per GPU group (CPU: splits the cores).")] = 1,
-    quantization: Annotated[Optional[str], typer.Option(help="[vllm] Weight quantization method (awq, gptq, fp8 ...).")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="[vllm] Fraction of each GPU's memory vLLM may take.")] = 0.9,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="[vllm] Tokens per scheduler step (prefill chunk).")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="[vllm] Context length to reserve KV cache for (>= seq_len).")] = None,
-    windows_per_call: Annotated[int, typer.Option(help="[vllm] Windows submitted per generate call (keeps the engine full).")] = 1024,
-    enforce_eager: Annotated[bool, typer.Option(help="[vllm] Disable CUDA graphs (less memory, slower).")] = False,
+    quantization: Annotated[Optional[str], typer.Option(help="vLLM: Weight quantization method (awq, gptq, fp8 ...).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: Fraction of each GPU's memory vLLM may take.")] = 0.9,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="vLLM: Tokens per scheduler step (prefill chunk).")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM: Context length to reserve KV cache for (> seq_len: room for the forced token).")] = None,
+    windows_per_call: Annotated[int, typer.Option(help="vLLM: Windows submitted per generate call (keeps the engine full).")] = 1024,
+    enforce_eager: Annotated[bool, typer.Option(help="vLLM: Disable CUDA graphs (less memory, slower).")] = False,
     shard_windows: Annotated[Optional[int], typer.Option(help="Windows per shard (unit of writing and resume).")] = None,
     chunk_windows: Annotated[Optional[int], typer.Option(help="Windows per inner chunk (unit of reading).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not the teacher's folder.")] = None,
@@ -61,7 +61,7 @@ def teacher_dump(
 ) -> None:
     """Score every window of the manifest's domains with the teacher and write its top-k into a store.
 
-    Options marked [hf] or [vllm] belong to that engine; giving one to the other engine is an error.
+    Options marked "HF engine:" or "vLLM:" belong to that engine; giving one to the other engine is an error.
     """
     from ddk_cache.engines import EngineOptions
     from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
