@@ -21,7 +21,8 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ddk_cache.cache_format import StoreLayout
@@ -158,20 +159,15 @@ def _next_event(workers: list, events: Any) -> tuple[str, int, Any]:
         return kind, rank, payload
 
 
-class _environment:
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
     """Temporarily set environment variables (for a child process about to be spawned)."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        for key, value in self.values.items():
-            self.saved[key] = os.environ.get(key)
-            os.environ[key] = value
-
-    def __exit__(self, *exc: object) -> None:
-        for key, old in self.saved.items():
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
             if old is None:
                 os.environ.pop(key, None)
             else:

@@ -84,6 +84,8 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         raise DDKCacheError(f"--k must be a positive integer, got {config.k}")
     if config.data_parallel <= 0:
         raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
+    engine_name = resolve_engine_name(config.engine)
+    check_applicable(engine_name, config.engine_options)  # before the data is read: a wrong flag fails at once
     manifest = load_manifest(config.manifest)
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
     domains = [
@@ -94,8 +96,6 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         layout = StoreLayout.choose(manifest.seq_len, config.k, config.chunk_windows, config.shard_windows)
     except ValueError as exc:
         raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
-    engine_name = resolve_engine_name(config.engine)
-    check_applicable(engine_name, config.engine_options)
 
     def open_writer(info: EngineInfo) -> CacheWriter:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
@@ -214,11 +214,13 @@ def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJ
 
 def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[ShardJob]]:
     group: list[ShardJob] = []
+    windows = 0
     for job in jobs:
         group.append(job)
-        if sum(j.windows.shape[0] for j in group) >= min_windows:
+        windows += job.windows.shape[0]
+        if windows >= min_windows:
             yield group
-            group = []
+            group, windows = [], 0
     if group:
         yield group
 
@@ -226,7 +228,6 @@ def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[Shar
 def _write_group(writer: CacheWriter, group: list[ShardJob], result: TopKResult) -> None:
     offset = 0
     for job in group:
-        part = slice(offset, offset + job.windows.shape[0])
-        offset = part.stop
-        shard_result = TopKResult(result.topk_ids[part], result.topk_logprobs[part], result.target_logprobs[part])
-        writer.write_shard(job.domain, job.split, job.shard, job.windows, shard_result)
+        rows = slice(offset, offset + job.windows.shape[0])
+        offset = rows.stop
+        writer.write_shard(job.domain, job.split, job.shard, job.windows, result.windows(rows))

@@ -32,6 +32,21 @@ class TopKResult:
         if self.topk_logprobs.shape != (b, length, k) or self.target_logprobs.shape != (b, length):
             raise ValueError("inconsistent TopKResult shapes")
 
+    @classmethod
+    def concatenate(cls, parts: list["TopKResult"]) -> "TopKResult":
+        """Join results of consecutive window batches."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            topk_ids=np.concatenate([p.topk_ids for p in parts]),
+            topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
+            target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
+        )
+
+    def windows(self, rows: slice) -> "TopKResult":
+        """The result for a contiguous range of the windows (e.g. one shard of a grouped call)."""
+        return TopKResult(self.topk_ids[rows], self.topk_logprobs[rows], self.target_logprobs[rows])
+
 
 class TeacherEngine(ABC):
     """Scores windows with a teacher model. Subclasses load the model in `__init__`."""

@@ -86,22 +86,16 @@ class HFTeacherEngine(TeacherEngine):
         vocab = int(self.model.config.vocab_size)
         if not 0 < k <= vocab:
             raise EngineError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}")
-        ids_out, lp_out, tgt_out = [], [], []
+        parts = []
         for start in range(0, len(windows), self.batch_size):
             batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long, device=self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = self.model(input_ids=inputs, use_cache=False).logits
             topk_ids, topk_lp, target_lp = topk_from_logits(logits, targets, k)
-            ids_out.append(topk_ids.cpu().numpy())
-            lp_out.append(topk_lp.cpu().numpy())
-            tgt_out.append(target_lp.cpu().numpy())
+            parts.append(TopKResult(topk_ids.cpu().numpy(), topk_lp.cpu().numpy(), target_lp.cpu().numpy()))
             if progress is not None:
                 progress(int(inputs.numel()))
-        return TopKResult(
-            topk_ids=np.concatenate(ids_out).astype(np.int32, copy=False),
-            topk_logprobs=np.concatenate(lp_out),
-            target_logprobs=np.concatenate(tgt_out),
-        )
+        return TopKResult.concatenate(parts)
 
 
 def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

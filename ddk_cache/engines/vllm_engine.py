@@ -122,11 +122,7 @@ class VLLMTeacherEngine(TeacherEngine):
             parts.append(request_outputs_to_result(outputs, block, k))
             if progress is not None:
                 progress(block.shape[0] * (block.shape[1] - 1))
-        return TopKResult(
-            topk_ids=np.concatenate([p.topk_ids for p in parts]),
-            topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
-            target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
-        )
+        return TopKResult.concatenate(parts)
 
 
 def _llm_settings(teacher: str, k: int, options: EngineOptions) -> dict[str, Any]:
