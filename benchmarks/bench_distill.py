@@ -44,9 +44,9 @@ def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: in
     for batch in batches:
         logits = model(input_ids=batch.input_ids, use_cache=False).logits
         if kd is None:
-            parts = distillation_loss(logits, batch.targets, None, None, KDConfig(gamma=0.0))
+            parts = distillation_loss(logits, batch.targets, None, KDConfig(gamma=0.0))
         else:
-            parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, kd, teacher_vocab=teacher_vocab)
+            parts = distillation_loss(logits, batch.targets, batch.teacher, kd, teacher_vocab=teacher_vocab)
         parts.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -62,7 +62,7 @@ def decode_rate(reader: CacheReader, threads: int) -> float:
             stream = DomainStream(reader, domain, seed=0, pool=pool)
             futures = [pool.submit(stream._decode, c) for c in range(stream.n_chunks)]
             for future in futures:
-                tokens += future.result().topk_ids.shape[0] * reader.header["capture"]["seq_len"]
+                tokens += future.result().ids.shape[0] * reader.header["capture"]["seq_len"]
     return tokens / (time.perf_counter() - start)
 
 

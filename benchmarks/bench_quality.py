@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench_teacher_dump import derived_manifest
+from ddk_cache.capture import Capture
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.engines import EngineOptions
 from ddk_cache.losses import KDConfig
@@ -69,7 +70,7 @@ def main() -> None:
     store = args.out_dir / "quality.zarr"
     manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid)
     started = time.perf_counter()
-    run_teacher_dump(TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(store), k=args.k, engine="hf",
+    run_teacher_dump(TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(store), capture=Capture(k=args.k), engine="hf",
                                        engine_options=EngineOptions(batch_size=4), show_progress=False))
     print(f"dump ready ({time.perf_counter() - started:.0f} s)", flush=True)
     student_init = args.out_dir / "student-init"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from ddk_cache.capture import Capture
 from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.engines.hf import HFTeacherEngine
@@ -74,7 +75,7 @@ def main() -> None:
     manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid)
     store = str(args.out_dir / "bench.zarr")
     config = TeacherDumpConfig(
-        teacher=args.teacher, manifest=manifest, out=store, k=args.k, engine_options=EngineOptions(batch_size=args.batch_size), overwrite=True, show_progress=False
+        teacher=args.teacher, manifest=manifest, out=store, capture=Capture(k=args.k), engine_options=EngineOptions(batch_size=args.batch_size), overwrite=True, show_progress=False
     )
 
     # 1. a first dump fixes the windows (and warms caches); its store gives the exact windows to replay

@@ -39,7 +39,12 @@ def teacher_dump(
     teacher: Annotated[str, typer.Option(help="Teacher model: a local folder or hub id that AutoModelForCausalLM loads.")],
     manifest: Annotated[Path, typer.Option(help="Data manifest (YAML) describing the domains.")],
     out: Annotated[str, typer.Option(help="Output store: a local path or an object-store URL (s3://...).")],
-    k: Annotated[int, typer.Option(help="Top-k entries kept per position.")] = 64,
+    mode: Annotated[str, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k) or sampled (--draws samples: distinct ids + counts, unbiased).")] = "topk",
+    k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp).")] = 64,
+    top_p: Annotated[Optional[float], typer.Option(help="topp mode: probability mass to keep, e.g. 0.95.")] = None,
+    draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.")] = None,
+    logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.")] = 32,
+    seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.")] = 0,
     engine: Annotated[str, typer.Option(help="Teacher engine: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")] = "auto",
     device: Annotated[str, typer.Option(help="HF engine: auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
@@ -59,7 +64,7 @@ def teacher_dump(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Score every window of the manifest's domains with the teacher and write its top-k into a store.
+    """Score every window of the manifest's domains with the teacher and write its sparse distribution into a store.
 
     Options marked "HF engine:" or "vLLM:" belong to that engine; giving one to the other engine is an error.
     """
@@ -79,11 +84,13 @@ def teacher_dump(
         windows_per_call=windows_per_call,
         enforce_eager=enforce_eager,
     )
+    with user_errors():
+        capture = _capture(mode, k, top_p, draws, logprob_scale, seed)
     config = TeacherDumpConfig(
         teacher=teacher,
         manifest=manifest,
         out=out,
-        k=k,
+        capture=capture,
         engine=engine,
         engine_options=options,
         data_parallel=data_parallel,
@@ -113,6 +120,20 @@ def teacher_dump(
         f"already done {summary.shards_skipped}",
         soft_wrap=True,
     )
+
+
+def _capture(mode: str, k: int, top_p: float | None, draws: int | None, logprob_scale: int, seed: int):
+    """The capture settings from the flags, with a one-line error for a bad combination."""
+    from ddk_cache.capture import Capture
+
+    if mode != "topp" and top_p is not None:
+        raise DDKCacheError(f"--top-p belongs to --mode topp, not {mode}")
+    if mode != "sampled" and draws is not None:
+        raise DDKCacheError(f"--draws belongs to --mode sampled, not {mode}")
+    try:
+        return Capture(mode=mode, k=k, top_p=top_p, draws=draws, logprob_scale=logprob_scale, seed=seed)
+    except ValueError as exc:
+        raise DDKCacheError(str(exc)) from None
 
 
 @app.command("inspect")

@@ -14,24 +14,43 @@ import numpy as np
 import zarr
 
 from ddk_cache.cache_format import (
-    DATA_ARRAYS,
+    COUNTS,
     DOMAIN_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER_ATTR,
+    IDS,
+    LOGPROBS,
+    N_ENTRIES,
+    READABLE_VERSIONS,
+    REST_LOGPROBS,
     SHARD_DONE,
+    TARGET_LOGPROBS,
+    TOKENS,
+    V1_TOPK_IDS,
+    V1_TOPK_LOGPROBS,
+    StoreLayout,
     open_store,
 )
+from ddk_cache.capture import Capture, capture_from_attrs, sampled_logprobs
 from ddk_cache.errors import StoreError
 
 
 @dataclass(frozen=True)
 class WindowBlock:
-    """Decoded rows `[start, stop)` of one split, log-probs as float32."""
+    """Decoded rows `[start, stop)` of one split: the teacher's sparse targets, ready for the losses.
+
+    `ids` / `logprobs` `[n, L, W]`: entries (log-probs as float32; in sampled mode log(count / draws)).
+    `valid` `[n, L, W]` marks real entries (None when every slot is one: fixed top-k).
+    `rest_logprobs` `[n, L]`: log of the teacher mass outside the entries (None: derive it as
+    1 - sum(exp(logprobs)), version 1 stores; or no mass outside, sampled stores).
+    """
 
     tokens: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+    valid: np.ndarray | None
+    rest_logprobs: np.ndarray | None
     target_logprobs: np.ndarray
 
 
@@ -46,13 +65,20 @@ class CacheReader:
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise StoreError(f"{url} is not a ddk-cache store (no '{HEADER_ATTR}' header)")
         version = header.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise StoreError(
-                f"{url} has cache format version {version}, newer than this ddk-cache reads ({FORMAT_VERSION}): upgrade ddk-cache"
+                f"{url} has cache format version {version}; this ddk-cache reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: " + ("upgrade ddk-cache" if newer else "re-create the store with teacher-dump")
             )
         if header.get("status") != "complete" and not allow_incomplete:
             raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
         self.header: dict[str, Any] = header
+        self.format_version: int = version
+        if version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
+            self.capture = Capture(mode="topk", k=int(header["capture"]["k"]), logprob_scale=0)
+        else:
+            self.capture = capture_from_attrs(header["capture"])
 
     @property
     def complete(self) -> bool:
@@ -61,6 +87,14 @@ class CacheReader:
     @property
     def domains(self) -> list[str]:
         return list(self.header["domains"])
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """Names of the arrays that hold data (what `bytes_stored` counts), for this store's version and mode."""
+        if self.format_version == 1:
+            return (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
+        layout = self.header["layout"]
+        return tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
 
     def has_domain(self, domain: str) -> bool:
         return domain in self.root
@@ -76,16 +110,21 @@ class CacheReader:
         return int(done.sum()), int(done.size)
 
     def read(self, domain: str, split: str, start: int = 0, stop: int | None = None) -> WindowBlock:
-        """Rows `[start, stop)` of every data array; use chunk-aligned ranges for speed."""
-        arrays = {name: self.array(domain, split, name)[start:stop] for name in DATA_ARRAYS}
-        return WindowBlock(
-            tokens=arrays["tokens"],
-            topk_ids=arrays["topk_ids"],
-            topk_logprobs=arrays["topk_logprobs"].astype(np.float32),
-            target_logprobs=arrays["target_logprobs"].astype(np.float32),
-        )
+        """Rows `[start, stop)` of every data array, decoded; use chunk-aligned ranges for speed."""
+        read = lambda name: self.array(domain, split, name)[start:stop]  # noqa: E731
+        tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)
+        if self.format_version == 1:
+            return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target)
+        ids, n_entries = read(IDS).astype(np.int32), read(N_ENTRIES)
+        width = ids.shape[-1]
+        valid = None if self.capture.mode == "topk" else np.arange(width, dtype=n_entries.dtype) < n_entries[..., None]
+        if self.capture.mode == "sampled":
+            logprobs = sampled_logprobs(read(COUNTS), int(self.capture.draws))
+            logprobs[~valid] = 0.0
+            return WindowBlock(tokens, ids, logprobs, valid, None, target)
+        return WindowBlock(tokens, ids, read(LOGPROBS).astype(np.float32), valid, read(REST_LOGPROBS).astype(np.float32), target)
 
     def bytes_stored(self, domain: str, split: str | None = None) -> int:
         """Bytes on disk (or in the bucket) of a domain's arrays, optionally one split only."""
         splits = [split] if split else ["train", "valid"]
-        return sum(self.array(domain, s, name).nbytes_stored() for s in splits for name in DATA_ARRAYS)
+        return sum(self.array(domain, s, name).nbytes_stored() for s in splits for name in self.data_arrays)

@@ -17,22 +17,27 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ddk_cache.capture import EncodedTargets
 from ddk_cache.cache_format import (
+    COUNTS,
     DOMAIN_ATTR,
     FORMAT_NAME,
     HEADER_ATTR,
+    IDS,
+    LOGPROBS,
+    N_ENTRIES,
+    REST_LOGPROBS,
     SHARD_DONE,
     SPLITS,
     TARGET_LOGPROBS,
     TOKENS,
-    TOPK_IDS,
-    TOPK_LOGPROBS,
+    TARGET_LOGPROB_SCALE,
     StoreLayout,
     create_split_arrays,
+    logprob_floor,
     open_store,
     teacher_loss,
 )
-from ddk_cache.engines.base import TopKResult
 from ddk_cache.errors import StoreError
 from ddk_cache.packing import PackedDomain, PackedSplit
 
@@ -92,17 +97,33 @@ class CacheWriter:
         done = self.split_group(domain, split)[SHARD_DONE][:]
         return [int(i) for i in np.flatnonzero(done == 0)]
 
-    def write_shard(self, domain: str, split: str, shard: int, windows: np.ndarray, result: TopKResult) -> None:
+    def write_shard(self, domain: str, split: str, shard: int, windows: np.ndarray, targets: EncodedTargets) -> None:
         """Write shard `shard` of every array, then mark it done (the marker is the commit)."""
         group = self.split_group(domain, split)
         region = self.layout.shard_slice(shard, group[TOKENS].shape[0])
         if windows.shape[0] != region.stop - region.start:
             raise ValueError(f"shard {shard} expects {region.stop - region.start} windows, got {windows.shape[0]}")
-        group[TOKENS][region] = windows
-        group[TOPK_IDS][region] = result.topk_ids
-        group[TOPK_LOGPROBS][region] = result.topk_logprobs.astype(group[TOPK_LOGPROBS].dtype)
-        group[TARGET_LOGPROBS][region] = result.target_logprobs
+        for name, values in self._arrays(windows, targets).items():
+            group[name][region] = values.astype(group[name].dtype, copy=False)
         group[SHARD_DONE][shard] = 1
+
+    def _arrays(self, windows: np.ndarray, targets: EncodedTargets) -> dict[str, np.ndarray]:
+        """Array name -> values, clamped to what the fixed-scale integers can hold."""
+        target_floor = logprob_floor(TARGET_LOGPROB_SCALE, 32)
+        arrays = {
+            TOKENS: windows,
+            IDS: targets.ids,
+            N_ENTRIES: targets.n_entries,
+            TARGET_LOGPROBS: np.maximum(targets.target_logprobs, target_floor),
+        }
+        capture = self.layout.capture
+        if capture.mode == "sampled":
+            arrays[COUNTS] = targets.values
+        else:
+            floor = logprob_floor(capture.logprob_scale) if capture.logprob_scale else -65504.0
+            arrays[LOGPROBS] = np.maximum(targets.values, floor)
+            arrays[REST_LOGPROBS] = targets.rest_logprobs
+        return arrays
 
     def finish_domain(self, domain: str) -> dict[str, Any]:
         """Record the teacher's validation loss, read back from the stored actual-token log-probs."""

@@ -1,13 +1,18 @@
-"""Distillation losses on sparse (top-k) teacher targets.
+"""Distillation losses on sparse teacher targets (top-k, top-p or sampled entries).
 
-The cache holds, per position, the teacher's top-k ids and raw log-probs. A divergence is
-computed over "buckets": the k cached ids, plus optionally one "rest" bucket holding the
-probability mass outside the top-k on each side. Two tail modes:
+The cache holds, per position, a few teacher entries: ids with raw log-probs (top-k, top-p),
+or ids with sample counts whose log(count / draws) estimates the teacher distribution
+(sampled). A divergence is computed over "buckets": the cached ids, plus optionally one
+"rest" bucket holding the probability mass outside them on each side. Two tail modes:
 
-- `rest` (default): teacher rest = 1 - sum(top-k probs), known exactly because the cache
-  stores raw log-probs; student rest = 1 - sum of its probs on the same ids. Nothing is
-  renormalised, so a student that puts mass outside the teacher's top-k is penalised, and
-  at k = vocab every divergence equals its dense full-vocabulary value.
+- `rest` (default): teacher rest = the stored mass outside the entries (version 2 stores; the
+  entries and rest are renormalised together, which removes the log-prob quantization's
+  drift), or 1 - sum(entry probs) (version 1 stores); student rest = 1 - sum of its probs on
+  the same ids. A student that puts mass outside the teacher's entries is penalised, and at
+  k = vocab every divergence equals its dense full-vocabulary value. Sampled targets have
+  no teacher rest: forward KL against counts / draws then has the same expected gradient as
+  forward KL against the full teacher distribution (the estimate is unbiased and the loss
+  is linear in it); other divergences, renorm and T != 1 are not linear in it and are refused.
 - `renorm`: both distributions are renormalised over the teacher's top-k ids (what many
   offline-KD tools do). Biased when the top-k misses mass, but insensitive to the tail.
 
@@ -36,6 +41,33 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward
 TAIL_MODES: tuple[str, ...] = ("rest", "renorm")
 _MIN_MASS = 1e-12  # floor of a rest bucket, so log() and its gradient stay finite
 _ABSENT = -1e4  # log-prob of a dropped entry: exp() is exactly 0 in float32, yet gradients stay finite
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's sparse distribution per position, as the losses take it.
+
+    `ids` / `logprobs` `[..., W]`; `valid` `[..., W]` marks real entries (None: all are);
+    `rest` `[...]`: log of the teacher mass outside the entries (None: 1 - sum(exp(logprobs))).
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    valid: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
+
+
+SAMPLED_DIVERGENCES = ("forward_kl",)
+
+
+def check_sampled_config(config: "KDConfig") -> None:
+    """Refuse the settings whose loss is not unbiased on sampled targets (see the module docstring)."""
+    if config.divergence not in SAMPLED_DIVERGENCES:
+        raise ValueError(f"sampled targets are unbiased only with --divergence forward_kl, not {config.divergence}")
+    if config.tail != "rest":
+        raise ValueError("sampled targets have no tail to renormalise: use --tail rest")
+    if config.temperature != 1.0:
+        raise ValueError("sampled targets are draws at temperature 1: use --temperature 1")
 
 
 @dataclass(frozen=True)
@@ -72,6 +104,7 @@ def bucket_logprobs(
     temperature: float = 1.0,
     valid: torch.Tensor | None = None,
     teacher_vocab: int | None = None,
+    rest: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs over the k cached ids (+ rest bucket), shape `[N, k(+1)]`.
 
@@ -79,11 +112,12 @@ def bucket_logprobs(
     `topk_logprobs` `[N, k]`; `valid` `[N, k]` marks entries to keep (ids the student
     vocabulary lacks are dropped, so their teacher mass lands in the rest bucket).
     `teacher_vocab` (default: the student's) sizes the tail for re-tempering the rest bucket.
+    `rest` `[N]`: the stored log of the teacher mass outside the entries, if the store has it.
     """
     if valid is None:
         valid = torch.ones_like(topk_ids, dtype=torch.bool)
     s_top = student_logprobs.gather(-1, _safe_ids(topk_ids, valid))
-    return _buckets(s_top, topk_logprobs, valid, tail, temperature, student_logprobs.shape[-1], teacher_vocab)
+    return _buckets(s_top, topk_logprobs, valid, tail, temperature, student_logprobs.shape[-1], teacher_vocab, rest)
 
 
 def _safe_ids(topk_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -99,14 +133,15 @@ def _buckets(
     temperature: float,
     student_vocab: int,
     teacher_vocab: int | None,
+    rest: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket log-probs from the student's log-probs already gathered at the top-k ids."""
+    """Bucket log-probs from the student's log-probs already gathered at the entry ids."""
     absent = torch.tensor(_ABSENT, device=s_top.device)
     s_top = torch.where(valid, s_top, absent)
     t_raw = torch.where(valid, topk_logprobs.float(), absent)
     if tail == "renorm":
         return torch.log_softmax(t_raw / temperature, dim=-1), torch.log_softmax(s_top, dim=-1)
-    t_top, t_rest = _teacher_with_rest(t_raw, temperature, teacher_vocab or student_vocab)
+    t_top, t_rest = _teacher_with_rest(t_raw, valid, temperature, teacher_vocab or student_vocab, rest)
     if student_vocab <= s_top.shape[-1]:  # every student id is cached: no student rest
         s_rest = torch.full_like(s_top[..., :1], _ABSENT)
     else:
@@ -114,20 +149,30 @@ def _buckets(
     return torch.cat([t_top, t_rest], dim=-1), torch.cat([s_top, s_rest], dim=-1)
 
 
-def _teacher_with_rest(t_raw: torch.Tensor, temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher top-k and rest log-probs at `temperature` (rest spread evenly over the tail ids)."""
+def _teacher_with_rest(
+    t_raw: torch.Tensor, valid: torch.Tensor, temperature: float, vocab: int, stored_rest: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher entry and rest log-probs at `temperature` (rest spread evenly over the tail ids).
+
+    With a stored rest, entries and rest are renormalised together (quantized log-probs do not
+    sum exactly); without one the rest is 1 - sum(entries), as version 1 stores define it.
+    """
     k = t_raw.shape[-1]
-    tail_ids = vocab - k
-    if tail_ids <= 0:  # the whole vocabulary is cached: any rest is rounding error, not mass
+    if k >= vocab:  # the whole vocabulary is cached: any rest is rounding error, not mass
         top = t_raw if temperature == 1.0 else torch.log_softmax(t_raw / temperature, dim=-1)
         return top, torch.full_like(t_raw[..., :1], math.log(_MIN_MASS))
-    rest = _log_rest(t_raw)
-    if temperature == 1.0:
-        return t_raw, rest
-    # each tail id holds rest / tail_ids; tempering raises it to 1/T, the bucket sums tail_ids of them
-    tempered_rest = (rest - math.log(tail_ids)) / temperature + math.log(tail_ids)
-    tempered_rest = torch.where(rest <= math.log(_MIN_MASS), torch.full_like(rest, _ABSENT), tempered_rest)
-    joint = torch.cat([t_raw / temperature, tempered_rest], dim=-1)
+    if stored_rest is None:
+        rest = _log_rest(t_raw)
+        if temperature == 1.0:
+            return t_raw, rest
+    else:
+        rest = stored_rest.float().reshape(*t_raw.shape[:-1], 1)
+    if temperature != 1.0:
+        # each tail id holds rest / tail_ids; tempering raises it to 1/T, the bucket sums tail_ids of them
+        log_tail_ids = torch.log((vocab - valid.sum(-1, keepdim=True)).clamp(min=1).float())
+        tempered = (rest - log_tail_ids) / temperature + log_tail_ids
+        rest = torch.where(rest <= math.log(_MIN_MASS), torch.full_like(rest, _ABSENT), tempered)
+    joint = torch.cat([t_raw / temperature, rest], dim=-1)
     joint = joint - torch.logsumexp(joint, dim=-1, keepdim=True)
     return joint[..., :k], joint[..., k:]
 
@@ -180,14 +225,13 @@ class LossParts:
 def distillation_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    topk_ids: torch.Tensor | None,
-    topk_logprobs: torch.Tensor | None,
+    teacher: TeacherTargets | None,
     config: KDConfig,
     teacher_vocab: int | None = None,
 ) -> LossParts:
-    """CE on the true next token plus the KD term on the cached top-k, mixed as `config.form` says.
+    """CE on the true next token plus the KD term on the cached entries, mixed as `config.form` says.
 
-    Shapes: logits `[..., V]`, targets `[...]`, top-k `[..., k]`. With `topk_ids=None` (or
+    Shapes: logits `[..., V]`, targets `[...]`, entries `[..., W]`. With `teacher=None` (or
     gamma = 0 in the "add" form) the KD term is skipped: plain language-model training.
     One log_softmax serves both terms at T = 1.
     """
@@ -196,12 +240,14 @@ def distillation_loss(
     logprobs = torch.log_softmax(flat_logits.float(), dim=-1)
     flat_targets = targets.reshape(-1, 1).long()
     kd_weight = config.gamma if config.form == "add" else config.lam
-    if topk_ids is None or topk_logprobs is None or kd_weight == 0:
+    if teacher is None or kd_weight == 0:
         ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         return LossParts(total=ce, ce=ce, kd=None)
-    k = topk_ids.shape[-1]
-    ids = topk_ids.reshape(-1, k)
+    k = teacher.ids.shape[-1]
+    ids = teacher.ids.reshape(-1, k)
     valid = ids < vocab
+    if teacher.valid is not None:
+        valid = valid & teacher.valid.reshape(-1, k)
     if config.temperature == 1.0:
         # one gather serves CE and KD: a single sparse gradient instead of two dense ones
         gathered = logprobs.gather(-1, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1))
@@ -209,8 +255,9 @@ def distillation_loss(
     else:
         ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         s_top = torch.log_softmax(flat_logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
+    rest = None if teacher.rest is None else teacher.rest.reshape(-1)
     teacher_lp, student_lp = _buckets(
-        s_top, topk_logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab
+        s_top, teacher.logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab, rest
     )
     kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
     return _combine(ce, kd, config)

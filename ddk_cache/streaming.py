@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddk_cache.cache_format import TOKENS, TOPK_IDS, TOPK_LOGPROBS
-from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cache_format import TOKENS
+from ddk_cache.cache_reader import CacheReader, WindowBlock
+from ddk_cache.losses import TeacherTargets
 
 
 @dataclass
@@ -32,20 +33,13 @@ class Batch:
 
     input_ids: torch.Tensor  # int64 [B, L]
     targets: torch.Tensor  # int64 [B, L]
-    topk_ids: torch.Tensor  # int64 [B, L, k]
-    topk_logprobs: torch.Tensor  # float32 [B, L, k]
+    teacher: TeacherTargets  # sparse teacher entries [B, L, W] (+ validity, rest)
     domains: torch.Tensor  # int64 [B], index into the batcher's domain list
 
     def to(self, device: torch.device) -> "Batch":
-        non_blocking = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.targets, self.topk_ids, self.topk_logprobs, self.domains)))
-
-
-@dataclass(frozen=True)
-class Chunk:
-    tokens: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
+        move = lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda")  # noqa: E731
+        teacher = TeacherTargets(*(move(t) for t in (self.teacher.ids, self.teacher.logprobs, self.teacher.valid, self.teacher.rest)))
+        return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains))
 
 
 class DomainStream:
@@ -60,7 +54,7 @@ class DomainStream:
         self.n_chunks = -(-self.n_windows // self.chunk_windows)
         self.epoch, self.position = 0, 0  # the cursor: next window is `position` in epoch `epoch`'s order
         self._pending: deque[tuple[int, int, Future]] = deque()  # (epoch, chunk slot, decoded chunk)
-        self._current: tuple[Chunk, np.ndarray] | None = None
+        self._current: tuple[WindowBlock, np.ndarray] | None = None
         self._current_slot: tuple[int, int] | None = None
         self._layouts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -72,7 +66,8 @@ class DomainStream:
         self._pending.clear()
         self._current = self._current_slot = None
 
-    def next_window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def next_window(self) -> tuple[WindowBlock, int]:
+        """The next window of the stream: its decoded chunk and the row inside it."""
         slot, offset = self._slot_of(self.epoch, self.position)
         if self._current_slot != (self.epoch, slot):
             self._current = self._take(self.epoch, slot)
@@ -82,7 +77,7 @@ class DomainStream:
         self.position += 1
         if self.position == self.n_windows:
             self.epoch, self.position = self.epoch + 1, 0
-        return chunk.tokens[row], chunk.topk_ids[row], chunk.topk_logprobs[row]
+        return chunk, int(row)
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chunk visiting order of `epoch`, each slot's window count and cumulative end (cached)."""
@@ -103,7 +98,7 @@ class DomainStream:
     def _rng(self, epoch: int, chunk: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(self.domain.encode()), epoch, chunk + 1])
 
-    def _take(self, epoch: int, slot: int) -> tuple[Chunk, np.ndarray]:
+    def _take(self, epoch: int, slot: int) -> tuple[WindowBlock, np.ndarray]:
         """The decoded chunk at (epoch, slot), scheduling reads of the following chunks."""
         while self._pending and (self._pending[0][0], self._pending[0][1]) != (epoch, slot):
             self._pending.popleft()  # stale read-ahead (after a restore)
@@ -124,11 +119,9 @@ class DomainStream:
         chunk_id = int(self._epoch_layout(epoch)[0][slot])
         return self.pool.submit(self._decode, chunk_id)
 
-    def _decode(self, chunk_id: int) -> Chunk:
+    def _decode(self, chunk_id: int) -> WindowBlock:
         start = chunk_id * self.chunk_windows
-        stop = start + self._chunk_size(chunk_id)
-        read = lambda name: self.reader.array(self.domain, self.split, name)[start:stop]  # noqa: E731
-        return Chunk(tokens=read(TOKENS), topk_ids=read(TOPK_IDS), topk_logprobs=read(TOPK_LOGPROBS).astype(np.float32))
+        return self.reader.read(self.domain, self.split, start, start + self._chunk_size(chunk_id))
 
 
 class CacheBatcher:
@@ -141,14 +134,17 @@ class CacheBatcher:
 
     def next_batch(self, domain_indices: np.ndarray) -> Batch:
         windows = [self.streams[i].next_window() for i in domain_indices]
-        tokens = torch.from_numpy(np.stack([w[0] for w in windows]).astype(np.int64))
-        return Batch(
-            input_ids=tokens[:, :-1],
-            targets=tokens[:, 1:],
-            topk_ids=torch.from_numpy(np.stack([w[1] for w in windows]).astype(np.int64)),
-            topk_logprobs=torch.from_numpy(np.stack([w[2] for w in windows])),
-            domains=torch.as_tensor(domain_indices, dtype=torch.long),
-        )
+
+        def stack(field: str, dtype=None) -> torch.Tensor | None:
+            rows = [getattr(block, field) for block, _ in windows]
+            if rows[0] is None:
+                return None
+            stacked = np.stack([array[row] for array, (_, row) in zip(rows, windows)])
+            return torch.from_numpy(stacked if dtype is None else stacked.astype(dtype))
+
+        tokens = stack("tokens", np.int64)
+        teacher = TeacherTargets(stack("ids", np.int64), stack("logprobs"), stack("valid"), stack("rest_logprobs"))
+        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor(domain_indices, dtype=torch.long))
 
     def state(self) -> dict[str, dict[str, int]]:
         return {s.domain: s.state() for s in self.streams}

@@ -100,7 +100,7 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
     from ddk_cache.stages.teacher_dump import score_jobs
 
     try:
-        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.k)
+        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.capture.engine_k)
         events.put(("ready", rank, EngineInfo.of(engine)))
         first = jobs_queue.get()
         if first is None:
@@ -114,7 +114,7 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
                 yield job
                 job = jobs_queue.get()
 
-        score_jobs(engine, writer, jobs(), config.k, lambda tokens: events.put(("tokens", rank, tokens)))
+        score_jobs(engine, writer, jobs(), config.capture, lambda tokens: events.put(("tokens", rank, tokens)))
         events.put(("done", rank, None))
     except DDKCacheError as exc:
         events.put(("error", rank, str(exc)))

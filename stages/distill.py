@@ -26,7 +26,7 @@ from ddk_cache.checkpoint import load_checkpoint, remove_checkpoint, restore_rng
 from ddk_cache.engines.hf import resolve_device
 from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.evaluation import DomainEval, evaluate_domains
-from ddk_cache.losses import KDConfig, dense_distillation_loss, distillation_loss
+from ddk_cache.losses import KDConfig, check_sampled_config, dense_distillation_loss, distillation_loss
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.samplers import create_sampler
 from ddk_cache.streaming import CacheBatcher
@@ -95,6 +95,11 @@ class DistillSummary:
 def run_distill(config: DistillConfig) -> DistillSummary:
     _validate(config)
     reader = CacheReader(config.store, storage_options=config.storage_options)
+    if reader.capture.mode == "sampled" and config.online_teacher is None:
+        try:
+            check_sampled_config(config.kd)
+        except ValueError as exc:
+            raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
     domains = reader.domains
     device = resolve_device(config.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -215,7 +220,7 @@ def _train_step(
         if online_teacher is not None:
             parts = dense_distillation_loss(logits, batch.targets, teacher_logits, config.kd)
         else:
-            parts = distillation_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, config.kd, teacher_vocab=teacher_vocab)
+            parts = distillation_loss(logits, batch.targets, batch.teacher, config.kd, teacher_vocab=teacher_vocab)
         (parts.total / config.grad_accum).backward()
         totals["loss"] += float(parts.total.detach()) / config.grad_accum
         totals["ce"] += float(parts.ce.detach()) / config.grad_accum

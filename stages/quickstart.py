@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ddk_cache.capture import Capture
 from ddk_cache.demo_corpus import write_demo_corpus
 from ddk_cache.demo_teacher import fetch_demo_teacher
 from ddk_cache.engines import EngineOptions
@@ -72,7 +73,7 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
 
     log(f"3/5 teacher-dump: top-{config.k} of every position into {paths['store']}")
     dump = run_teacher_dump(TeacherDumpConfig(
-        teacher=str(paths["teacher"]), manifest=paths["manifest"], out=str(paths["store"]), k=config.k,
+        teacher=str(paths["teacher"]), manifest=paths["manifest"], out=str(paths["store"]), capture=Capture(k=config.k),
         engine="hf", engine_options=EngineOptions(batch_size=4), show_progress=config.show_progress,
     ))
 

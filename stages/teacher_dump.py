@@ -13,7 +13,7 @@ import datetime as dt
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ddk_cache import __version__
 from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, SPLITS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, TopKResult, create_engine, resolve_engine_name
+from ddk_cache.capture import Capture, EncodedTargets, encode_targets
+from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine, resolve_engine_name
 from ddk_cache.engines.base import ProgressCallback
 from ddk_cache.engines.options import check_applicable
 from ddk_cache.errors import DDKCacheError, EngineError, first_line
@@ -39,7 +40,7 @@ class TeacherDumpConfig:
     teacher: str
     manifest: Path
     out: str
-    k: int = 64
+    capture: Capture = field(default_factory=Capture)  # what is kept per position (mode, k, draws, quantization)
     engine: str = "auto"
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     data_parallel: int = 1
@@ -80,12 +81,15 @@ class ShardJob:
 
 
 def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
-    if config.k <= 0:
-        raise DDKCacheError(f"--k must be a positive integer, got {config.k}")
+    capture = config.capture
     if config.data_parallel <= 0:
         raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
     engine_name = resolve_engine_name(config.engine)
     check_applicable(engine_name, config.engine_options)  # before the data is read: a wrong flag fails at once
+    if capture.mode == "sampled" and engine_name == "vllm":
+        from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
+
+        raise EngineError(SAMPLING_UNSUPPORTED)
     manifest = load_manifest(config.manifest)
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
     domains = [
@@ -93,7 +97,7 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         for d in manifest.domains
     ]
     try:
-        layout = StoreLayout.choose(manifest.seq_len, config.k, config.chunk_windows, config.shard_windows)
+        layout = StoreLayout.choose(manifest.seq_len, capture, None, config.chunk_windows, config.shard_windows)
     except ValueError as exc:
         raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
 
@@ -101,10 +105,11 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
         if len(tokenizer) > info.vocab_size:
             raise EngineError(f"tokenizer has {len(tokenizer)} tokens but the teacher only {info.vocab_size}: pass the teacher's own tokenizer")
-        if config.k > info.vocab_size:
-            raise EngineError(f"--k {config.k} exceeds the teacher's vocabulary size {info.vocab_size}")
-        header = build_header(config, manifest, tokenizer, info, layout, [d.name for d in domains])
-        return CacheWriter.create_or_resume(config.out, header, domains, layout, config.overwrite, config.storage_options)
+        if capture.mode != "sampled" and capture.k > info.vocab_size:
+            raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
+        sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
+        header = build_header(config, manifest, tokenizer, info, sized, [d.name for d in domains])
+        return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options)
 
     summary = DumpSummary(url=config.out)
     if config.data_parallel > 1:
@@ -112,12 +117,12 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
 
         writer = run_data_parallel(config, engine_name, domains, layout, open_writer, summary)
     else:
-        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.k)
+        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=capture.engine_k)
         writer = open_writer(EngineInfo.of(engine))
         jobs = pending_jobs(writer, domains, layout, summary)
         start = time.perf_counter()  # scoring and writing only: model loading is not throughput
         with progress_bar(jobs, layout, config.show_progress) as bar:
-            score_jobs(engine, writer, jobs, config.k, bar.update)
+            score_jobs(engine, writer, jobs, capture, bar.update)
         summary.seconds = time.perf_counter() - start
     summary.domains = [writer.finish_domain(d.name) for d in domains]
     writer.finish()
@@ -144,10 +149,10 @@ def build_header(
         "teacher": teacher["weights_sha256"] or f"{teacher['name_or_path']}@{teacher['revision']}",
         "tokenizer": tokenizer_info["fingerprint"],
         "engine": engine.value_settings,
-        "k": config.k,
+        "capture": config.capture.to_attrs(),
         "seq_len": manifest.seq_len,
         "manifest_sha256": manifest.sha256(),
-        "layout": {key: value for key, value in layout.to_attrs().items() if key not in ("k", "seq_len")},
+        "layout": {key: value for key, value in layout.to_attrs().items() if key not in ("capture", "seq_len")},
     }
     return {
         "format": FORMAT_NAME,
@@ -159,11 +164,11 @@ def build_header(
         "tokenizer": tokenizer_info,
         "engine": {**engine.description, "data_parallel": config.data_parallel},
         "capture": {
-            "mode": "topk",
-            "k": config.k,
+            **config.capture.to_attrs(),
+            "width": config.capture.width,
             "seq_len": manifest.seq_len,
             "temperature": 1.0,
-            "logprobs": "raw log_softmax of the teacher's logits, float32 before storage",
+            "logprobs": "raw log_softmax of the teacher's logits at temperature 1, computed in float32",
         },
         "layout": layout.to_attrs(),
         "manifest": manifest.raw,
@@ -193,21 +198,28 @@ def progress_bar(jobs: list[ShardJob], layout: StoreLayout, show: bool) -> tqdm:
     return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher-dump", disable=not show)
 
 
-def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], k: int, progress: ProgressCallback) -> None:
+def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], capture: Capture, progress: ProgressCallback) -> None:
     """Score shards and write them, overlapping the writing of one group with scoring the next.
 
     Consecutive shards are grouped until the engine's `preferred_windows` is reached, so an
     engine that batches internally (vLLM) always has a deep queue; results are split back
-    into whole shards for the writer.
+    into whole shards for the writer. In sampled mode each shard is scored alone, with draws
+    seeded by the shard's identity, so a resumed or data-parallel dump draws the same samples.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-writer") as pool:
         in_flight: Future | None = None
-        for group in group_jobs(jobs, engine.preferred_windows):
+        sampled = capture.mode == "sampled"
+        for group in group_jobs(jobs, 1 if sampled else engine.preferred_windows):
             windows = np.concatenate([job.windows for job in group]) if len(group) > 1 else group[0].windows
-            result = engine.score(windows, k, progress=progress)
+            if sampled:
+                seed = capture.shard_seed(group[0].domain, group[0].split, group[0].shard)
+                result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed)
+            else:
+                result = engine.score(windows, capture.engine_k, progress=progress)
+            targets = encode_targets(result, capture)
             if in_flight is not None:
                 in_flight.result()  # at most one group buffered: bounded memory, errors surface promptly
-            in_flight = pool.submit(_write_group, writer, group, result)
+            in_flight = pool.submit(_write_group, writer, group, targets)
         if in_flight is not None:
             in_flight.result()
 
@@ -225,9 +237,9 @@ def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[Shar
         yield group
 
 
-def _write_group(writer: CacheWriter, group: list[ShardJob], result: TopKResult) -> None:
+def _write_group(writer: CacheWriter, group: list[ShardJob], targets: EncodedTargets) -> None:
     offset = 0
     for job in group:
         rows = slice(offset, offset + job.windows.shape[0])
         offset = rows.stop
-        writer.write_shard(job.domain, job.split, job.shard, job.windows, result.windows(rows))
+        writer.write_shard(job.domain, job.split, job.shard, job.windows, targets.windows(rows))

@@ -71,12 +71,13 @@ def corpus_manifest(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     """A complete k=8 store of the 3-domain corpus, dumped once for the stage-two tests."""
+    from ddk_cache.capture import Capture
     from ddk_cache.engines import EngineOptions
     from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 
     tmp = tmp_path_factory.mktemp("tiny_store")
     out = tmp / "cache.zarr"
-    run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out), k=8,
+    run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out), capture=Capture(k=8),
                                        engine_options=EngineOptions(device="cpu"), shard_windows=8, chunk_windows=4, show_progress=False))
     return out
 

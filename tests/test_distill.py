@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
 from conftest import write_corpus_manifest
+from ddk_cache.capture import Capture
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.losses import bucket_logprobs, divergence
@@ -57,7 +58,7 @@ def specialist_store(tiny_teacher, tmp_path_factory) -> Path:
         optimizer.zero_grad()
     model.save_pretrained(teacher_dir)
     out = tmp / "specialist.zarr"
-    run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), k=8, engine_options=EngineOptions(device="cpu"),
+    run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), capture=Capture(k=8), engine_options=EngineOptions(device="cpu"),
                                        shard_windows=8, chunk_windows=4, show_progress=False))
     return out
 
@@ -81,8 +82,8 @@ def teacher_student_kl(model_dir: Path, store: Path) -> float:
         for domain in reader.domains:
             block = reader.read(domain, "valid")
             logits = model(input_ids=torch.as_tensor(block.tokens[:, :-1], dtype=torch.long)).logits
-            t_lp, s_lp = bucket_logprobs(torch.log_softmax(logits, -1).flatten(0, 1), torch.as_tensor(block.topk_ids).long().flatten(0, 1),
-                                         torch.as_tensor(block.topk_logprobs).flatten(0, 1))
+            t_lp, s_lp = bucket_logprobs(torch.log_softmax(logits, -1).flatten(0, 1), torch.as_tensor(block.ids).long().flatten(0, 1),
+                                         torch.as_tensor(block.logprobs).flatten(0, 1), rest=torch.as_tensor(block.rest_logprobs).flatten())
             kl = divergence(t_lp, s_lp, "forward_kl")
             total, count = total + float(kl.sum()), count + kl.numel()
     return total / count

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddk_cache.losses import DIVERGENCES, KDConfig, bucket_logprobs, distillation_loss, divergence
+from ddk_cache.losses import TeacherTargets, DIVERGENCES, KDConfig, bucket_logprobs, distillation_loss, divergence
 
 V, N = 50, 12
 BETA, ALPHA = 0.3, 0.1
@@ -90,7 +90,7 @@ def test_ids_beyond_the_student_vocabulary_are_dropped_with_finite_gradients():
     ids = torch.tensor([[0, 3, 12, 15]] * 4)  # 12 and 15 do not exist in the student
     teacher_lp = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.05]] * 4))
     config = KDConfig(divergence="jsd")
-    parts = distillation_loss(student_logits, torch.zeros(4, dtype=torch.long), ids, teacher_lp, config)
+    parts = distillation_loss(student_logits, torch.zeros(4, dtype=torch.long), TeacherTargets(ids, teacher_lp), config)
     parts.total.backward()
     assert torch.isfinite(parts.kd) and torch.isfinite(student_logits.grad).all()
 
@@ -102,12 +102,12 @@ def test_distillation_loss_forms():
     teacher = torch.log_softmax(torch.randn(2, 5, V), -1).topk(8, dim=-1)
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
 
-    added = distillation_loss(logits, targets, teacher.indices, teacher.values, KDConfig(gamma=0.2))
+    added = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(gamma=0.2))
     torch.testing.assert_close(added.ce, ce)
     torch.testing.assert_close(added.total, ce + 0.2 * added.kd)
-    mixed = distillation_loss(logits, targets, teacher.indices, teacher.values, KDConfig(form="mix", lam=0.5))
+    mixed = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(form="mix", lam=0.5))
     torch.testing.assert_close(mixed.total, 0.5 * ce + 0.5 * mixed.kd)
-    ce_only = distillation_loss(logits, targets, teacher.indices, teacher.values, KDConfig(gamma=0.0))
+    ce_only = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(gamma=0.0))
     assert ce_only.kd is None
     torch.testing.assert_close(ce_only.total, ce)
     assert added.kd > 0
@@ -120,7 +120,7 @@ def test_kd_is_zero_when_the_student_matches_the_teacher():
     for kind in DIVERGENCES:
         for tail in ("rest", "renorm"):
             config = KDConfig(divergence=kind, tail=tail)
-            kd = distillation_loss(logits, torch.zeros(3, dtype=torch.long), top.indices, top.values, config).kd
+            kd = distillation_loss(logits, torch.zeros(3, dtype=torch.long), TeacherTargets(top.indices, top.values), config).kd
             assert abs(float(kd)) < 1e-5, (kind, tail)
 
 
@@ -141,7 +141,7 @@ def test_cached_loss_at_k_equal_vocab_equals_dense_online_loss(logits, kind, tem
     targets = torch.arange(N) % V
     config = KDConfig(divergence=kind, temperature=temperature, beta=BETA, alpha=ALPHA)
     top = torch.log_softmax(teacher_logits, -1).topk(V, dim=-1)
-    cached = distillation_loss(student_logits, targets, top.indices, top.values, config)
+    cached = distillation_loss(student_logits, targets, TeacherTargets(top.indices, top.values), config)
     dense = dense_distillation_loss(student_logits, targets, teacher_logits, config)
     torch.testing.assert_close(cached.total, dense.total, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dense.ce, F.cross_entropy(student_logits, targets))

@@ -15,7 +15,7 @@ import zarr
 
 from typer.testing import CliRunner
 
-from ddk_cache.cache_format import DATA_ARRAYS, SPLITS
+from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
@@ -26,7 +26,7 @@ KILLING_RUNNER = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     from ddk_cache import cache_writer
-    from ddk_cache.cache_format import TOKENS, TOPK_IDS
+    from ddk_cache.cache_format import IDS, TOKENS
 
     kill_at, mode = int(os.environ["KILL_AT_SHARD"]), os.environ["KILL_MODE"]
     write_shard, finish, written = cache_writer.CacheWriter.write_shard, cache_writer.CacheWriter.finish, [0]
@@ -37,7 +37,7 @@ KILLING_RUNNER = textwrap.dedent(
                 group = self.split_group(domain, split)
                 region = self.layout.shard_slice(shard, group[TOKENS].shape[0])
                 group[TOKENS][region] = np.zeros_like(windows)
-                group[TOPK_IDS][region] = np.full_like(result.topk_ids, 7)
+                group[IDS][region] = np.full_like(result.ids, 7)
             if mode != "before-finish":
                 os.kill(os.getpid(), signal.SIGKILL)
         write_shard(self, domain, split, shard, windows, result)
@@ -99,7 +99,7 @@ def assert_same_store(actual: Path, expected: Path) -> None:
     for domain in header_b["domains"]:
         assert a[domain].attrs.asdict() == b[domain].attrs.asdict()
         for split in SPLITS:
-            for name in (*DATA_ARRAYS, "shard_done"):
+            for name in a[f"{domain}/{split}"].array_keys():
                 np.testing.assert_array_equal(a[f"{domain}/{split}/{name}"][:], b[f"{domain}/{split}/{name}"][:])
 
 

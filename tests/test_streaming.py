@@ -17,7 +17,8 @@ def reader(tiny_store) -> CacheReader:
 
 
 def take(stream: DomainStream, n: int) -> list[np.ndarray]:
-    return [stream.next_window()[0] for _ in range(n)]
+    windows = [stream.next_window() for _ in range(n)]
+    return [block.tokens[row] for block, row in windows]
 
 
 def test_each_epoch_visits_every_window_once_in_a_fresh_order(reader):
@@ -38,10 +39,11 @@ def test_windows_come_with_their_own_teacher_targets(reader):
     with ThreadPoolExecutor(2) as pool:
         stream = DomainStream(reader, "math", seed=3, pool=pool)
         for _ in range(20):
-            tokens, ids, logprobs = stream.next_window()
-            i = index[tuple(tokens)]
-            np.testing.assert_array_equal(ids, stored.topk_ids[i])
-            np.testing.assert_array_equal(logprobs, stored.topk_logprobs[i])
+            block, row = stream.next_window()
+            i = index[tuple(block.tokens[row])]
+            np.testing.assert_array_equal(block.ids[row], stored.ids[i])
+            np.testing.assert_array_equal(block.logprobs[row], stored.logprobs[i])
+            np.testing.assert_array_equal(block.rest_logprobs[row], stored.rest_logprobs[i])
 
 
 def test_stream_is_deterministic_and_resumes_from_a_cursor(reader):
@@ -63,7 +65,8 @@ def test_batches_are_model_ready(reader):
     try:
         batch = batcher.next_batch(np.array([0, 2, 2, 1]))
         assert batch.input_ids.shape == (4, 16) and batch.targets.shape == (4, 16)
-        assert batch.topk_ids.shape == (4, 16, 8) and batch.topk_logprobs.dtype.is_floating_point
+        assert batch.teacher.ids.shape == (4, 16, 8) and batch.teacher.logprobs.dtype.is_floating_point
+        assert batch.teacher.rest.shape == (4, 16) and batch.teacher.valid is None  # fixed top-k: every slot is real
         assert batch.domains.tolist() == [0, 2, 2, 1]
         assert (batch.input_ids[:, 1:] == batch.targets[:, :-1]).all()
         state = batcher.state()

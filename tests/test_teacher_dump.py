@@ -41,7 +41,7 @@ def store(tmp_path, tiny_teacher, corpus_manifest) -> Path:
 def test_store_is_plain_zarr_v3_with_documented_layout(store, corpus_manifest, tiny_teacher):
     root = zarr.open_group(str(store), mode="r")  # any Zarr v3 reader, no ddk-cache code
     header = root.attrs["ddk_cache"]
-    assert header["format"] == "ddk-cache" and header["format_version"] == 1 and header["status"] == "complete"
+    assert header["format"] == "ddk-cache" and header["format_version"] == 2 and header["status"] == "complete"
     assert header["domains"] == ["prose", "code", "math"]
     assert header["capture"] == {**header["capture"], "mode": "topk", "k": K, "seq_len": 16, "temperature": 1.0}
     assert header["manifest"]["domains"][2]["weight"] == 2.0
@@ -52,8 +52,8 @@ def test_store_is_plain_zarr_v3_with_documented_layout(store, corpus_manifest, t
     assert json.loads((store / "zarr.json").read_text())["zarr_format"] == 3
     split = root["prose/train"]
     n = root["prose"].attrs["ddk_cache_domain"]["train"]["windows"]
-    expected = {"tokens": ((n, 17), "int32"), "topk_ids": ((n, 16, K), "int32"), "topk_logprobs": ((n, 16, K), "float16"),
-                "target_logprobs": ((n, 16), "float32")}
+    expected = {"tokens": ((n, 17), "int32"), "ids": ((n, 16, K), "uint16"), "logprobs": ((n, 16, K), "float32"),
+                "n_entries": ((n, 16), "uint8"), "rest_logprobs": ((n, 16), "float16"), "target_logprobs": ((n, 16), "float32")}
     for name, (shape, dtype) in expected.items():
         assert split[name].shape == shape and str(split[name].dtype) == dtype
         assert split[name].shards[0] == 8 and split[name].chunks[0] == 4
@@ -71,9 +71,13 @@ def test_stored_values_equal_the_teacher_on_the_same_windows(store, corpus_manif
             block = reader.read(spec.name, split)
             np.testing.assert_array_equal(block.tokens, getattr(packed, split).windows)
             expected = engine.score(block.tokens, K)
-            np.testing.assert_array_equal(block.topk_ids, expected.topk_ids)
-            np.testing.assert_allclose(block.topk_logprobs, expected.topk_logprobs, rtol=1e-3, atol=1e-3)  # float16
-            np.testing.assert_allclose(block.target_logprobs, expected.target_logprobs, atol=1e-6)
+            order = np.argsort(expected.topk_ids, axis=-1)  # the store keeps each position's entries sorted by id
+            np.testing.assert_array_equal(block.ids, np.take_along_axis(expected.topk_ids, order, -1))
+            exact = np.take_along_axis(expected.topk_logprobs, order, -1)
+            np.testing.assert_allclose(block.logprobs, exact, rtol=0, atol=0.5 / 32 + 1e-6)  # 1/32-nat quantization
+            rest = np.log1p(-np.exp(expected.topk_logprobs.astype(np.float64)).sum(-1))
+            np.testing.assert_allclose(block.rest_logprobs, rest, rtol=2e-3, atol=1e-3)  # float16
+            np.testing.assert_allclose(block.target_logprobs, expected.target_logprobs, atol=0.5 / 1024 + 1e-6)
         info = reader.domain_info(spec.name)
         valid_loss = -reader.read(spec.name, "valid").target_logprobs.astype(np.float64).mean()
         assert info["teacher_valid_loss"] == pytest.approx(valid_loss)
@@ -95,21 +99,21 @@ def test_inspect_shows_domains_sizes_perplexity_and_provenance(store):
 
 
 def test_rerun_on_complete_store_does_no_work_and_keeps_it(store, tiny_teacher, corpus_manifest):
-    before = zarr.open_group(str(store), mode="r")["math/train/topk_ids"][:]
+    before = zarr.open_group(str(store), mode="r")["math/train/ids"][:]
     result = dump(tiny_teacher, corpus_manifest, store)
     assert result.exit_code == 0, result.output
     assert "shards written 0" in result.output
-    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["math/train/topk_ids"][:], before)
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["math/train/ids"][:], before)
 
 
 def test_store_from_other_settings_is_refused_unless_overwrite(store, tiny_teacher, corpus_manifest):
-    before = zarr.open_group(str(store), mode="r")["prose/train/topk_ids"][:]
+    before = zarr.open_group(str(store), mode="r")["prose/train/ids"][:]
     args = ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(corpus_manifest), "--out", str(store), "--no-progress"]
     result = CliRunner().invoke(app, [*args, "--k", "4", "--shard-windows", "8", "--chunk-windows", "4"])
     assert result.exit_code == 2
-    assert "was made with a different k (store: 8, now: 4)" in result.stderr and "--overwrite" in result.stderr
+    assert "was made with a different capture (store: {'mode': 'topk', 'k': 8," in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.output
-    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["prose/train/topk_ids"][:], before)
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["prose/train/ids"][:], before)
 
     result = CliRunner().invoke(app, [*args, "--k", "4", "--shard-windows", "8", "--chunk-windows", "4", "--overwrite"])
     assert result.exit_code == 0, result.output
@@ -151,7 +155,7 @@ def test_reader_refuses_incomplete_and_newer_stores(store):
         CacheReader(str(store))
     assert not CacheReader(str(store), allow_incomplete=True).complete
     root.attrs["ddk_cache"] = {**header, "format_version": 99}
-    with pytest.raises(StoreError, match="format version 99, newer than"):
+    with pytest.raises(StoreError, match="format version 99; this ddk-cache reads versions 1, 2: upgrade ddk-cache"):
         CacheReader(str(store))
     with pytest.raises(StoreError, match="no ddk-cache store"):
         CacheReader(str(store.parent / "missing.zarr"))

@@ -26,11 +26,14 @@ class TopKResult:
     topk_ids: np.ndarray  # int32 [B, L, k], descending log-prob
     topk_logprobs: np.ndarray  # float32 [B, L, k]
     target_logprobs: np.ndarray  # float32 [B, L], log p(window[t + 1] | window[: t + 1])
+    samples: np.ndarray | None = None  # int32 [B, L, n]: n draws from the full distribution (sampled capture)
 
     def __post_init__(self) -> None:
         b, length, k = self.topk_ids.shape
         if self.topk_logprobs.shape != (b, length, k) or self.target_logprobs.shape != (b, length):
             raise ValueError("inconsistent TopKResult shapes")
+        if self.samples is not None and self.samples.shape[:2] != (b, length):
+            raise ValueError("inconsistent TopKResult sample shape")
 
     @classmethod
     def concatenate(cls, parts: list["TopKResult"]) -> "TopKResult":
@@ -41,11 +44,13 @@ class TopKResult:
             topk_ids=np.concatenate([p.topk_ids for p in parts]),
             topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
             target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
+            samples=None if parts[0].samples is None else np.concatenate([p.samples for p in parts]),
         )
 
     def windows(self, rows: slice) -> "TopKResult":
         """The result for a contiguous range of the windows (e.g. one shard of a grouped call)."""
-        return TopKResult(self.topk_ids[rows], self.topk_logprobs[rows], self.target_logprobs[rows])
+        samples = None if self.samples is None else self.samples[rows]
+        return TopKResult(self.topk_ids[rows], self.topk_logprobs[rows], self.target_logprobs[rows], samples)
 
 
 class TeacherEngine(ABC):
@@ -65,9 +70,17 @@ class TeacherEngine(ABC):
     def describe(self) -> dict[str, Any]:
         """Engine name, version and every setting that can change the numbers it produces."""
 
+    # Whether `score` can draw samples from the full distribution (sampled capture).
+    supports_sampling: bool = False
+
     @abstractmethod
-    def score(self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None) -> TopKResult:
-        """Top-k distributions for `windows` (int32 `[B, seq_len + 1]`); calls `progress(tokens)` as it goes."""
+    def score(
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+    ) -> TopKResult:
+        """Top-k distributions for `windows` (int32 `[B, seq_len + 1]`); calls `progress(tokens)` as it goes.
+
+        With `draws`, also `draws` samples per position from the full distribution, reproducible from `seed`.
+        """
 
     def value_settings(self) -> dict[str, Any]:
         """The subset of `describe()` that must match to resume a store (numbers would differ otherwise)."""

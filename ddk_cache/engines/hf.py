@@ -36,6 +36,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class HFTeacherEngine(TeacherEngine):
     name = "hf"
+    supports_sampling = True
 
     def __init__(
         self,
@@ -82,41 +83,68 @@ class HFTeacherEngine(TeacherEngine):
         return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch.")}
 
     @torch.inference_mode()
-    def score(self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None) -> TopKResult:
+    def score(
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+    ) -> TopKResult:
         vocab = int(self.model.config.vocab_size)
         if not 0 < k <= vocab:
             raise EngineError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}")
+        generator = None
+        if draws is not None:  # CPU generator: the same draws on any device, batch size or process
+            generator = torch.Generator().manual_seed(seed)
         parts = []
         for start in range(0, len(windows), self.batch_size):
             batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long, device=self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = self.model(input_ids=inputs, use_cache=False).logits
-            topk_ids, topk_lp, target_lp = topk_from_logits(logits, targets, k)
-            parts.append(TopKResult(topk_ids.cpu().numpy(), topk_lp.cpu().numpy(), target_lp.cpu().numpy()))
+            topk_ids, topk_lp, target_lp, samples = topk_from_logits(logits, targets, k, draws, generator)
+            parts.append(
+                TopKResult(
+                    topk_ids.cpu().numpy(),
+                    topk_lp.cpu().numpy(),
+                    target_lp.cpu().numpy(),
+                    None if samples is None else samples.numpy(),
+                )
+            )
             if progress is not None:
                 progress(int(inputs.numel()))
         return TopKResult.concatenate(parts)
 
 
-def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of float32 log_softmax(logits) and the targets' log-probs, in row blocks.
 
     `logits` is `[B, L, V]` in any dtype, `targets` `[B, L]`. Returns int32 ids `[B, L, k]`,
-    float32 log-probs `[B, L, k]` (descending) and float32 target log-probs `[B, L]`.
+    float32 log-probs `[B, L, k]` (descending), float32 target log-probs `[B, L]` and, with
+    `draws`, int32 samples `[B, L, draws]` drawn with replacement (inverse CDF of uniforms from
+    the CPU `generator`, so the draws do not depend on the device or the batching).
     """
     b, length, vocab = logits.shape
     flat_logits = logits.reshape(b * length, vocab)
     flat_targets = targets.reshape(b * length, 1)
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
-    ids, values, target_values = [], [], []
+    ids, values, target_values, samples = [], [], [], []
     for start in range(0, flat_logits.shape[0], rows):
         logprobs = torch.log_softmax(flat_logits[start : start + rows].float(), dim=-1)
         top = logprobs.topk(k, dim=-1, sorted=True)
         ids.append(top.indices.to(torch.int32))
         values.append(top.values)
         target_values.append(logprobs.gather(-1, flat_targets[start : start + rows]).squeeze(-1))
+        if draws is not None:
+            samples.append(sample_from_logprobs(logprobs, draws, generator).cpu())
     return (
         torch.cat(ids).reshape(b, length, k),
         torch.cat(values).reshape(b, length, k),
         torch.cat(target_values).reshape(b, length),
+        torch.cat(samples).reshape(b, length, draws) if draws is not None else None,
     )
+
+
+def sample_from_logprobs(logprobs: torch.Tensor, draws: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`draws` ids per row of `[N, V]` log-probs, with replacement, by inverse CDF (float64 cumsum)."""
+    cdf = logprobs.double().exp().cumsum(-1)
+    uniforms = torch.rand(logprobs.shape[0], draws, generator=generator, dtype=torch.float64).to(cdf.device)
+    ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:])  # scaled by the total: rounding never runs past V
+    return ids.clamp_(max=logprobs.shape[-1] - 1).to(torch.int32)

@@ -56,6 +56,12 @@ def build_sampling_params(k: int, next_token: int, flat: bool) -> Any:
     )
 
 
+SAMPLING_UNSUPPORTED = (
+    "the vllm engine cannot capture --mode sampled: its prompt log-probs are top-k only, and unbiased draws need "
+    "the full distribution; use --engine hf for sampled caches"
+)
+
+
 class VLLMTeacherEngine(TeacherEngine):
     name = "vllm"
 
@@ -101,8 +107,13 @@ class VLLMTeacherEngine(TeacherEngine):
     def value_settings(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "quantization": self.options.quantization}
 
-    def score(self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None) -> TopKResult:
+    def score(
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+    ) -> TopKResult:
         from vllm.inputs import TokensPrompt
+
+        if draws is not None:
+            raise EngineError(SAMPLING_UNSUPPORTED)
 
         if k > self.k:
             raise EngineError(f"k={k} exceeds the max_logprobs={self.k} this engine was started with")
