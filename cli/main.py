@@ -230,10 +230,11 @@ def evaluate(
     with user_errors():
         results = run_eval(model, store, tokenizer, max_windows, batch_size, device)
     table = Table(title=f"eval: {model} on {store}")
-    for column in ("domain", "windows", "model loss", "model ppl", "teacher loss", "teacher ppl"):
+    for column in ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for e in results:
-        table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
+        table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.student_ece:.4f}",
+                      f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "\n")

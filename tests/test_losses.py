@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddk_cache.losses import TeacherTargets, DIVERGENCES, KDConfig, bucket_logprobs, distillation_loss, divergence
+from ddk_cache.losses import (
+    DIVERGENCES,
+    KDConfig,
+    TeacherTargets,
+    bucket_logprobs,
+    check_sampled_config,
+    dense_distillation_loss,
+    distillation_loss,
+    divergence,
+)
 
 V, N = 50, 12
 BETA, ALPHA = 0.3, 0.1
@@ -147,3 +156,53 @@ def test_cached_loss_at_k_equal_vocab_equals_dense_online_loss(logits, kind, tem
     torch.testing.assert_close(dense.ce, F.cross_entropy(student_logits, targets))
     p, q = torch.softmax(teacher_logits / temperature, -1), torch.softmax(student_logits / temperature, -1)
     torch.testing.assert_close(dense.kd, dense_reference(p, q, kind).mean(), atol=2e-5, rtol=1e-4)
+
+
+def test_sampled_forward_kl_gradient_is_unbiased(logits):
+    """E over draws of the gradient against counts / n equals the gradient against the full teacher."""
+    teacher_logits, student_logits = logits
+    p = torch.softmax(teacher_logits.double(), -1)
+    targets = torch.zeros(N, dtype=torch.long)
+    config = KDConfig(gamma=1.0)
+    dense = dense_distillation_loss(student_logits, targets, teacher_logits, config).kd
+    (dense_grad,) = torch.autograd.grad(dense, student_logits)
+    generator, n, trials = torch.Generator().manual_seed(1), 16, 3000
+    mean_grad = torch.zeros_like(student_logits)
+    for _ in range(trials):
+        draws = torch.multinomial(p, n, replacement=True, generator=generator)
+        ids = draws.sort(-1).values
+        counts = torch.stack([torch.bincount(row, minlength=V) for row in draws])[torch.arange(N)[:, None], ids]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # keep one entry per distinct id
+        teacher = TeacherTargets(ids, (counts.float() / n).log(), valid=first)
+        kd = distillation_loss(student_logits, targets, teacher, config).kd
+        one_draw = torch.autograd.grad(kd, student_logits)[0]
+        mean_grad += one_draw / trials
+    assert torch.allclose(mean_grad, dense_grad, atol=3e-3), (mean_grad - dense_grad).abs().max()
+    assert (one_draw - dense_grad).abs().max() > 10 * (mean_grad - dense_grad).abs().max()  # a single draw is noisy: the test can fail
+
+
+def test_stored_rest_and_padding_mask_give_the_same_loss_as_exact_entries(logits):
+    """Entries + stored rest renormalised equals the exact top-k loss; padded slots change nothing."""
+    teacher_logits, student_logits = logits
+    top = torch.log_softmax(teacher_logits, -1).topk(10, dim=-1)
+    rest = torch.log1p(-top.values.exp().sum(-1))
+    targets = torch.zeros(N, dtype=torch.long)
+    exact = distillation_loss(student_logits, targets, TeacherTargets(top.indices, top.values), KDConfig()).kd
+    stored = distillation_loss(student_logits, targets, TeacherTargets(top.indices, top.values, rest=rest), KDConfig()).kd
+    assert torch.allclose(stored, exact, atol=1e-6)
+    pad_ids = torch.cat([top.indices, top.indices[:, -1:].expand(N, 5)], -1)  # padding repeats the last id
+    pad_values = torch.cat([top.values, torch.zeros(N, 5)], -1)
+    valid = torch.arange(15) < 10
+    padded = distillation_loss(student_logits, targets, TeacherTargets(pad_ids, pad_values, valid.expand(N, 15), rest), KDConfig()).kd
+    assert torch.allclose(padded, exact, atol=1e-6)
+    unmasked = distillation_loss(student_logits, targets, TeacherTargets(pad_ids, pad_values, None, rest), KDConfig()).kd
+    assert not torch.allclose(unmasked, exact, atol=1e-3)
+
+
+def test_sampled_targets_refuse_biased_settings():
+    check_sampled_config(KDConfig())
+    for config, message in [(KDConfig(divergence="reverse_kl"), "forward_kl"), (KDConfig(tail="renorm"), "--tail rest"),
+                            (KDConfig(temperature=2.0), "--temperature 1")]:
+        with pytest.raises(ValueError, match=message):
+            check_sampled_config(config)
