@@ -77,6 +77,11 @@ class CacheWriter:
             root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
             return cls(root, url, layout)
 
+        if existing.get("format_version") != header["format_version"]:
+            raise StoreError(
+                f"{url} is a cache format version {existing.get('format_version')} store and this ddk-cache writes version "
+                f"{header['format_version']}: it can be read but not resumed; pass --overwrite to replace it, or choose another --out"
+            )
         _check_identity(existing["identity"], header["identity"], url)
         _remove_partial_files(url)
         root = zarr.open_group(store, mode="r+")

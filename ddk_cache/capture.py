@@ -78,8 +78,16 @@ class Capture:
         if self.mode != "topp":
             attrs.pop("top_p")
         if self.mode == "sampled":
-            attrs.pop("logprob_scale")
+            attrs.pop("logprob_scale"), attrs.pop("k")
         return attrs
+
+    def describe(self) -> str:
+        """One line for people: `topk k=64, log-probs to 1/32 nat`, `sampled n=32 (seed 0)` ..."""
+        if self.mode == "sampled":
+            return f"sampled n={self.draws} draws (seed {self.seed}): distinct ids + counts"
+        values = f"log-probs to 1/{self.logprob_scale} nat" if self.logprob_scale else "float16 log-probs"
+        entries = f"k={self.k}" if self.mode == "topk" else f"p={self.top_p}, at most k={self.k}"
+        return f"{self.mode} {entries}, {values}"
 
     def shard_seed(self, domain: str, split: str, shard: int) -> int:
         """Seed of one shard's draws: independent of which process scores it or when (resume)."""
@@ -178,6 +186,8 @@ def distinct_counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def capture_from_attrs(attrs: dict) -> Capture:
     """The Capture a version-2 header describes (keys written by `Capture.to_attrs`)."""
     known = {key: attrs[key] for key in ("mode", "k", "top_p", "draws", "logprob_scale", "seed") if key in attrs}
+    if known.get("mode") == "sampled":
+        known.setdefault("k", int(known["draws"]))
     return Capture(**known)
 
 

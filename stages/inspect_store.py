@@ -44,7 +44,7 @@ def render_inspection(reader: CacheReader) -> Group:
     header = reader.header
     capture = header["capture"]
     table = Table(title=f"ddk-cache store {reader.url} ({header['status']})")
-    for column in ("domain", "split", "windows", "tokens", "documents", "shards", "k", "bytes/token", "teacher ppl"):
+    for column in ("domain", "split", "windows", "tokens", "documents", "shards", "entries/pos", "bytes/token", "teacher ppl"):
         table.add_column(column, justify="left" if column in ("domain", "split") else "right")
     for row in domain_rows(reader):
         ppl = row["teacher_valid_ppl"]
@@ -55,7 +55,7 @@ def render_inspection(reader: CacheReader) -> Group:
             f"{row['tokens']:,}",
             f"{row['documents']:,}",
             row["shards"],
-            str(capture["k"]),
+            str(reader.capture.width),
             f"{row['bytes_per_token']:.1f}",
             f"{ppl:.3f}" if ppl is not None else "",
         )
@@ -71,7 +71,7 @@ def render_inspection(reader: CacheReader) -> Group:
         ("tokenizer", f"{tokenizer['name_or_path']} ({tokenizer['class']}, {tokenizer['size']} tokens)"),
         ("tokenizer fingerprint", tokenizer["fingerprint"]),
         ("engine", f"{engine['name']} {engine['version']} {engine.get('settings', {})}"),
-        ("capture", f"{capture['mode']} k={capture['k']} seq_len={capture['seq_len']} T={capture['temperature']}"),
+        ("capture", f"{reader.capture.describe()}; seq_len={capture['seq_len']} T={capture['temperature']}"),
         ("layout", str(header["layout"])),
         ("manifest sha256", header["manifest_sha256"]),
         ("created", f"{header['created_at']} by {header['created_by']}"),

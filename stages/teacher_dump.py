@@ -84,7 +84,8 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
     capture = config.capture
     if config.data_parallel <= 0:
         raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
-    engine_name = resolve_engine_name(config.engine)
+    # sampled capture needs the full distribution, which only the HF engine returns: `auto` picks it
+    engine_name = "hf" if capture.mode == "sampled" and config.engine == "auto" else resolve_engine_name(config.engine)
     check_applicable(engine_name, config.engine_options)  # before the data is read: a wrong flag fails at once
     if capture.mode == "sampled" and engine_name == "vllm":
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
