@@ -76,8 +76,8 @@ def kl_exact_vs_decoded(result, capture: Capture, block) -> np.ndarray:
     return entries + rest
 
 
-def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture: Capture, vocab: int) -> tuple[int, object, float]:
-    """Write one domain's windows as a store with `capture`; bytes stored, decoded block, decode tokens/s."""
+def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture: Capture, vocab: int) -> tuple[dict, object, float]:
+    """Write one domain's windows as a store with `capture`; bytes stored per array, decoded block, decode tokens/s."""
     if out.exists():
         shutil.rmtree(out)
     layout = StoreLayout.choose(windows.shape[1] - 1, capture, vocab, chunk_windows=8, shard_windows=8)
@@ -92,7 +92,7 @@ def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture:
         rows = layout.shard_slice(shard, len(windows))
         writer.write_shard(domain, "train", shard, windows[rows], targets.windows(rows))
     reader = CacheReader(str(out))
-    stored = reader.bytes_stored(domain, "train")
+    stored = {name: reader.array(domain, "train", name).nbytes_stored() for name in reader.data_arrays}
     start = time.perf_counter()
     for _ in range(3):
         block = reader.read(domain, "train")
@@ -137,7 +137,8 @@ def main() -> None:
             if capture.mode != "sampled":
                 kept_mass = float(1.0 - np.exp(block.rest_logprobs.astype(np.float64)).mean())
             per_domain[domain] = {
-                "bytes_per_token": stored / tokens,
+                "bytes_per_token": sum(stored.values()) / tokens,
+                "bytes_per_token_by_array": {name: size / tokens for name, size in stored.items()},
                 "entries_per_position": entries,
                 "kl_mean": None if kl is None else float(kl.mean()),
                 "kl_p99": None if kl is None else float(np.quantile(kl, 0.99)),
@@ -148,10 +149,15 @@ def main() -> None:
         overall = {key: (None if per_domain[next(iter(per_domain))][key] is None else float(np.mean([d[key] for d in per_domain.values()])))
                    for key in ("bytes_per_token", "entries_per_position", "kl_mean", "kl_p99", "kept_mass", "decode_tokens_per_s")}
         overall["kl_max"] = None if capture.mode == "sampled" else max(d["kl_max"] for d in per_domain.values())
+        overall["bytes_per_token_by_array"] = {
+            name: float(np.mean([d["bytes_per_token_by_array"][name] for d in per_domain.values()]))
+            for name in next(iter(per_domain.values()))["bytes_per_token_by_array"]
+        }
         rows.append({"setting": label(capture), "capture": capture.to_attrs(), "overall": overall, "domains": per_domain})
         kl_text = "" if overall["kl_mean"] is None else f"KL mean {overall['kl_mean']:.2e} p99 {overall['kl_p99']:.2e} max {overall['kl_max']:.2e}"
         per = " ".join(f"{d[:4]} {v['bytes_per_token']:.1f}" for d, v in per_domain.items())
-        print(f"{label(capture):28s} {overall['bytes_per_token']:6.1f} B/tok ({per}) entries {overall['entries_per_position']:5.1f} {kl_text}"
+        arrays = " ".join(f"{name} {size:.1f}" for name, size in overall["bytes_per_token_by_array"].items())
+        print(f"{label(capture):28s} {overall['bytes_per_token']:6.1f} B/tok ({per}) [{arrays}] entries {overall['entries_per_position']:5.1f} {kl_text}"
               f" decode {overall['decode_tokens_per_s']:,.0f} tok/s", flush=True)
 
     results = {

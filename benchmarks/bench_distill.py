@@ -105,7 +105,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
         "store": args.store,
-        "k": reader.header["capture"]["k"],
+        "capture": reader.capture.describe(),
         "seq_len": reader.header["capture"]["seq_len"],
         "student": f"Llama hidden {args.hidden}, {args.layers} layers, vocab {model.config.vocab_size}, "
                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",

@@ -124,6 +124,13 @@ class CacheReader:
             return WindowBlock(tokens, ids, logprobs, valid, None, target)
         return WindowBlock(tokens, ids, read(LOGPROBS).astype(np.float32), valid, read(REST_LOGPROBS).astype(np.float32), target)
 
+    def mean_entries(self, domain: str, split: str) -> float:
+        """Mean number of entries per position (variable in topp and sampled stores)."""
+        if self.format_version == 1 or self.capture.mode == "topk":
+            return float(self.capture.width)
+        n_entries = self.array(domain, split, N_ENTRIES)[:]
+        return float(n_entries.mean()) if n_entries.size else 0.0
+
     def bytes_stored(self, domain: str, split: str | None = None) -> int:
         """Bytes on disk (or in the bucket) of a domain's arrays, optionally one split only."""
         splits = [split] if split else ["train", "valid"]

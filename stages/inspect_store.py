@@ -17,7 +17,7 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
     for domain in reader.domains:
         if not reader.has_domain(domain):  # a dump killed while creating the store's groups
             rows.append({"domain": domain, "split": "not created", "windows": 0, "tokens": 0, "documents": 0,
-                         "shards": "0/0", "bytes_per_token": 0.0, "teacher_valid_ppl": None, "teacher_valid_loss": None})
+                         "shards": "0/0", "bytes_per_token": 0.0, "entries_per_position": 0.0, "teacher_valid_ppl": None, "teacher_valid_loss": None})
             continue
         info = reader.domain_info(domain)
         for split in SPLITS:
@@ -33,6 +33,7 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
                     "documents": info[split]["documents"],
                     "shards": f"{done}/{total}",
                     "bytes_per_token": stored / tokens if tokens else 0.0,
+                    "entries_per_position": reader.mean_entries(domain, split),
                     "teacher_valid_ppl": info.get("teacher_valid_ppl") if split == "valid" else None,
                     "teacher_valid_loss": info.get("teacher_valid_loss") if split == "valid" else None,
                 }
@@ -55,7 +56,7 @@ def render_inspection(reader: CacheReader) -> Group:
             f"{row['tokens']:,}",
             f"{row['documents']:,}",
             row["shards"],
-            str(reader.capture.width),
+            f"{row['entries_per_position']:.1f}",
             f"{row['bytes_per_token']:.1f}",
             f"{ppl:.3f}" if ppl is not None else "",
         )
