@@ -24,6 +24,31 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+StorageOptionsFlag = Annotated[
+    Optional[str],
+    typer.Option(
+        "--storage-options",
+        help="For object-store URLs (s3://...): fsspec options as JSON, e.g. "
+        "'{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'. Credentials usually come from the environment.",
+    ),
+]
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    """`--storage-options` JSON as a dict, with a one-line error for anything else."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DDKCacheError(f"--storage-options is not valid JSON ({exc.msg} at character {exc.pos}): pass a JSON object") from None
+    if not isinstance(options, dict):
+        raise DDKCacheError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a `DDKCacheError` into one line on stderr and exit code 2, without a traceback."""
@@ -62,6 +87,7 @@ def teacher_dump(
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not the teacher's folder.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the teacher.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
+    storage_options: StorageOptionsFlag = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Score every window of the manifest's domains with the teacher and write its sparse distribution into a store.
@@ -86,6 +112,7 @@ def teacher_dump(
     )
     with user_errors():
         capture = _capture(mode, k, top_p, draws, logprob_scale, seed)
+        options_for_store = parse_storage_options(storage_options)
     config = TeacherDumpConfig(
         teacher=teacher,
         manifest=manifest,
@@ -98,6 +125,7 @@ def teacher_dump(
         chunk_windows=chunk_windows,
         tokenizer=tokenizer,
         overwrite=overwrite,
+        storage_options=options_for_store,
         show_progress=progress,
     )
     with user_errors():
@@ -137,13 +165,14 @@ def _capture(mode: str, k: int, top_p: float | None, draws: int | None, logprob_
 
 
 @app.command("inspect")
-def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
+def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")], storage_options: StorageOptionsFlag = None) -> None:
     """Show a store's domains, sizes, teacher validation perplexity and provenance."""
     from ddk_cache.cache_reader import CacheReader
     from ddk_cache.stages.inspect_store import render_inspection
 
     with user_errors():
-        console.print(render_inspection(CacheReader(store, allow_incomplete=True)))
+        reader = CacheReader(store, storage_options=parse_storage_options(storage_options), allow_incomplete=True)
+        console.print(render_inspection(reader))
 
 
 @app.command("distill")
@@ -178,6 +207,7 @@ def distill(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     online_teacher: Annotated[Optional[str], typer.Option(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
+    storage_options: StorageOptionsFlag = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
@@ -199,6 +229,7 @@ def distill(
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
             ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows,
             checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, online_teacher=online_teacher, show_progress=progress,
+            storage_options=parse_storage_options(storage_options),
         )
         summary = run_distill(config)
     before = {e.domain: e for e in summary.first_eval}
@@ -221,6 +252,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 8,
     device: Annotated[str, typer.Option()] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    storage_options: StorageOptionsFlag = None,
 ) -> None:
     """Per-domain validation loss and perplexity of a model on a store's valid/ split, next to the teacher's."""
     import json
@@ -228,7 +260,7 @@ def evaluate(
     from ddk_cache.stages.evaluate import run_eval
 
     with user_errors():
-        results = run_eval(model, store, tokenizer, max_windows, batch_size, device)
+        results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options))
     table = Table(title=f"eval: {model} on {store}")
     for column in ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"):
         table.add_column(column, justify="left" if column == "domain" else "right")

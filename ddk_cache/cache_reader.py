@@ -33,7 +33,7 @@ from ddk_cache.cache_format import (
     open_store,
 )
 from ddk_cache.capture import Capture, capture_from_attrs, sampled_logprobs
-from ddk_cache.errors import StoreError
+from ddk_cache.errors import StoreError, first_line
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class CacheReader:
             self.root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(f"no ddk-cache store at {url}: check the path (run teacher-dump to create one)") from None
+        except (OSError, ValueError) as exc:  # object stores: refused credentials, unreachable endpoint, bad URL
+            raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
         header = self.root.attrs.get(HEADER_ATTR)
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise StoreError(f"{url} is not a ddk-cache store (no '{HEADER_ATTR}' header)")

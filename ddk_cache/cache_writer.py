@@ -38,7 +38,7 @@ from ddk_cache.cache_format import (
     open_store,
     teacher_loss,
 )
-from ddk_cache.errors import StoreError
+from ddk_cache.errors import StoreError, first_line
 from ddk_cache.packing import PackedDomain, PackedSplit
 
 
@@ -65,13 +65,19 @@ class CacheWriter:
         `header["identity"]` holds everything that must match for shards from two runs to
         belong in one store; a mismatch is refused unless `overwrite` is set.
         """
-        store = open_store(url, read_only=False, storage_options=storage_options)
-        existing = _existing_header(store, url)
+        try:
+            store = open_store(url, read_only=False, storage_options=storage_options)
+            existing = _existing_header(store, url)
+        except (OSError, ValueError) as exc:  # object stores: refused credentials, missing bucket, unreachable endpoint
+            raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
         if existing is not None and (overwrite or existing.get("status") == "creating"):
             existing = None  # replaced below; a store killed while "creating" holds no scored data yet
         if existing is None:
             # "creating" until every group and array exists, so a kill during creation is detectable
-            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "creating"}})
+            try:
+                root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "creating"}})
+            except OSError as exc:  # object stores: missing bucket, no write permission
+                raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
             for domain in domains:
                 _create_domain(root, domain, layout)
             root.attrs[HEADER_ATTR] = {**header, "status": "writing"}

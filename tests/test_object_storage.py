@@ -1,0 +1,76 @@
+"""Stores on an S3-compatible server (moto's, run locally): dump, resume, inspect, distill and eval by URL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cli.main import app
+from test_distill import make_student
+
+moto_server = pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (the test extra)")
+pytest.importorskip("s3fs", reason="the s3 tests need s3fs (the s3 extra)")
+BUCKET = "caches"
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    server.stop()
+
+
+def dump(tiny_teacher, manifest, url, options, *extra):
+    args = ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", url, "--k", "8",
+            "--shard-windows", "8", "--chunk-windows", "4", "--device", "cpu", "--no-progress",
+            "--storage-options", json.dumps(options), *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_store_on_s3_dumps_resumes_and_trains_a_student(s3_options, tiny_teacher, tiny_store, corpus_manifest, tmp_path):
+    url = f"s3://{BUCKET}/run1/cache.zarr"
+    result = dump(tiny_teacher, corpus_manifest, url, s3_options)
+    assert result.exit_code == 0, result.output
+    remote, local = CacheReader(url, storage_options=s3_options), CacheReader(str(tiny_store))
+    assert remote.complete and remote.domains == local.domains
+    for domain in local.domains:  # the same manifest and teacher as the local tiny store: the same arrays
+        a, b = remote.read(domain, "train"), local.read(domain, "train")
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+    rerun = dump(tiny_teacher, corpus_manifest, url, s3_options)
+    assert rerun.exit_code == 0 and "shards written 0" in rerun.output  # resume finds the finished shards in the bucket
+
+    options = json.dumps(s3_options)
+    shown = CliRunner().invoke(app, ["inspect", url, "--storage-options", options], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "complete" in shown.output
+    student, out = make_student(tmp_path / "student", tiny_teacher), tmp_path / "run"
+    trained = CliRunner().invoke(app, ["distill", "--store", url, "--student", str(student), "--out", str(out), "--steps", "4",
+                                       "--batch-size", "4", "--update-every", "2", "--eval-windows", "2", "--device", "cpu",
+                                       "--no-progress", "--storage-options", options])
+    assert trained.exit_code == 0, trained.output
+    evaluated = CliRunner().invoke(app, ["eval", str(out), url, "--storage-options", options])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_object_store_errors_are_one_line(s3_options, tiny_teacher, corpus_manifest):
+    missing = CliRunner().invoke(app, ["inspect", f"s3://{BUCKET}/nothing-here.zarr", "--storage-options", json.dumps(s3_options)])
+    assert missing.exit_code == 2 and "no ddk-cache store at s3://caches/nothing-here.zarr" in missing.stderr
+    bad_json = CliRunner().invoke(app, ["inspect", f"s3://{BUCKET}/x.zarr", "--storage-options", "{endpoint: 1"])
+    assert bad_json.exit_code == 2 and "--storage-options is not valid JSON" in bad_json.stderr
+    no_bucket = dump(tiny_teacher, corpus_manifest, "s3://no-such-bucket/cache.zarr", s3_options)
+    assert no_bucket.exit_code == 2, no_bucket.output
+    assert "cannot write to s3://no-such-bucket/cache.zarr: The specified bucket does not exist" in no_bucket.stderr
+    for result in (missing, bad_json, no_bucket):
+        assert "Traceback" not in result.output
