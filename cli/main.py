@@ -175,6 +175,22 @@ def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")], st
         console.print(render_inspection(reader))
 
 
+@app.command("verify")
+def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")], storage_options: StorageOptionsFlag = None) -> None:
+    """Check that every shard of a store is present, decodes (checksums) and is well-formed; exit 1 on any problem."""
+    from ddk_cache.cache_reader import CacheReader
+    from ddk_cache.stages.verify_store import verify_store
+
+    with user_errors():
+        report = verify_store(CacheReader(store, storage_options=parse_storage_options(storage_options), allow_incomplete=True))
+    for problem in report.problems:
+        error_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        error_console.print(f"{store}: {len(report.problems)} problem(s) in {report.shards_checked} shards", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"{store}: ok ({report.shards_checked} shards present, decoded and well-formed)", markup=False, soft_wrap=True)
+
+
 @app.command("distill")
 def distill(
     store: Annotated[str, typer.Option(help="Cache store written by teacher-dump (path or URL).")],

@@ -1,0 +1,115 @@
+"""`ddk-cache verify`: is every shard of a store present, intact and well-formed?
+
+Why a command and not just reading: a shared cache is copied between buckets and disks, and
+a missing shard object reads back as zeros (the fill value) without any error. `verify` checks,
+for every shard of every data array of every split:
+
+- presence: the shard object exists, and `shard_done` marks it written;
+- integrity: it decodes (every inner chunk carries a crc32c checksum, so flipped bits fail here);
+- form (format version 2): 1 <= n_entries <= width, ids strictly ascending and inside the teacher's
+  vocabulary, log-probs <= 0 (up to their quantization), draws counted exactly once, and
+  actual-token log-probs <= 0;
+
+and, per domain, that the teacher's validation loss was recorded. It reads the whole store once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from zarr.core.sync import sync
+
+from ddk_cache.cache_format import COUNTS, N_ENTRIES, SHARD_DONE, SPLITS
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.errors import first_line
+
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(reader: CacheReader) -> VerifyReport:
+    report = VerifyReport()
+    if not reader.complete:
+        report.problems.append(f"status is {reader.header.get('status')!r}, not 'complete': run teacher-dump again to finish it")
+    for domain in reader.domains:
+        if not reader.has_domain(domain):
+            report.problems.append(f"{domain}: group missing")
+            continue
+        if reader.domain_info(domain).get("teacher_valid_loss") is None:
+            report.problems.append(f"{domain}: teacher validation loss not recorded")
+        for split in SPLITS:
+            _verify_split(reader, domain, split, report)
+    return report
+
+
+def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyReport) -> None:
+    where = f"{domain}/{split}"
+    n_windows = int(reader.domain_info(domain)[split]["windows"])
+    done = reader.array(domain, split, SHARD_DONE)[:]
+    shard_windows = reader.array(domain, split, reader.data_arrays[0]).shards[0]
+    for name in reader.data_arrays:
+        if reader.array(domain, split, name).shape[0] != n_windows:
+            report.problems.append(f"{where}/{name}: {reader.array(domain, split, name).shape[0]} windows, the domain says {n_windows}")
+    for shard in range(len(done)):
+        report.shards_checked += 1
+        start, stop = shard * shard_windows, min((shard + 1) * shard_windows, n_windows)
+        if not done[shard]:
+            report.problems.append(f"{where} shard {shard}: not marked done")
+        missing = [name for name in reader.data_arrays if not _shard_exists(reader, domain, split, name, shard)]
+        if missing:
+            report.problems.append(f"{where} shard {shard}: object missing for {', '.join(missing)}")
+            continue
+        undecodable = []
+        for name in reader.data_arrays:
+            try:
+                reader.array(domain, split, name)[start:stop]
+            except Exception as exc:  # a failed checksum or a truncated object, whatever the codec raises
+                undecodable.append(f"{name} ({first_line(exc)})")
+        if undecodable:
+            report.problems.append(f"{where} shard {shard}: cannot be decoded: {'; '.join(undecodable)}")
+            continue
+        block = reader.read(domain, split, start, stop)
+        report.problems += [f"{where} shard {shard}: {problem}" for problem in _form_problems(reader, domain, split, start, stop, block)]
+
+
+def _shard_exists(reader: CacheReader, domain: str, split: str, name: str, shard: int) -> bool:
+    array = reader.array(domain, split, name)
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    return bool(sync(array.store.exists(f"{array.path}/{key}" if array.path else key)))
+
+
+def _form_problems(reader: CacheReader, domain: str, split: str, start: int, stop: int, block) -> list[str]:
+    """Format-level checks of one decoded shard (the decoded form is the same for versions 1 and 2)."""
+    problems = []
+    if np.any(block.target_logprobs > 1e-3):
+        problems.append("actual-token log-probs above 0")
+    vocab = int(reader.header["teacher"]["vocab_size"])
+    valid = np.ones(block.ids.shape, dtype=bool) if block.valid is None else block.valid
+    if np.any(valid & ((block.ids < 0) | (block.ids >= vocab))):
+        problems.append(f"entry ids outside the teacher's vocabulary ({vocab})")
+    if reader.format_version == 1:
+        return problems
+    capture = reader.capture
+    n_entries = reader.array(domain, split, N_ENTRIES)[start:stop]
+    if np.any(n_entries < 1) or np.any(n_entries > capture.width):
+        problems.append(f"n_entries outside 1..{capture.width} (a shard of zeros: lost data?)")
+        return problems
+    ids = np.where(valid, block.ids.astype(np.int64), np.iinfo(np.int64).max)
+    gaps = np.diff(ids, axis=-1)
+    if np.any((gaps <= 0) & valid[..., 1:]):
+        problems.append("entry ids not strictly ascending")
+    if capture.mode == "sampled":
+        counts = reader.array(domain, split, COUNTS)[start:stop].astype(np.int64)
+        if np.any(counts.sum(-1) != capture.draws):
+            problems.append(f"draw counts do not sum to {capture.draws}")
+    elif np.any(np.where(valid, block.logprobs, 0) > (0.5 / capture.logprob_scale if capture.logprob_scale else 1e-3)):
+        problems.append("entry log-probs above 0")
+    return problems
