@@ -55,6 +55,8 @@ def test_store_on_s3_dumps_resumes_and_trains_a_student(s3_options, tiny_teacher
     options = json.dumps(s3_options)
     shown = CliRunner().invoke(app, ["inspect", url, "--storage-options", options], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "complete" in shown.output
+    checked = CliRunner().invoke(app, ["verify", url, "--storage-options", options])
+    assert checked.exit_code == 0 and "ok (" in checked.output, checked.output
     student, out = make_student(tmp_path / "student", tiny_teacher), tmp_path / "run"
     trained = CliRunner().invoke(app, ["distill", "--store", url, "--student", str(student), "--out", str(out), "--steps", "4",
                                        "--batch-size", "4", "--update-every", "2", "--eval-windows", "2", "--device", "cpu",
