@@ -77,10 +77,14 @@ class CacheReader:
             raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
         self.header: dict[str, Any] = header
         self.format_version: int = version
+        # capture settings, and the names of the arrays that hold data (what `bytes_stored` counts), for this version and mode
         if version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
             self.capture = Capture(mode="topk", k=int(header["capture"]["k"]), logprob_scale=0)
+            self.data_arrays: tuple[str, ...] = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
         else:
             self.capture = capture_from_attrs(header["capture"])
+            layout = header["layout"]
+            self.data_arrays = tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
 
     @property
     def complete(self) -> bool:
@@ -89,14 +93,6 @@ class CacheReader:
     @property
     def domains(self) -> list[str]:
         return list(self.header["domains"])
-
-    @property
-    def data_arrays(self) -> tuple[str, ...]:
-        """Names of the arrays that hold data (what `bytes_stored` counts), for this store's version and mode."""
-        if self.format_version == 1:
-            return (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
-        layout = self.header["layout"]
-        return tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
 
     def has_domain(self, domain: str) -> bool:
         return domain in self.root

@@ -67,17 +67,23 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
         if missing:
             report.problems.append(f"{where} shard {shard}: object missing for {', '.join(missing)}")
             continue
-        undecodable = []
-        for name in reader.data_arrays:
-            try:
-                reader.array(domain, split, name)[start:stop]
-            except Exception as exc:  # a failed checksum or a truncated object, whatever the codec raises
-                undecodable.append(f"{name} ({first_line(exc)})")
-        if undecodable:
-            report.problems.append(f"{where} shard {shard}: cannot be decoded: {'; '.join(undecodable)}")
+        try:
+            block = reader.read(domain, split, start, stop)
+        except Exception:  # a failed checksum or a truncated object, whatever the codec raises: find which array
+            report.problems.append(f"{where} shard {shard}: cannot be decoded: {'; '.join(_undecodable(reader, domain, split, start, stop))}")
             continue
-        block = reader.read(domain, split, start, stop)
         report.problems += [f"{where} shard {shard}: {problem}" for problem in _form_problems(reader, domain, split, start, stop, block)]
+
+
+def _undecodable(reader: CacheReader, domain: str, split: str, start: int, stop: int) -> list[str]:
+    """The arrays whose rows `[start, stop)` fail to decode, each with its error."""
+    failures = []
+    for name in reader.data_arrays:
+        try:
+            reader.array(domain, split, name)[start:stop]
+        except Exception as exc:
+            failures.append(f"{name} ({first_line(exc)})")
+    return failures
 
 
 def _shard_exists(reader: CacheReader, domain: str, split: str, name: str, shard: int) -> bool:
