@@ -27,6 +27,7 @@ from ddk_cache.cache_format import (
     SHARD_DONE,
     TARGET_LOGPROBS,
     TOKENS,
+    V1_DATA_ARRAYS,
     V1_TOPK_IDS,
     V1_TOPK_LOGPROBS,
     StoreLayout,
@@ -80,7 +81,7 @@ class CacheReader:
         # capture settings, and the names of the arrays that hold data (what `bytes_stored` counts), for this version and mode
         if version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
             self.capture = Capture(mode="topk", k=int(header["capture"]["k"]), logprob_scale=0)
-            self.data_arrays: tuple[str, ...] = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
+            self.data_arrays: tuple[str, ...] = V1_DATA_ARRAYS
         else:
             self.capture = capture_from_attrs(header["capture"])
             layout = header["layout"]
