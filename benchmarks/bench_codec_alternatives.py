@@ -26,13 +26,10 @@ import numpy as np
 from numcodecs import LZMA, Blosc, Zstd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compression import teacher_pass  # noqa: E402
 from bench_teacher_dump import derived_manifest  # noqa: E402
 
-from ddk_cache.engines.hf import HFTeacherEngine  # noqa: E402
 from ddk_cache.manifest import load_manifest  # noqa: E402
-from ddk_cache.packing import pack_domain  # noqa: E402
-from ddk_cache.stages.teacher_dump import load_tokenizer  # noqa: E402
-from ddk_cache.text_sources import load_domain_documents  # noqa: E402
 
 K = 64
 CODECS = {
@@ -75,17 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(derived_manifest(args.manifest, args.out_dir, None, None))
-    tokenizer = load_tokenizer(args.teacher, None)
-    engine = HFTeacherEngine(args.teacher, batch_size=4)
-    vocab = int(engine.config.vocab_size)
-
-    ids_by_domain, lps_by_domain = [], []
-    for spec in manifest.domains:
-        packed = pack_domain(spec.name, load_domain_documents(spec), tokenizer, manifest.seq_len, 1, args.windows * manifest.seq_len, manifest.seed)
-        result = engine.score(packed.train.windows[: args.windows], K)
-        ids_by_domain.append(result.topk_ids)
-        lps_by_domain.append(result.topk_logprobs)
-        print(f"teacher {spec.name} done", flush=True)
+    vocab, teacher_out = teacher_pass(args.teacher, manifest, args.windows, K, batch_size=4)
+    ids_by_domain = [result.topk_ids for _, result in teacher_out.values()]
+    lps_by_domain = [result.topk_logprobs for _, result in teacher_out.values()]
 
     all_ids = np.concatenate([ids.reshape(-1, K) for ids in ids_by_domain])
     frequency = np.bincount(all_ids.ravel(), minlength=vocab) / len(all_ids)

@@ -35,9 +35,10 @@ from bench_teacher_dump import derived_manifest  # noqa: E402
 from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, StoreLayout, create_split_arrays, open_store  # noqa: E402
 from ddk_cache.cache_reader import CacheReader  # noqa: E402
 from ddk_cache.cache_writer import CacheWriter  # noqa: E402
-from ddk_cache.capture import Capture, encode_targets  # noqa: E402
+from ddk_cache.capture import Capture, EncodedTargets, encode_targets  # noqa: E402
+from ddk_cache.engines.base import TopKResult  # noqa: E402
 from ddk_cache.engines.hf import HFTeacherEngine  # noqa: E402
-from ddk_cache.manifest import load_manifest  # noqa: E402
+from ddk_cache.manifest import Manifest, load_manifest  # noqa: E402
 from ddk_cache.packing import pack_domain  # noqa: E402
 from ddk_cache.stages.teacher_dump import load_tokenizer  # noqa: E402
 from ddk_cache.text_sources import load_domain_documents  # noqa: E402
@@ -59,9 +60,11 @@ def label(capture: Capture) -> str:
     return f"topk k={capture.k} {scale}" if capture.mode == "topk" else f"topp p={capture.top_p} k<={capture.k} {scale}"
 
 
-def kl_exact_vs_decoded(result, capture: Capture, block) -> np.ndarray:
-    """Per-position KL(exact || decoded) over the entries the store keeps plus the rest bucket."""
-    exact = encode_targets(result, Capture(mode=capture.mode, k=capture.k, top_p=capture.top_p, logprob_scale=capture.logprob_scale))
+def kl_exact_vs_decoded(exact: EncodedTargets, block) -> np.ndarray:
+    """Per-position KL(exact || decoded) over the entries the store keeps plus the rest bucket.
+
+    `exact` is the encoder's output before storage (float32 log-probs), `block` what the reader decoded.
+    """
     valid = np.arange(exact.ids.shape[-1]) < exact.n_entries[..., None]
     assert np.array_equal(np.where(valid, exact.ids, -1), np.where(valid, block.ids, -1)), "ids must round-trip exactly"
     p = np.where(valid, np.exp(exact.values.astype(np.float64)), 0.0)
@@ -76,8 +79,8 @@ def kl_exact_vs_decoded(result, capture: Capture, block) -> np.ndarray:
     return entries + rest
 
 
-def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture: Capture, vocab: int) -> tuple[dict, object, float]:
-    """Write one domain's windows as a store with `capture`; bytes stored per array, decoded block, decode tokens/s."""
+def write_and_read(out: Path, domain: str, windows: np.ndarray, targets: EncodedTargets, capture: Capture, vocab: int) -> tuple[dict, object, float]:
+    """Write one domain's encoded windows as a store with `capture`; bytes stored per array, decoded block, decode tokens/s."""
     if out.exists():
         shutil.rmtree(out)
     layout = StoreLayout.choose(windows.shape[1] - 1, capture, vocab, chunk_windows=8, shard_windows=8)
@@ -87,7 +90,6 @@ def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture:
     root.attrs[HEADER_ATTR] = header
     create_split_arrays(root.create_group(domain).create_group("train"), len(windows), layout)
     writer = CacheWriter(root, str(out), layout)
-    targets = encode_targets(result, capture)
     for shard in range(layout.n_shards(len(windows))):
         rows = layout.shard_slice(shard, len(windows))
         writer.write_shard(domain, "train", shard, windows[rows], targets.windows(rows))
@@ -98,6 +100,23 @@ def write_and_read(out: Path, domain: str, windows: np.ndarray, result, capture:
         block = reader.read(domain, "train")
     seconds = (time.perf_counter() - start) / 3
     return stored, block, windows.shape[0] * (windows.shape[1] - 1) / seconds
+
+
+def teacher_pass(
+    teacher: str, manifest: Manifest, windows: int, k: int, batch_size: int, draws: int | None = None
+) -> tuple[int, dict[str, tuple[np.ndarray, TopKResult]]]:
+    """The teacher's vocabulary size, and per domain its first `windows` training windows with the
+    engine's float32 top-k (and `draws` samples): the exact distributions every setting is measured against."""
+    tokenizer = load_tokenizer(teacher, None)
+    engine = HFTeacherEngine(teacher, batch_size=batch_size)
+    out = {}
+    for spec in manifest.domains:
+        packed = pack_domain(spec.name, load_domain_documents(spec), tokenizer, manifest.seq_len, 1, windows * manifest.seq_len, manifest.seed)
+        domain_windows = packed.train.windows[:windows]
+        start = time.perf_counter()
+        out[spec.name] = (domain_windows, engine.score(domain_windows, k, draws=draws, seed=0))
+        print(f"teacher {spec.name}: {domain_windows.shape[0]} windows in {time.perf_counter() - start:.0f} s", flush=True)
+    return int(engine.config.vocab_size), out
 
 
 def main() -> None:
@@ -111,17 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(derived_manifest(args.manifest, args.out_dir, None, None))
-    tokenizer = load_tokenizer(args.teacher, None)
-    engine = HFTeacherEngine(args.teacher, batch_size=args.batch_size)
-    vocab = int(engine.config.vocab_size)
-
-    teacher_out: dict[str, tuple[np.ndarray, object]] = {}
-    for spec in manifest.domains:
-        packed = pack_domain(spec.name, load_domain_documents(spec), tokenizer, manifest.seq_len, 1, args.windows * manifest.seq_len, manifest.seed)
-        windows = packed.train.windows[: args.windows]
-        start = time.perf_counter()
-        teacher_out[spec.name] = (windows, engine.score(windows, MAX_K, draws=DRAWS, seed=0))
-        print(f"teacher {spec.name}: {windows.shape[0]} windows in {time.perf_counter() - start:.0f} s", flush=True)
+    vocab, teacher_out = teacher_pass(args.teacher, manifest, args.windows, MAX_K, args.batch_size, draws=DRAWS)
 
     rows = []
     for capture in settings():
@@ -129,10 +138,11 @@ def main() -> None:
         for domain, (windows, result) in teacher_out.items():
             if capture.mode == "sampled":
                 result = type(result)(result.topk_ids, result.topk_logprobs, result.target_logprobs, result.samples[..., : capture.draws])
-            stored, block, decode_rate = write_and_read(args.out_dir / "store.zarr", domain, windows, result, capture, vocab)
+            targets = encode_targets(result, capture)
+            stored, block, decode_rate = write_and_read(args.out_dir / "store.zarr", domain, windows, targets, capture, vocab)
             tokens = windows.shape[0] * (windows.shape[1] - 1)
             entries = float(block.valid.sum(-1).mean()) if block.valid is not None else float(capture.k)
-            kl = None if capture.mode == "sampled" else kl_exact_vs_decoded(result, capture, block)
+            kl = None if capture.mode == "sampled" else kl_exact_vs_decoded(targets, block)
             kept_mass = None
             if capture.mode != "sampled":
                 kept_mass = float(1.0 - np.exp(block.rest_logprobs.astype(np.float64)).mean())
