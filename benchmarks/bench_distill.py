@@ -22,9 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from ddk_cache.cache_reader import CacheReader
+from ddk_cache.data_order import GlobalBatchPlanner
 from ddk_cache.losses import KDConfig, distillation_loss
 from ddk_cache.optim import build_optimizer
-from ddk_cache.streaming import CacheBatcher, DomainStream
+from ddk_cache.samplers import UniformSampler
+from ddk_cache.streaming import WindowLoader, domain_orders
 
 
 def build_student(tokenizer_dir: str, out: Path, hidden: int, layers: int) -> torch.nn.Module:
@@ -57,13 +59,30 @@ def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: in
 def decode_rate(reader: CacheReader, threads: int) -> float:
     """Tokens/s of decoding every train chunk of every domain (zarr read + decompress + float16 -> float32)."""
     tokens, start = 0, time.perf_counter()
+    loader = WindowLoader(reader, domain_orders(reader, reader.domains, seed=0), threads=threads)
     with ThreadPoolExecutor(threads) as pool:
-        for domain in reader.domains:
-            stream = DomainStream(reader, domain, seed=0, pool=pool)
-            futures = [pool.submit(stream._decode, c) for c in range(stream.n_chunks)]
-            for future in futures:
-                tokens += future.result().ids.shape[0] * reader.header["capture"]["seq_len"]
+        futures = [pool.submit(loader._decode, d, c) for d, order in enumerate(loader.orders) for c in range(order.n_chunks)]
+        for future in futures:
+            tokens += future.result().ids.shape[0] * reader.header["capture"]["seq_len"]
+    loader.close()
     return tokens / (time.perf_counter() - start)
+
+
+class Batches:
+    """The trainer's data path: global-batch plans, read-ahead of the next step, decoding, stacking."""
+
+    def __init__(self, reader: CacheReader, batch_size: int, threads: int) -> None:
+        orders = domain_orders(reader, reader.domains, seed=0)
+        self.planner, self.loader = GlobalBatchPlanner(orders, batch_size, seed=0), WindowLoader(reader, orders, threads=threads)
+        self.sampler, self.step = UniformSampler(reader.domains), 0
+
+    def next(self):
+        refs, ahead = self.planner.plan(self.step, self.sampler), self.planner.peek(self.step + 1, self.sampler)
+        self.loader.retain(refs + ahead)
+        self.loader.prefetch(refs)
+        self.loader.prefetch(ahead)
+        self.step += 1
+        return self.loader.batch(refs)
 
 
 def main() -> None:
@@ -84,15 +103,14 @@ def main() -> None:
     model = build_student(args.tokenizer, args.out_dir, args.hidden, args.layers).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
     teacher_vocab = int(reader.header["teacher"]["vocab_size"])
-    batcher = CacheBatcher(reader, reader.domains, seed=0, threads=args.reader_threads)
-    rng = np.random.default_rng(0)
-    batches = [batcher.next_batch(rng.integers(0, len(reader.domains), args.batch_size)) for _ in range(args.steps_per_block)]
+    batcher = Batches(reader, args.batch_size, args.reader_threads)
+    batches = [batcher.next() for _ in range(args.steps_per_block)]
 
-    # reader throughput as the trainer sees it (domain draws, chunk read-ahead, stacking), no training
+    # reader throughput as the trainer sees it (plans, chunk read-ahead, stacking), no training
     start = time.perf_counter()
-    produced = [batcher.next_batch(rng.integers(0, len(reader.domains), args.batch_size)) for _ in range(4 * args.steps_per_block)]
+    produced = [batcher.next() for _ in range(4 * args.steps_per_block)]
     batcher_rate = sum(b.input_ids.numel() for b in produced) / (time.perf_counter() - start)
-    batcher.close()
+    batcher.loader.close()
 
     train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab)  # warm-up
     ce_rates, kd_rates = [], []

@@ -51,11 +51,17 @@ def parse_storage_options(text: str | None) -> dict | None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a `DDKCacheError` into one line on stderr and exit code 2, without a traceback."""
+    """Turn a `DDKCacheError` into one line on stderr and exit code 2, without a traceback.
+
+    Under torchrun every rank raises the same error; rank 0 alone prints it, every rank exits 2.
+    """
+    from ddk_cache.distributed import is_main_process
+
     try:
         yield
     except DDKCacheError as exc:
-        error_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        if is_main_process():
+            error_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
@@ -198,8 +204,12 @@ def distill(
     out: Annotated[Path, typer.Option(help="Output folder: student (save_pretrained), metrics.jsonl, checkpoint.pt.")],
     tokenizer: Annotated[Optional[str], typer.Option(help="Student tokenizer, if not in the student folder.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch (per rank, per forward pass).")] = 8,
+    global_batch_size: Annotated[Optional[int], typer.Option(
+        help="Windows per optimizer step over all ranks; the data order, DDK weights and loss curve depend on it, not on the "
+             "number of ranks (default: batch-size x grad-accum x ranks).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(
+        help="Micro-batches per rank per optimizer step (default: what --global-batch-size implies, else 1).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (DDK: 3e-5 for large pretrained students).")] = 3e-4,
     min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak (DDK: 0.1).")] = 0.1,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default min(1000, steps/10)).")] = None,
@@ -216,10 +226,16 @@ def distill(
     ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.")] = 0.5,
     ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).")] = True,
     update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).")] = None,
-    eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation.")] = 32,
+    eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation (split over the ranks).")] = 32,
+    eval_batch_size: Annotated[int, typer.Option(help="Windows per forward pass in evaluations.")] = 8,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every K steps).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")] = "auto",
+    parallel: Annotated[str, typer.Option(
+        help="Under torchrun: ddp (whole student on every rank) or fsdp (FSDP2: weights, gradients and optimizer state sharded); "
+             "auto = ddp with several ranks, none alone.")] = "auto",
+    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective waits for a missing rank before the job fails.")] = 600.0,
+    reader_threads: Annotated[int, typer.Option(help="Threads decoding cache chunks ahead of the training step.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     online_teacher: Annotated[Optional[str], typer.Option(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
@@ -242,12 +258,17 @@ def distill(
             raise DDKCacheError(f"unknown sampler {sampler!r}: choose ddk, static or uniform")
         config = DistillConfig(
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+            global_batch_size=global_batch_size, parallel=parallel, dist_timeout=dist_timeout, reader_threads=reader_threads,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
-            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows,
+            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
             checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, online_teacher=online_teacher, show_progress=progress,
             storage_options=parse_storage_options(storage_options),
         )
         summary = run_distill(config)
+    from ddk_cache.distributed import is_main_process
+
+    if not is_main_process():
+        return
     before = {e.domain: e for e in summary.first_eval}
     table = Table(title=f"distill: {summary.steps} steps, {summary.tokens_per_second:,.0f} student tokens/s")
     for column in ("domain", "teacher ppl", "student ppl before", "student ppl after", "final weight"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ddk_cache.cache_format import TARGET_LOGPROBS, TOKENS
 from ddk_cache.cache_reader import CacheReader
+from ddk_cache.distributed import ParallelContext, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DomainEval:
         return {**asdict(self), "student_ppl": self.student_ppl, "teacher_ppl": self.teacher_ppl}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: DDP later updates buffers in place, which inference tensors forbid
 def evaluate_domains(
     model: torch.nn.Module,
     reader: CacheReader,
@@ -52,31 +53,66 @@ def evaluate_domains(
     max_windows: int | None = None,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    ctx: ParallelContext | None = None,
 ) -> list[DomainEval]:
-    """Mean next-token CE (nats) of `model` and of the teacher on the first `max_windows` valid windows."""
-    device = next(model.parameters()).device
+    """Mean next-token CE (nats) of `model` and of the teacher on the first `max_windows` valid windows.
+
+    Under torchrun the windows of each domain are split into contiguous per-rank slices, and the
+    per-domain sums (losses, counts, calibration bins) are all-reduced once at the end: every
+    rank returns the same numbers, equal (up to float summation order) to a single process's.
+    Every rank runs the same number of forward passes (a rank with a shorter slice runs one on a
+    window that counts for nothing): FSDP2 gathers parameters in every forward, collectively.
+    """
+    ctx = ctx or ParallelContext(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    results = []
-    for domain in domains:
+    bins = CalibrationBins()
+    sums = torch.zeros(len(domains), 3 + 3 * bins.bins, dtype=torch.float64)  # student CE, teacher CE, positions, ECE bins
+    windows = []
+    for d, domain in enumerate(domains):
         n = reader.array(domain, "valid", TOKENS).shape[0]
         n = min(n, max_windows) if max_windows else n
-        tokens = reader.array(domain, "valid", TOKENS)[:n]
-        teacher = reader.array(domain, "valid", TARGET_LOGPROBS)[:n]
-        total, count = 0.0, 0
+        windows.append(n)
+        start, stop = _share(n, ctx.rank, ctx.world_size)
+        tokens = reader.array(domain, "valid", TOKENS)[start:stop]
+        teacher = reader.array(domain, "valid", TARGET_LOGPROBS)[start:stop]
         calibration = CalibrationBins()
-        for start in range(0, n, batch_size):
-            batch = torch.as_tensor(tokens[start : start + batch_size], dtype=torch.long, device=device)
-            autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        student_total = 0.0
+        for begin in range(0, _share_size(n, ctx.world_size), batch_size):
+            rows = tokens[begin : begin + batch_size]
+            real = len(rows)
+            if real == 0:  # this rank's slice is shorter: a forward on a window that counts for nothing
+                rows = reader.array(domain, "valid", TOKENS)[:1]
+            batch = torch.as_tensor(rows, dtype=torch.long, device=ctx.device)
+            autocast = torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
             with autocast:
                 logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            if real == 0:
+                continue
             flat_logits, flat_targets = logits.float().flatten(0, 1), batch[:, 1:].flatten()
-            total += float(F.cross_entropy(flat_logits, flat_targets, reduction="sum"))
-            count += flat_targets.numel()
+            student_total += float(F.cross_entropy(flat_logits, flat_targets, reduction="sum"))
             calibration.add(flat_logits, flat_targets)
-        results.append(DomainEval(domain, n, total / count, float(-np.mean(teacher, dtype=np.float64)), calibration.ece()))
+        sums[d, :3] = torch.tensor([student_total, float(-np.sum(teacher, dtype=np.float64)), teacher.size], dtype=torch.float64)
+        sums[d, 3:] = calibration.as_tensor()
+    sums = all_reduce_sum(ctx, sums)
     model.train(was_training)
+    results = []
+    for d, domain in enumerate(domains):
+        student, teacher, count = (float(v) for v in sums[d, :3])
+        results.append(DomainEval(domain, windows[d], student / count, teacher / count, CalibrationBins.from_tensor(sums[d, 3:]).ece()))
     return results
+
+
+def _share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous slice of `n` windows (the first n % world_size ranks take one more)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _share_size(n: int, world_size: int) -> int:
+    """The largest slice: every rank runs forwards for this many windows."""
+    return -(-n // world_size)
 
 
 class CalibrationBins:
@@ -95,6 +131,15 @@ class CalibrationBins:
         self.count += torch.bincount(index, minlength=self.bins).double()
         self.confidence += torch.bincount(index, weights=confidence.double().cpu(), minlength=self.bins)
         self.correct += torch.bincount(index, weights=(prediction == targets).double().cpu(), minlength=self.bins)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.cat([self.count, self.confidence, self.correct])
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor) -> "CalibrationBins":
+        bins = cls(len(sums) // 3)
+        bins.count, bins.confidence, bins.correct = (part.clone() for part in sums.reshape(3, -1))
+        return bins
 
     def ece(self) -> float:
         total = float(self.count.sum())

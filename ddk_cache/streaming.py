@@ -1,11 +1,10 @@
-"""Stream a store's training windows into batches, with decoding off the training thread.
+"""Read and decode this rank's training windows off the training thread, and collate them.
 
-Each domain is an endless, seeded stream over its `train/` windows: every epoch visits the
-windows in a fresh order that shuffles whole chunks and then the windows inside each chunk,
-so every read is one chunk-aligned block (a few large reads, never per-window reads) and an
-exhausted domain is reused cyclically, as DDK prescribes. The order depends only on the seed,
-the domain and the epoch, never on the sampler's weights, so a background thread pool can
-decode chunks ahead of need, and a cursor (epoch, position) per domain is enough to resume.
+The planner (`data_order.py`) says which windows each step needs; this loader turns them into
+model-ready tensors. It reads whole chunks (a chunk is zarr's unit of decompression, and one
+large read beats many small ones), only the chunks that hold this rank's windows, and keeps a
+decoded chunk while a current or upcoming window still needs it. `prefetch` queues the chunks
+of the next step while the current one trains, so decoding hides behind compute.
 
 Why threads rather than DataLoader worker processes: zarr and fsspec run an asyncio loop in a
 thread, which a forked worker inherits in a broken state; decompression (blosc/zstd) releases
@@ -14,8 +13,6 @@ the GIL, so threads decode in parallel without any fork hazard.
 
 from __future__ import annotations
 
-import zlib
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +21,7 @@ import torch
 
 from ddk_cache.cache_format import TOKENS
 from ddk_cache.cache_reader import CacheReader, WindowBlock
+from ddk_cache.data_order import DomainOrder, WindowRef
 from ddk_cache.losses import TeacherTargets
 
 
@@ -34,7 +32,7 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, L]
     targets: torch.Tensor  # int64 [B, L]
     teacher: TeacherTargets  # sparse teacher entries [B, L, W] (+ validity, rest)
-    domains: torch.Tensor  # int64 [B], index into the batcher's domain list
+    domains: torch.Tensor  # int64 [B], index into the store's domain list
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda")  # noqa: E731
@@ -42,116 +40,54 @@ class Batch:
         return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains))
 
 
-class DomainStream:
-    """Endless seeded stream of one domain's windows, decoded `prefetch` chunks ahead."""
-
-    def __init__(self, reader: CacheReader, domain: str, seed: int, pool: ThreadPoolExecutor, prefetch: int = 2, split: str = "train") -> None:
-        self.reader, self.domain, self.split, self.seed, self.pool, self.prefetch = reader, domain, split, seed, pool, prefetch
-        self.n_windows = reader.array(domain, split, TOKENS).shape[0]
-        self.chunk_windows = reader.array(domain, split, TOKENS).chunks[0]
-        if self.n_windows == 0:
-            raise ValueError(f"domain {domain!r} has no {split} windows")
-        self.n_chunks = -(-self.n_windows // self.chunk_windows)
-        self.epoch, self.position = 0, 0  # the cursor: next window is `position` in epoch `epoch`'s order
-        self._pending: deque[tuple[int, int, Future]] = deque()  # (epoch, chunk slot, decoded chunk)
-        self._current: tuple[WindowBlock, np.ndarray] | None = None
-        self._current_slot: tuple[int, int] | None = None
-        self._layouts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._pending.clear()
-        self._current = self._current_slot = None
-
-    def next_window(self) -> tuple[WindowBlock, int]:
-        """The next window of the stream: its decoded chunk and the row inside it."""
-        slot, offset = self._slot_of(self.epoch, self.position)
-        if self._current_slot != (self.epoch, slot):
-            self._current = self._take(self.epoch, slot)
-            self._current_slot = (self.epoch, slot)
-        chunk, window_order = self._current
-        row = window_order[offset]
-        self.position += 1
-        if self.position == self.n_windows:
-            self.epoch, self.position = self.epoch + 1, 0
-        return chunk, int(row)
-
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chunk visiting order of `epoch`, each slot's window count and cumulative end (cached)."""
-        if epoch not in self._layouts:
-            order = self._rng(epoch, -1).permutation(self.n_chunks)
-            sizes = np.minimum(self.chunk_windows, self.n_windows - order * self.chunk_windows)
-            self._layouts[epoch] = (order, sizes, np.cumsum(sizes))
-            for stale in [e for e in self._layouts if e < epoch - 1]:
-                del self._layouts[stale]
-        return self._layouts[epoch]
-
-    def _slot_of(self, epoch: int, position: int) -> tuple[int, int]:
-        """Which slot of the epoch's chunk order holds `position`, and the offset inside it."""
-        _, sizes, ends = self._epoch_layout(epoch)
-        slot = int(np.searchsorted(ends, position, side="right"))
-        return slot, position - int(ends[slot] - sizes[slot])
-
-    def _rng(self, epoch: int, chunk: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, zlib.crc32(self.domain.encode()), epoch, chunk + 1])
-
-    def _take(self, epoch: int, slot: int) -> tuple[WindowBlock, np.ndarray]:
-        """The decoded chunk at (epoch, slot), scheduling reads of the following chunks."""
-        while self._pending and (self._pending[0][0], self._pending[0][1]) != (epoch, slot):
-            self._pending.popleft()  # stale read-ahead (after a restore)
-        if not self._pending:
-            self._pending.append((epoch, slot, self._submit(epoch, slot)))
-        next_epoch, next_slot = self._pending[-1][0], self._pending[-1][1]
-        while len(self._pending) <= self.prefetch:
-            next_epoch, next_slot = (next_epoch, next_slot + 1) if next_slot + 1 < self.n_chunks else (next_epoch + 1, 0)
-            self._pending.append((next_epoch, next_slot, self._submit(next_epoch, next_slot)))
-        _, _, future = self._pending.popleft()
-        chunk_id = int(self._epoch_layout(epoch)[0][slot])
-        return future.result(), self._rng(epoch, chunk_id).permutation(self._chunk_size(chunk_id))
-
-    def _chunk_size(self, chunk_id: int) -> int:
-        return min(self.chunk_windows, self.n_windows - chunk_id * self.chunk_windows)
-
-    def _submit(self, epoch: int, slot: int) -> Future:
-        chunk_id = int(self._epoch_layout(epoch)[0][slot])
-        return self.pool.submit(self._decode, chunk_id)
-
-    def _decode(self, chunk_id: int) -> WindowBlock:
-        start = chunk_id * self.chunk_windows
-        return self.reader.read(self.domain, self.split, start, start + self._chunk_size(chunk_id))
+def domain_orders(reader: CacheReader, domains: list[str], seed: int, split: str = "train") -> list[DomainOrder]:
+    """The visiting order of each domain's windows, from the store's sizes and chunking."""
+    orders = []
+    for domain in domains:
+        tokens = reader.array(domain, split, TOKENS)
+        orders.append(DomainOrder(domain, tokens.shape[0], tokens.chunks[0], seed))
+    return orders
 
 
-class CacheBatcher:
-    """Assembles batches from per-domain streams given the sampler's domain draws."""
+class WindowLoader:
+    """Decodes the chunks a rank needs, ahead of need, and stacks windows into batches."""
 
-    def __init__(self, reader: CacheReader, domains: list[str], seed: int, prefetch_chunks: int = 2, threads: int = 2) -> None:
-        self.domains = domains
+    def __init__(self, reader: CacheReader, orders: list[DomainOrder], threads: int = 2, split: str = "train") -> None:
+        self.reader, self.orders, self.split = reader, orders, split
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-reader")
-        self.streams = [DomainStream(reader, d, seed, self.pool, prefetch_chunks) for d in domains]
+        self._chunks: dict[tuple[int, int], Future] = {}
 
-    def next_batch(self, domain_indices: np.ndarray) -> Batch:
-        windows = [self.streams[i].next_window() for i in domain_indices]
+    def prefetch(self, refs: list[WindowRef]) -> None:
+        """Start decoding every chunk that `refs` need and that is not decoded or queued yet."""
+        for key in dict.fromkeys((ref.domain, ref.chunk) for ref in refs):
+            if key not in self._chunks:
+                self._chunks[key] = self.pool.submit(self._decode, *key)
 
-        def stack(field: str, dtype=None) -> torch.Tensor | None:
-            rows = [getattr(block, field) for block, _ in windows]
-            if rows[0] is None:
+    def retain(self, refs: list[WindowRef]) -> None:
+        """Forget decoded chunks that none of `refs` needs (the current and the next step's windows)."""
+        keep = {(ref.domain, ref.chunk) for ref in refs}
+        for key in [k for k in self._chunks if k not in keep]:
+            self._chunks.pop(key).cancel()
+
+    def batch(self, refs: list[WindowRef]) -> Batch:
+        """The windows `refs`, stacked in that order."""
+        self.prefetch(refs)
+        rows = [(self._chunks[(ref.domain, ref.chunk)].result(), ref.row - ref.chunk * self.orders[ref.domain].chunk_windows) for ref in refs]
+
+        def stack(name: str, dtype=None) -> torch.Tensor | None:
+            if getattr(rows[0][0], name) is None:
                 return None
-            stacked = np.stack([array[row] for array, (_, row) in zip(rows, windows)])
+            stacked = np.stack([getattr(block, name)[row] for block, row in rows])
             return torch.from_numpy(stacked if dtype is None else stacked.astype(dtype))
 
         tokens = stack("tokens", np.int64)
         teacher = TeacherTargets(stack("ids", np.int64), stack("logprobs"), stack("valid"), stack("rest_logprobs"))
-        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor(domain_indices, dtype=torch.long))
+        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long))
 
-    def state(self) -> dict[str, dict[str, int]]:
-        return {s.domain: s.state() for s in self.streams}
-
-    def restore(self, state: dict[str, dict[str, int]]) -> None:
-        for stream in self.streams:
-            stream.restore(state[stream.domain])
+    def _decode(self, domain: int, chunk: int) -> WindowBlock:
+        order = self.orders[domain]
+        start = chunk * order.chunk_windows
+        return self.reader.read(order.domain, self.split, start, start + order.chunk_size(chunk))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,10 +1,15 @@
 """Stage two: train a student from a cache alone, with the DDK domain sampler and KD losses.
 
-One step: the sampler draws a domain for each window of the batch, the batcher hands over
-the decoded windows (decoding runs ahead in reader threads), the student's logits give CE on
-the true next token plus the KD divergence on the cached top-k. Every `update_every` (K)
-steps the student is evaluated on each domain's `valid/` windows; DDK reweights domains from
-the student/teacher perplexity ratio.
+One optimizer step takes one *global batch* of windows: the sampler draws a domain per window,
+the planner picks each domain's next windows (the same on every rank, see `data_order.py`),
+each rank trains on its contiguous slice in micro-batches (gradient accumulation), and DDP or
+FSDP2 averages the gradients. Every `update_every` (K) steps the student is evaluated on each
+domain's `valid/` windows (split over the ranks, sums all-reduced) and DDK reweights the domains
+from the student/teacher perplexity ratio.
+
+The shape follows torchtitan's `train.py`: every stateful piece speaks `state_dict()` /
+`load_state_dict()`, one `Checkpointer` receives them all, and `train()` is a short loop of
+named calls. Launched without torchrun it is a single process on one device, as before.
 """
 
 from __future__ import annotations
@@ -22,19 +27,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.checkpoint import load_checkpoint, remove_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from ddk_cache.engines.hf import resolve_device
+from ddk_cache.checkpoint import Checkpointer, ModelAndOptimizer, has_checkpoint, truncate_metrics
+from ddk_cache.data_order import GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
+from ddk_cache.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.evaluation import DomainEval, evaluate_domains
-from ddk_cache.losses import KDConfig, check_sampled_config, dense_distillation_loss, distillation_loss
+from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
 from ddk_cache.optim import build_optimizer, build_scheduler
-from ddk_cache.samplers import create_sampler
-from ddk_cache.streaming import CacheBatcher
+from ddk_cache.parallelize import clip_grad_norm, full_state_dict, gradient_sync, parallelize, resolve_parallel_mode, unwrap, uses_autocast
+from ddk_cache.samplers import DomainSampler, create_sampler
+from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
 
 METRICS_NAME = "metrics.jsonl"
-# Fields that may differ between a run and its resumption; everything else must match.
-RESUMABLE_CHANGES = ("resume", "show_progress", "storage_options")
+# Settings that may differ between a run and its resumption: how the work is spread over
+# devices (world size, micro-batch, accumulation, DDP/FSDP) and how it is shown. The global
+# batch, the data, the model and the optimisation must match.
+RESUMABLE_CHANGES = ("out", "resume", "show_progress", "storage_options", "batch_size", "grad_accum", "global_batch_size",
+                     "parallel", "device", "dist_timeout", "reader_threads")
 
 
 @dataclass
@@ -44,8 +54,9 @@ class DistillConfig:
     out: Path
     tokenizer: str | None = None
     steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8  # micro-batch: windows per forward pass on each rank
+    grad_accum: int | None = None  # micro-batches per rank per step; default: what the global batch implies, else 1
+    global_batch_size: int | None = None  # windows per optimizer step over all ranks; default: batch_size x grad_accum x ranks
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # DDK: 3e-5 -> 3e-6
     warmup: int | None = None  # default: min(1000, steps // 10)
@@ -61,6 +72,9 @@ class DistillConfig:
     checkpoint_every: int = 0  # 0: every K steps
     seed: int = 0
     device: str = "auto"
+    parallel: str = "auto"  # none, ddp or fsdp; auto: ddp under torchrun with several ranks
+    dist_timeout: float = 600.0  # seconds a collective may wait for a rank before the job fails
+    reader_threads: int = 2
     resume: bool = False
     online_teacher: str | None = None  # reference mode: dense KD from the live teacher, not the cache
     storage_options: dict[str, Any] | None = None
@@ -74,12 +88,44 @@ class DistillConfig:
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(1000, self.steps // 10)
 
-    def comparable(self) -> dict[str, Any]:
+    def run_settings(self, global_batch: int) -> dict[str, Any]:
+        """What identifies the run: a resumed run must agree on all of it."""
         data = dataclasses.asdict(self)
         for key in RESUMABLE_CHANGES:
             data.pop(key)
-        data["out"] = str(data["out"])
-        return data
+        for key in ("store", "student", "tokenizer", "online_teacher"):  # `run` and `$PWD/run` are the same folder
+            if data[key] is not None and "://" not in data[key] and Path(data[key]).exists():
+                data[key] = str(Path(data[key]).resolve())
+        return {**data, "global_batch_size": global_batch}
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A global batch of `global_size` windows = ranks x `accum` micro-batches x `micro` windows."""
+
+    global_size: int
+    micro: int
+    accum: int
+
+    @classmethod
+    def resolve(cls, config: DistillConfig, world_size: int) -> "BatchShape":
+        micro = config.batch_size
+        if config.global_batch_size is None:
+            accum = config.grad_accum or 1
+            return cls(micro * accum * world_size, micro, accum)
+        per_step = world_size * micro
+        if config.global_batch_size % per_step:
+            raise DDKCacheError(
+                f"--global-batch-size {config.global_batch_size} is not a multiple of {world_size} ranks x --batch-size {micro} = {per_step}: "
+                "change one of them"
+            )
+        accum = config.global_batch_size // per_step
+        if config.grad_accum is not None and config.grad_accum != accum:
+            raise DDKCacheError(
+                f"--grad-accum {config.grad_accum} contradicts --global-batch-size {config.global_batch_size} "
+                f"({world_size} ranks x --batch-size {micro} x {accum}): give one of them"
+            )
+        return cls(config.global_batch_size, micro, accum)
 
 
 @dataclass
@@ -92,144 +138,209 @@ class DistillSummary:
     final_weights: dict[str, float]
 
 
+class TrainState:
+    """The loop's own progress: the next step, and the first evaluation (the "before" of the report)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.first_eval: list[DomainEval] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "first_eval": [dataclasses.asdict(e) for e in self.first_eval or []]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.first_eval = [DomainEval(**e) for e in state["first_eval"]] or None
+
+
 def run_distill(config: DistillConfig) -> DistillSummary:
-    _validate(config)
-    reader = CacheReader(config.store, storage_options=config.storage_options)
-    if reader.capture.mode == "sampled" and config.online_teacher is None:
-        try:
-            check_sampled_config(config.kd)
-        except ValueError as exc:
-            raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
-    domains = reader.domains
-    device = resolve_device(config.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-
-    config.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(config.out)
-    if config.resume and checkpoint is None:
-        raise DDKCacheError(f"{config.out} holds no checkpoint to resume: run without --resume")
-    if not config.resume and checkpoint is not None:
-        raise DDKCacheError(f"{config.out} already holds a distill run: pass --resume to continue it, or choose another --out")
-    if checkpoint is None and (config.out / METRICS_NAME).exists() and (config.out / "config.json").exists():
-        raise DDKCacheError(f"{config.out} already holds a finished distill run: choose another --out")
-    if checkpoint is not None:
-        _check_same_run(checkpoint["config"], config.comparable(), config.out)
-
-    torch.manual_seed(config.seed)  # a student built from a config starts from seeded weights
-    model, tokenizer, _ = load_student(config.student, config.tokenizer)
-    check_compatible(model, tokenizer, reader.header)
-    model.to(device).train()
-    online_teacher = _load_online_teacher(config.online_teacher, reader.header, device) if config.online_teacher else None
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
-    weights = [(reader.header["manifest"]["domains"][i].get("weight", 1.0)) for i in range(len(domains))]
-    sampler = create_sampler(config.sampler, domains, weights, alpha=config.ddk_alpha, smooth=config.ddk_smooth)
-    generator = np.random.default_rng(config.seed)
-    batcher = CacheBatcher(reader, domains, config.seed)
-    teacher_vocab = int(reader.header["teacher"]["vocab_size"])
-    metrics_path = config.out / METRICS_NAME
-
-    start_step, first_eval = 0, None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        batcher.restore(checkpoint["batcher"])
-        restore_rng_state(checkpoint["rng"], generator)
-        start_step = checkpoint["step"]
-        first_eval = [DomainEval(**e) for e in checkpoint["first_eval"]]
-        _truncate_metrics(metrics_path, start_step)
-    else:
-        metrics_path.write_text("")
-
-    def evaluate() -> list[DomainEval]:
-        return evaluate_domains(model, reader, domains, config.eval_windows, config.eval_batch_size, autocast_dtype)
-
-    micro_batch = config.batch_size
-    tokens_per_step = micro_batch * config.grad_accum * int(reader.header["capture"]["seq_len"])
-    train_seconds, trained_tokens = 0.0, 0
-    bar = tqdm(total=config.steps, initial=start_step, desc="distill", unit="step", disable=not config.show_progress)
+    """Train, on one device or on every rank torchrun started; every rank returns the summary."""
+    started_group = launched_by_torchrun() and not torch.distributed.is_initialized()
     try:
-        with metrics_path.open("a") as metrics:
-            for step in range(start_step, config.steps):
-                record: dict[str, Any] = {"step": step}
-                if step % config.k_steps == 0:
-                    evals = evaluate()
-                    first_eval = first_eval or evals
-                    sampler.update([e.student_ppl for e in evals], [e.teacher_ppl for e in evals])
-                    record["eval"] = {e.domain: {"student_ppl": e.student_ppl, "teacher_ppl": e.teacher_ppl} for e in evals}
-                    record["domain_weights"] = sampler.weights_by_domain()
-                started = time.perf_counter()
-                parts = _train_step(
-                    model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype, online_teacher
-                )
-                scheduler.step()
-                elapsed = time.perf_counter() - started
-                train_seconds += elapsed
-                trained_tokens += tokens_per_step
-                record.update(parts, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step / elapsed)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.3f}")
-                done = step + 1
-                if done < config.steps and done % (config.checkpoint_every or config.k_steps) == 0:
-                    save_checkpoint(config.out, {
-                        "step": done,
-                        "config": config.comparable(),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "sampler": sampler.state_dict(),
-                        "batcher": batcher.state(),
-                        "rng": rng_state(generator),
-                        "first_eval": [dataclasses.asdict(e) for e in first_eval],
-                    })
-            final_eval = evaluate()
-            metrics.write(json.dumps({"step": config.steps, "final_eval": [e.to_dict() for e in final_eval]}) + "\n")
+        ctx = init_parallel(config.device, config.dist_timeout)
+        return Trainer(config, ctx).train()
     finally:
-        bar.close()
-        batcher.close()
-    model.save_pretrained(config.out)
-    tokenizer.save_pretrained(config.out)
-    remove_checkpoint(config.out)  # the run is finished: the saved student is its result
-    return DistillSummary(
-        out=config.out,
-        steps=config.steps,
-        first_eval=first_eval or final_eval,
-        final_eval=final_eval,
-        tokens_per_second=trained_tokens / train_seconds if train_seconds else 0.0,
-        final_weights=sampler.weights_by_domain(),
-    )
+        if started_group:
+            shutdown()
 
 
-def _train_step(
-    model, optimizer, batcher, sampler, generator, config, micro_batch, teacher_vocab, device, autocast_dtype, online_teacher=None
-) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches; returns the logged loss parts."""
-    totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-    for _ in range(config.grad_accum):
-        batch = batcher.next_batch(sampler.draw(generator, micro_batch)).to(device)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+class Trainer:
+    """Components built once; `train()` runs the loop."""
+
+    def __init__(self, config: DistillConfig, ctx: ParallelContext) -> None:
+        self.config, self.ctx = config, ctx
+        # Set-up that can fail on one rank alone (a store a node cannot open, a bad flag): every
+        # rank fails with the same one-line error instead of the others waiting in a collective.
+        agree(ctx, self._set_up)
+        self._build()
+
+    def _set_up(self) -> None:
+        config = self.config
+        _validate(config)
+        self.shape = BatchShape.resolve(config, self.ctx.world_size)
+        self.mode = resolve_parallel_mode(config.parallel, self.ctx)
+        self.reader = CacheReader(config.store, storage_options=config.storage_options)
+        if self.reader.capture.mode == "sampled" and config.online_teacher is None:
+            try:
+                check_sampled_config(config.kd)
+            except ValueError as exc:
+                raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
+        _check_out(config)
+        torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank
+        self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer)
+        check_compatible(self.model, self.tokenizer, self.reader.header)
+        self.online_teacher = _load_online_teacher(config.online_teacher, self.reader.header, self.ctx.device) if config.online_teacher else None
+
+    def _build(self) -> None:
+        config, reader = self.config, self.reader
+        self.domains = reader.domains
+        self.model.train()
+        self.model = parallelize(self.model, self.mode, self.ctx)
+        self.autocast_dtype = uses_autocast(self.mode, self.ctx.device)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+        manifest_weights = [d.get("weight", 1.0) for d in reader.header["manifest"]["domains"]]
+        self.sampler: DomainSampler = create_sampler(config.sampler, self.domains, manifest_weights, alpha=config.ddk_alpha, smooth=config.ddk_smooth)
+        orders = domain_orders(reader, self.domains, config.seed)
+        self.planner = GlobalBatchPlanner(orders, self.shape.global_size, config.seed)
+        self.loader = WindowLoader(reader, orders, threads=config.reader_threads)
+        self.state = TrainState()
+        self.teacher_vocab = int(reader.header["teacher"]["vocab_size"])
+        self.tokens_per_step = self.shape.global_size * int(reader.header["capture"]["seq_len"])
+        self.checkpointer = Checkpointer(
+            config.out,
+            {"model_and_optimizer": ModelAndOptimizer(self.model, self.optimizer), "lr_scheduler": self.scheduler,
+             "sampler": self.sampler, "data": self.planner, "train_state": self.state},
+            config.run_settings(self.shape.global_size),
+            self.ctx,
+        )
+        self.metrics_path = config.out / METRICS_NAME
+        self.train_seconds = 0.0
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def train(self) -> DistillSummary:
+        config = self.config
+        self.load_checkpoint()
+        bar = tqdm(total=config.steps, initial=self.state.step, desc="distill", unit="step",
+                   disable=not (config.show_progress and self.ctx.is_main))
+        try:
+            with (self.metrics_path.open("a") if self.ctx.is_main else nullcontext()) as metrics:
+                while self.state.step < config.steps:
+                    record: dict[str, Any] = {"step": self.state.step}
+                    if self.state.step % config.k_steps == 0:
+                        record.update(self.validate())
+                    record.update(self.train_step())
+                    self.state.step += 1
+                    self.log(metrics, record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    self.maybe_checkpoint()
+                final_eval = self.evaluate()
+                self.log(metrics, {"step": config.steps, "final_eval": [e.to_dict() for e in final_eval]})
+        finally:
+            bar.close()
+            self.loader.close()
+        self.save_student()
+        self.checkpointer.remove_all()
+        return DistillSummary(
+            out=config.out,
+            steps=config.steps,
+            first_eval=self.state.first_eval or final_eval,
+            final_eval=final_eval,
+            tokens_per_second=self.tokens_per_step * (config.steps - self._start_step) / self.train_seconds if self.train_seconds else 0.0,
+            final_weights=self.sampler.weights_by_domain(),
+        )
+
+    def load_checkpoint(self) -> None:
+        step = self.checkpointer.latest_step() if self.config.resume else None
+        if step is not None:
+            self.checkpointer.load(step)
+            if self.ctx.is_main:
+                truncate_metrics(self.metrics_path, step)
+        elif self.ctx.is_main:
+            self.metrics_path.write_text("")
+        self._start_step = self.state.step
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over this rank's share of the global batch; returns the logged parts."""
+        step, shape = self.state.step, self.shape
+        torch.manual_seed(_step_seed(self.config.seed, step, self.ctx.rank))  # dropout, if the student has any
+        started = time.perf_counter()
+        mine = rank_slice(self.planner.plan(step, self.sampler), self.ctx.rank, self.ctx.world_size)
+        self._read_ahead(mine)
+        sums = torch.zeros(3, dtype=torch.float64)
+        micro = micro_batches(mine, shape.micro)
+        for index, refs in enumerate(micro):
+            batch = self.loader.batch(refs).to(self.ctx.device)
+            with gradient_sync(self.model, last_micro_batch=index == len(micro) - 1):
+                parts = self.forward_loss(batch)
+                (parts.total / shape.accum).backward()
+            sums += torch.tensor([float(parts.total.detach()), float(parts.ce.detach()),
+                                  float(parts.kd.detach()) if parts.kd is not None else 0.0], dtype=torch.float64) / shape.accum
+        record: dict[str, float] = {}
+        if self.config.clip > 0:
+            record["grad_norm"] = clip_grad_norm(self.model, self.config.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, ce, kd = (float(v) for v in all_reduce_sum(self.ctx, sums) / self.ctx.world_size)
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+        return {"loss": loss, "ce": ce, "kd": kd, **record, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_step / elapsed}
+
+    def forward_loss(self, batch: Batch) -> LossParts:
+        autocast = torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with autocast:
-            logits = model(input_ids=batch.input_ids, use_cache=False).logits
-            if online_teacher is not None:
+            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
+            if self.online_teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = online_teacher(input_ids=batch.input_ids, use_cache=False).logits
-        if online_teacher is not None:
-            parts = dense_distillation_loss(logits, batch.targets, teacher_logits, config.kd)
-        else:
-            parts = distillation_loss(logits, batch.targets, batch.teacher, config.kd, teacher_vocab=teacher_vocab)
-        (parts.total / config.grad_accum).backward()
-        totals["loss"] += float(parts.total.detach()) / config.grad_accum
-        totals["ce"] += float(parts.ce.detach()) / config.grad_accum
-        totals["kd"] += float(parts.kd.detach()) / config.grad_accum if parts.kd is not None else 0.0
-    if config.clip > 0:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return totals
+                    teacher_logits = self.online_teacher(input_ids=batch.input_ids, use_cache=False).logits
+        if self.online_teacher is not None:
+            return dense_distillation_loss(logits, batch.targets, teacher_logits, self.config.kd)
+        return distillation_loss(logits, batch.targets, batch.teacher, self.config.kd, teacher_vocab=self.teacher_vocab)
+
+    def validate(self) -> dict[str, Any]:
+        """DDK's update: evaluate every domain, reweight the sampler (identically on every rank)."""
+        evals = self.evaluate()
+        self.state.first_eval = self.state.first_eval or evals
+        self.sampler.update([e.student_ppl for e in evals], [e.teacher_ppl for e in evals])
+        return {"eval": {e.domain: {"student_ppl": e.student_ppl, "teacher_ppl": e.teacher_ppl} for e in evals},
+                "domain_weights": self.sampler.weights_by_domain()}
+
+    def evaluate(self) -> list[DomainEval]:
+        model = unwrap(self.model)  # DDP needs no wrapper to run forwards; FSDP2 is the module itself
+        return evaluate_domains(model, self.reader, self.domains, self.config.eval_windows, self.config.eval_batch_size,
+                                self.autocast_dtype, self.ctx)
+
+    def maybe_checkpoint(self) -> None:
+        done, config = self.state.step, self.config
+        if done < config.steps and done % (config.checkpoint_every or config.k_steps) == 0:
+            self.checkpointer.save(done)
+
+    def log(self, metrics, record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def save_student(self) -> None:
+        """`save_pretrained` by rank 0, with the full weights gathered from every rank under FSDP."""
+        weights = full_state_dict(self.model) if self.mode == "fsdp" else None
+        if self.ctx.is_main:
+            unwrap(self.model).save_pretrained(self.config.out, state_dict=weights)
+            self.tokenizer.save_pretrained(self.config.out)
+
+    def _read_ahead(self, mine: list[WindowRef]) -> None:
+        """Decode this step's chunks now and the next step's behind it (with today's weights)."""
+        step = self.state.step
+        ahead = rank_slice(self.planner.peek(step + 1, self.sampler), self.ctx.rank, self.ctx.world_size) if step + 1 < self.config.steps else []
+        self.loader.retain(mine + ahead)
+        self.loader.prefetch(mine)
+        self.loader.prefetch(ahead)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -250,26 +361,27 @@ def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device
 
 
 def _validate(config: DistillConfig) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "eval_windows", "eval_batch_size"):
+    for name in ("steps", "batch_size", "eval_windows", "eval_batch_size", "reader_threads"):
         if getattr(config, name) <= 0:
+            raise DDKCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name in ("grad_accum", "global_batch_size"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise DDKCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.lr <= 0:
         raise DDKCacheError(f"--lr must be positive, got {config.lr}")
+    if config.dist_timeout <= 0:
+        raise DDKCacheError(f"--dist-timeout must be positive (seconds), got {config.dist_timeout}")
 
 
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out: Path) -> None:
-    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-    if differing:
-        key = differing[0]
-        raise DDKCacheError(
-            f"{out} was trained with a different {', '.join(differing)} (checkpoint: {saved.get(key)}, now: {current.get(key)}): "
-            "resume with the original settings, or choose another --out"
-        )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines a killed run wrote after its last checkpoint; the resumed run rewrites them."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-    path.write_text("".join(line + "\n" for line in kept))
+def _check_out(config: DistillConfig) -> None:
+    """`--out` is a new run, or (with --resume) a killed one; never a finished run or a regular file."""
+    if config.out.exists() and not config.out.is_dir():
+        raise DDKCacheError(f"--out {config.out} is a file: choose a folder")
+    config.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = has_checkpoint(config.out)
+    if config.resume and not checkpoint:
+        raise DDKCacheError(f"{config.out} holds no checkpoint to resume: run without --resume")
+    if not config.resume and checkpoint:
+        raise DDKCacheError(f"{config.out} already holds a distill run: pass --resume to continue it, or choose another --out")
+    if not checkpoint and (config.out / METRICS_NAME).exists() and (config.out / "config.json").exists():
+        raise DDKCacheError(f"{config.out} already holds a finished distill run: choose another --out")

@@ -104,7 +104,7 @@ def test_distill_trains_saves_a_loadable_student_and_logs_metrics(specialist_sto
     assert "final_eval" in rows[-1]
     model = AutoModelForCausalLM.from_pretrained(out)  # save_pretrained output, with its tokenizer
     assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>" and model.config.num_hidden_layers == 1
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoints").exists()
     assert "student ppl after" in result.output
 
 
@@ -139,16 +139,16 @@ def test_kd_brings_the_student_closer_to_the_teacher_than_ce_alone(specialist_st
 KILLING_RUNNER = textwrap.dedent(
     """
     import os, signal, sys
-    from ddk_cache.stages import distill
+    from ddk_cache.checkpoint import Checkpointer
 
-    save, kill_at = distill.save_checkpoint, int(os.environ["KILL_AFTER_CHECKPOINT_STEP"])
+    save, kill_at = Checkpointer.save, int(os.environ["KILL_AFTER_CHECKPOINT_STEP"])
 
-    def save_then_die(out_dir, state):
-        save(out_dir, state)
-        if state["step"] == kill_at:
+    def save_then_die(self, step):
+        save(self, step)
+        if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    distill.save_checkpoint = save_then_die
+    Checkpointer.save = save_then_die
     from ddk_cache.cli.main import main
     sys.argv = ["ddk-cache", *sys.argv[1:]]
     main()
