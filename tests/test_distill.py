@@ -249,3 +249,36 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
     assert first_dense["kd"] > first_cached["kd"] * 1.01
     broken = distill(tiny_store, student, tmp_path / "broken", *common, "--online-teacher", str(tmp_path / "nowhere"))
     assert broken.exit_code == 2 and "cannot load the online teacher" in broken.output
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--parallel", "fsdp"), "--parallel fsdp needs one process per device: launch with torchrun"),
+    (("--parallel", "zero3"), "unknown --parallel 'zero3'"),
+    (("--global-batch-size", "6", "--batch-size", "4"), "--global-batch-size 6 is not a multiple of 1 ranks x --batch-size 4 = 4"),
+    (("--global-batch-size", "8", "--batch-size", "4", "--grad-accum", "3"), "--grad-accum 3 contradicts --global-batch-size 8"),
+    (("--global-batch-size", "0",), "--global-batch-size must be positive"),
+    (("--dist-timeout", "0",), "--dist-timeout must be positive"),
+    (("--reader-threads", "0",), "--reader-threads must be positive"),
+    (("--device", "tpu",), "unknown --device 'tpu'"),
+    (("--device", "mps",), "--device mps: distill runs on cpu or cuda"),
+    pytest.param(("--device", "cuda"), "--device cuda but no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_batch_and_launch_settings_are_checked_before_anything_is_written(tiny_store, tiny_teacher, tmp_path, flags, message):
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "out", "--steps", "2", *flags)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_global_batch_with_accumulation_equals_the_same_global_batch_in_one_micro_batch(tiny_store, tiny_teacher, tmp_path):
+    """The global batch, not its split into micro-batches, decides the run (float summation order aside)."""
+    student = make_student(tmp_path / "student", tiny_teacher)
+    common = ("--steps", "6", "--update-every", "3", "--global-batch-size", "6")
+    assert distill(tiny_store, student, tmp_path / "one", *common, "--batch-size", "6").exit_code == 0
+    assert distill(tiny_store, student, tmp_path / "three", *common, "--batch-size", "2").exit_code == 0
+    for a, b in zip(metrics(tmp_path / "three"), metrics(tmp_path / "one")):
+        for key in ("loss", "ce", "kd"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        assert a.get("domain_weights") == pytest.approx(b.get("domain_weights"), rel=1e-6) if "domain_weights" in b else True
