@@ -28,12 +28,32 @@ import numpy as np
 
 
 def rank_main(memory_file: str, argv: list[str]) -> None:
-    """One rank: run `ddk-cache ARGV`, then append this process's peak RSS to `memory_file`."""
+    """One rank: run `ddk-cache ARGV`, then append this process's peak RSS and model-state bytes to `memory_file`.
+
+    Model state = this rank's own parameters (the local shard under FSDP) plus AdamW's moments, counted
+    exactly from the tensors at the end of training; gradients take as much again as the parameters.
+    """
     import atexit
+
+    from ddk_cache.stages.distill import Trainer
+
+    state: dict[str, float] = {}
+    save_student = Trainer.save_student
+
+    def counting_save_student(self) -> None:
+        local = lambda t: getattr(t, "_local_tensor", t)  # noqa: E731 - a DTensor's own shard
+        params = sum(local(p).numel() * local(p).element_size() for p in self.model.parameters())
+        moments = sum(local(v).numel() * local(v).element_size() for s in self.optimizer.state.values() for v in s.values()
+                      if hasattr(v, "numel") and v.dim() > 0)
+        state.update(params_mib=params / 2**20, optimizer_mib=moments / 2**20)
+        save_student(self)
+
+    Trainer.save_student = counting_save_student
 
     def report() -> None:
         with open(memory_file, "a") as out:
-            out.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}) + "\n")
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "max_rss_mib": peak, **state}) + "\n")
 
     atexit.register(report)
     from ddk_cache.cli.main import main
@@ -73,7 +93,8 @@ def run(ranks: int, out: Path, args: argparse.Namespace, student: Path, steps: i
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]
     memory = sorted((json.loads(line) for line in memory_file.read_text().splitlines()), key=lambda m: m["rank"])
-    return {"tokens_per_s": float(np.median(rates)) if rates else None, "max_rss_mib": [round(m["max_rss_mib"]) for m in memory]}
+    return {"tokens_per_s": float(np.median(rates)) if rates else None, "max_rss_mib": [round(m["max_rss_mib"]) for m in memory],
+            "model_state_mib": [round(m.get("params_mib", 0) * 2 + m.get("optimizer_mib", 0)) for m in memory]}
 
 
 def main() -> None:
@@ -92,6 +113,7 @@ def main() -> None:
     parser.add_argument("--memory-layers", type=int, default=10, help="memory student: layers (768 x 10: about 100M parameters)")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,17 +124,19 @@ def main() -> None:
     small_params = write_student(args.tokenizer, small, args.hidden, 4)
     per_rank = args.global_batch_size // 2
     single, double = [], []
-    for repeat in range(args.repeats):
+    for repeat in range(0 if args.skip_scaling else args.repeats):
         single.append(run(1, args.out_dir / f"scale-1-{repeat}", args, small, args.steps, "none",
                           ("--global-batch-size", str(args.global_batch_size), "--batch-size", str(per_rank))))
         double.append(run(2, args.out_dir / f"scale-2-{repeat}", args, small, args.steps, "ddp",
                           ("--global-batch-size", str(args.global_batch_size), "--batch-size", str(per_rank))))
         print(f"repeat {repeat}: 1 process {single[-1]['tokens_per_s']:.0f} tok/s, 2 ranks {double[-1]['tokens_per_s']:.0f} tok/s", flush=True)
     efficiency = [d["tokens_per_s"] / (2 * s["tokens_per_s"]) for s, d in zip(single, double)]
-    results = {
+    results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU, gloo, one thread per process",
         "store": args.store,
-        "scaling": {
+    }
+    if not args.skip_scaling:
+        results["scaling"] = {
             "student": f"Llama {args.hidden} x 4 layers, {small_params / 1e6:.1f}M parameters",
             "global_batch_windows": args.global_batch_size,
             "one_process": {"micro_batch": per_rank, "grad_accum": 2, "tokens_per_s": [round(s["tokens_per_s"], 1) for s in single],
@@ -122,8 +146,7 @@ def main() -> None:
             "speedup": [round(2 * e, 3) for e in efficiency],
             "efficiency": [round(e, 3) for e in efficiency],
             "efficiency_median": round(float(np.median(efficiency)), 3),
-        },
-    }
+        }
     if not args.skip_memory:
         big = args.out_dir / "student-100m"
         big_params = write_student(args.tokenizer, big, args.memory_hidden, args.memory_layers)
@@ -135,6 +158,8 @@ def main() -> None:
             "ddp_max_rss_mib_per_rank": memory["ddp"]["max_rss_mib"],
             "fsdp_max_rss_mib_per_rank": memory["fsdp"]["max_rss_mib"],
             "fsdp_over_ddp": round(float(np.mean(memory["fsdp"]["max_rss_mib"]) / np.mean(memory["ddp"]["max_rss_mib"])), 3),
+            "ddp_model_state_mib_per_rank": memory["ddp"]["model_state_mib"],
+            "fsdp_model_state_mib_per_rank": memory["fsdp"]["model_state_mib"],
             "ddp_tokens_per_s": round(memory["ddp"]["tokens_per_s"] or 0, 1),
             "fsdp_tokens_per_s": round(memory["fsdp"]["tokens_per_s"] or 0, 1),
         }

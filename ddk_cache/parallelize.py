@@ -65,7 +65,8 @@ def parallelize(model: torch.nn.Module, mode: str, ctx: ParallelContext) -> torc
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:  # CPU: bf16 matmuls are slow there; train in float32 as the single-process path does
         policy = MixedPrecisionPolicy()
-    model.to(ctx.device)
+    # no model.to(device) first: each fully_shard call moves only its own module's tensors to the device
+    # and shards them there, so a GPU holds the shards plus one whole layer at a time, never the whole student
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -84,6 +85,16 @@ def gradient_sync(model: torch.nn.Module, last_micro_batch: bool) -> ContextMana
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(last_micro_batch)
     return nullcontext()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free FSDP2's gathered parameters after forwards without a backward (evaluation).
+
+    The root module keeps its parameters (embeddings, head) gathered after a forward, expecting the
+    backward; after an evaluation none comes, so they would stay whole until the next step.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

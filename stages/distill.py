@@ -34,7 +34,8 @@ from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.evaluation import DomainEval, evaluate_domains
 from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
 from ddk_cache.optim import build_optimizer, build_scheduler
-from ddk_cache.parallelize import clip_grad_norm, full_state_dict, gradient_sync, parallelize, resolve_parallel_mode, unwrap, uses_autocast
+from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
+                                   uses_autocast)
 from ddk_cache.samplers import DomainSampler, create_sampler
 from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
@@ -310,8 +311,10 @@ class Trainer:
 
     def evaluate(self) -> list[DomainEval]:
         model = unwrap(self.model)  # DDP needs no wrapper to run forwards; FSDP2 is the module itself
-        return evaluate_domains(model, self.reader, self.domains, self.config.eval_windows, self.config.eval_batch_size,
-                                self.autocast_dtype, self.ctx)
+        evals = evaluate_domains(model, self.reader, self.domains, self.config.eval_windows, self.config.eval_batch_size,
+                                 self.autocast_dtype, self.ctx)
+        reshard(self.model)
+        return evals
 
     def maybe_checkpoint(self) -> None:
         done, config = self.state.step, self.config
