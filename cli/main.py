@@ -94,6 +94,10 @@ def teacher_dump(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the teacher.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
     storage_options: StorageOptionsFlag = None,
+    num_nodes: Annotated[Optional[int], typer.Option(
+        help="Nodes scoring this store together (default: WORLD_SIZE from torchrun or SLURM_NTASKS from srun; else 1).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0 .. num-nodes - 1 (default: RANK or SLURM_PROCID).")] = None,
+    create_timeout: Annotated[float, typer.Option(help="Seconds nodes other than 0 wait for node 0 to create the store.")] = 600.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Score every window of the manifest's domains with the teacher and write its sparse distribution into a store.
@@ -133,9 +137,20 @@ def teacher_dump(
         overwrite=overwrite,
         storage_options=options_for_store,
         show_progress=progress,
+        num_nodes=num_nodes,
+        node_rank=node_rank,
+        create_timeout=create_timeout,
     )
     with user_errors():
         summary = run_teacher_dump(config)
+    node = f"node {summary.node.rank} of {summary.node.count}: " if summary.node.count > 1 else ""
+    if not summary.complete:
+        console.print(
+            f"{node}scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s; shards written {summary.shards_written}, "
+            f"already done {summary.shards_skipped}. Other nodes' shards are still pending: the last node to finish completes the store.",
+            soft_wrap=True,
+        )
+        return
     table = Table(title=f"teacher-dump: {summary.url}")
     for column in ("domain", "train windows", "valid windows", "teacher valid loss", "teacher valid ppl"):
         table.add_column(column, justify="left" if column == "domain" else "right")
@@ -149,7 +164,7 @@ def teacher_dump(
         )
     console.print(table)
     console.print(
-        f"scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s "
+        f"{node}scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s "
         f"({summary.tokens_per_second:,.0f} tokens/s); shards written {summary.shards_written}, "
         f"already done {summary.shards_skipped}",
         soft_wrap=True,

@@ -59,6 +59,7 @@ class CacheWriter:
         layout: StoreLayout,
         overwrite: bool = False,
         storage_options: dict | None = None,
+        clean_partial: bool = True,
     ) -> "CacheWriter":
         """Open `url` for writing: create it, or resume it if it was made with the same identity.
 
@@ -89,10 +90,11 @@ class CacheWriter:
                 f"{header['format_version']}: it can be read but not resumed; pass --overwrite to replace it, or choose another --out"
             )
         _check_identity(existing["identity"], header["identity"], url)
-        _remove_partial_files(url)
+        if clean_partial:  # not while other nodes may be mid-write into the same store
+            _remove_partial_files(url)
         root = zarr.open_group(store, mode="r+")
         for domain in domains:
-            _check_domain_data(root, domain, url)
+            check_domain_data(root, domain, url)
         return cls(root, url, layout)
 
     @classmethod
@@ -176,7 +178,7 @@ def _check_identity(old: dict, new: dict, url: str) -> None:
         )
 
 
-def _check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
+def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
     info = root[domain.name].attrs[DOMAIN_ATTR]
     for split in SPLITS:
         packed: PackedSplit = getattr(domain, split)

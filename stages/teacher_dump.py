@@ -32,6 +32,7 @@ from ddk_cache.fingerprints import teacher_description, tokenizer_description
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.packing import PackedDomain, pack_domain
 from ddk_cache.provenance import package_versions
+from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
 from ddk_cache.text_sources import load_domain_documents
 
 
@@ -50,6 +51,9 @@ class TeacherDumpConfig:
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     show_progress: bool = True
+    num_nodes: int | None = None  # several nodes scoring one store (default: from RANK/WORLD_SIZE or SLURM_*; else 1)
+    node_rank: int | None = None
+    create_timeout: float = 600.0  # seconds a node other than 0 waits for node 0 to create the store
 
     @property
     def revision(self) -> str | None:
@@ -64,6 +68,8 @@ class DumpSummary:
     shards_written: int = 0
     shards_skipped: int = 0
     seconds: float = 0.0
+    node: NodePlace = field(default_factory=NodePlace)
+    complete: bool = True  # False: this node's shards are done, other nodes' are not yet
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,6 +90,12 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
     capture = config.capture
     if config.data_parallel <= 0:
         raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
+    if config.create_timeout <= 0:
+        raise DDKCacheError(f"--create-timeout must be positive (seconds), got {config.create_timeout}")
+    node = resolve_node(config.num_nodes, config.node_rank)
+    if node.count > 1 and config.overwrite:
+        raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
+                            "delete the store (or run node 0 alone with --overwrite) first")
     # sampled capture needs the full distribution, which only the HF engine returns: `auto` picks it
     engine_name = "hf" if capture.mode == "sampled" and config.engine == "auto" else resolve_engine_name(config.engine)
     check_applicable(engine_name, config.engine_options)  # before the data is read: a wrong flag fails at once
@@ -110,9 +122,13 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
             raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
         sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
         header = build_header(config, manifest, tokenizer, info, sized, [d.name for d in domains])
-        return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options)
+        if node.creates_store:
+            return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options,
+                                                clean_partial=node.count == 1)
+        wait_for_store(config.out, header["identity"], config.storage_options, config.create_timeout)
+        return open_as_follower(config.out, sized, domains, config.storage_options)
 
-    summary = DumpSummary(url=config.out)
+    summary = DumpSummary(url=config.out, node=node)
     if config.data_parallel > 1:
         from ddk_cache.stages.data_parallel import run_data_parallel
 
@@ -125,8 +141,11 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         with progress_bar(jobs, layout, config.show_progress) as bar:
             score_jobs(engine, writer, jobs, capture, bar.update)
         summary.seconds = time.perf_counter() - start
-    summary.domains = [writer.finish_domain(d.name) for d in domains]
-    writer.finish()
+    # whichever node sees every shard marked completes the store (idempotent: same values from any node)
+    summary.complete = node.count == 1 or all_shards_done(writer, domains)
+    if summary.complete:
+        summary.domains = [writer.finish_domain(d.name) for d in domains]
+        writer.finish()
     return summary
 
 
@@ -181,14 +200,23 @@ def build_header(
 
 
 def pending_jobs(writer: CacheWriter, domains: list[PackedDomain], layout: StoreLayout, summary: DumpSummary) -> list[ShardJob]:
-    """Every shard not yet marked done, in store order; counts the skipped ones into `summary`."""
-    jobs = []
+    """This node's shards not yet marked done, in store order; counts its skipped ones into `summary`.
+
+    Shards are numbered over the whole store (domain, split, shard); node r of N owns the numbers
+    i with i % N == r (`nodes.py`), whatever is pending when it looks.
+    """
+    jobs, number = [], 0
     for domain in domains:
         for split in SPLITS:
             packed = getattr(domain, split)
-            pending = writer.pending_shards(domain.name, split)
-            summary.shards_skipped += layout.n_shards(packed.n_windows) - len(pending)
-            jobs += [ShardJob(domain.name, split, shard, packed.windows[layout.shard_slice(shard, packed.n_windows)]) for shard in pending]
+            pending = set(writer.pending_shards(domain.name, split))
+            for shard in range(layout.n_shards(packed.n_windows)):
+                if summary.node.owns(number + shard):
+                    if shard in pending:
+                        jobs.append(ShardJob(domain.name, split, shard, packed.windows[layout.shard_slice(shard, packed.n_windows)]))
+                    else:
+                        summary.shards_skipped += 1
+            number += layout.n_shards(packed.n_windows)
     summary.shards_written = len(jobs)
     summary.tokens_scored = sum(job.windows.shape[0] for job in jobs) * layout.seq_len
     return jobs

@@ -4,7 +4,10 @@ and small multi-domain text files. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,29 @@ def write_corpus_manifest(tmp_path: Path) -> Path:
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
+
+
+def dump_command(tiny_teacher: Path, manifest: Path, out: Path | str, runner: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """`ddk-cache teacher-dump` of the corpus manifest with the tiny teacher (k 8, shards of 4 windows), optionally through a runner."""
+    args = ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out)]
+    args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress", *extra]
+    return [sys.executable, str(runner), "teacher-dump", *args] if runner else [sys.executable, "-m", "ddk_cache.cli", "teacher-dump", *args]
+
+
+def run_dump(
+    tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None = None, extra: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
+    command = dump_command(tiny_teacher, manifest, out, runner, extra)
+    # cwd away from the checkout, so the installed package is imported, not the source tree
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=out.parent)
+
+
+@pytest.fixture(scope="session")
+def reference_store(tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
+    """The corpus manifest and its store, dumped by the CLI in one uninterrupted process (k 8, shards of 4 windows)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    manifest = write_corpus_manifest(tmp)
+    out = tmp / "uninterrupted.zarr"
+    result = run_dump(tiny_teacher, manifest, out)
+    assert result.returncode == 0, result.stderr
+    return manifest, out

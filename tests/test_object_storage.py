@@ -76,3 +76,21 @@ def test_object_store_errors_are_one_line(s3_options, tiny_teacher, corpus_manif
     assert "cannot write to s3://no-such-bucket/cache.zarr: The specified bucket does not exist" in no_bucket.stderr
     for result in (missing, bad_json, no_bucket):
         assert "Traceback" not in result.output
+
+
+def test_three_nodes_score_one_store_in_a_bucket(s3_options, tiny_teacher, reference_store, tmp_path):
+    """Three processes as three nodes write one store on the S3-compatible server: equal to the local single-process dump."""
+    from test_multi_node import start_nodes
+
+    manifest, reference = reference_store
+    url = f"s3://{BUCKET}/nodes/cache.zarr"
+    results = start_nodes(tiny_teacher, manifest, url, 3, extra=("--storage-options", json.dumps(s3_options)), cwd=tmp_path)
+    assert all(r.returncode == 0 for r in results.values()), [r.stderr[-2000:] for r in results.values()]
+    remote, local = CacheReader(url, storage_options=s3_options), CacheReader(str(reference))
+    assert remote.complete and remote.domains == local.domains
+    for domain in local.domains:
+        assert remote.domain_info(domain) == local.domain_info(domain)
+        for split in ("train", "valid"):
+            a, b = remote.read(domain, split), local.read(domain, split)
+            for field in ("tokens", "ids", "logprobs", "rest_logprobs", "target_logprobs"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))

@@ -19,6 +19,7 @@ from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
+from conftest import run_dump
 
 # Runs the real CLI in a child process that SIGKILLs itself at a chosen point of the write path.
 KILLING_RUNNER = textwrap.dedent(
@@ -64,28 +65,6 @@ KILLING_RUNNER = textwrap.dedent(
     main()
     """
 )
-
-
-def run_dump(
-    tiny_teacher: Path, manifest: Path, out: Path, runner: Path | None = None, extra: tuple[str, ...] = (), **env: str
-) -> subprocess.CompletedProcess:
-    args = ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out)]
-    args += ["--k", "8", "--shard-windows", "4", "--chunk-windows", "2", "--device", "cpu", "--no-progress", *extra]
-    command = [sys.executable, str(runner), "teacher-dump", *args] if runner else [sys.executable, "-m", "ddk_cache.cli", "teacher-dump", *args]
-    # cwd away from the checkout, so the installed package is imported, not the source tree
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, cwd=out.parent)
-
-
-@pytest.fixture(scope="module")
-def reference_store(tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import write_corpus_manifest
-
-    tmp = tmp_path_factory.mktemp("reference")
-    manifest = write_corpus_manifest(tmp)
-    out = tmp / "uninterrupted.zarr"
-    result = run_dump(tiny_teacher, manifest, out)
-    assert result.returncode == 0, result.stderr
-    return manifest, out
 
 
 def assert_same_store(actual: Path, expected: Path) -> None:
