@@ -68,8 +68,10 @@ def user_errors() -> Iterator[None]:
 @app.command("teacher-dump")
 def teacher_dump(
     teacher: Annotated[str, typer.Option(help="Teacher model: a local folder or hub id that AutoModelForCausalLM loads.")],
-    manifest: Annotated[Path, typer.Option(help="Data manifest (YAML) describing the domains.")],
     out: Annotated[str, typer.Option(help="Output store: a local path or an object-store URL (s3://...).")],
+    manifest: Annotated[Optional[Path], typer.Option(
+        help="Data manifest (YAML): pack its domains and score them in one command. Without it, --out must be a store "
+             "that `ddk-cache pack` wrote: its windows are scored in place.")] = None,
     mode: Annotated[str, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k) or sampled (--draws samples: distinct ids + counts, unbiased).")] = "topk",
     k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp).")] = 64,
     top_p: Annotated[Optional[float], typer.Option(help="topp mode: probability mass to keep, e.g. 0.95.")] = None,
@@ -185,6 +187,39 @@ def _capture(mode: str, k: int, top_p: float | None, draws: int | None, logprob_
         raise DDKCacheError(str(exc)) from None
 
 
+@app.command("pack")
+def pack(
+    manifest: Annotated[Path, typer.Option(help="Data manifest (YAML) describing the domains.")],
+    out: Annotated[str, typer.Option(help="Output store: a local path or an object-store URL (s3://...).")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer (folder or hub id): the teachers that score the store must share it.")],
+    shard_windows: Annotated[Optional[int], typer.Option(help="Windows per shard (unit of writing, scoring and resume).")] = None,
+    chunk_windows: Annotated[Optional[int], typer.Option(help="Windows per inner chunk (unit of reading).")] = None,
+    valid_fraction: Annotated[float, typer.Option(
+        help="Share of documents (by a seeded hash of their text) that go to validation until it holds valid_sequences windows; "
+             "later ones are dropped, never trained on.")] = 0.05,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store packed from other data or settings.")] = False,
+    storage_options: StorageOptionsFlag = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Tokenize and pack the manifest's domains into a store of windows, without teacher targets (score it with teacher-dump)."""
+    from ddk_cache.stages.pack import PackConfig, run_pack
+
+    with user_errors():
+        config = PackConfig(manifest=manifest, out=out, tokenizer=tokenizer, chunk_windows=chunk_windows, shard_windows=shard_windows,
+                            valid_fraction=valid_fraction, overwrite=overwrite, storage_options=parse_storage_options(storage_options), show_progress=progress)
+        summary = run_pack(config)
+    if summary.already_packed:
+        console.print(f"{summary.url} is already packed from this manifest and tokenizer: nothing to do", soft_wrap=True, highlight=False)
+    table = Table(title=f"pack: {summary.url}")
+    for column in ("domain", "train windows", "train tokens", "valid windows", "documents"):
+        table.add_column(column, justify="left" if column == "domain" else "right")
+    for info in summary.domains:
+        table.add_row(info["name"], f"{info['train']['windows']:,}", f"{info['train']['tokens']:,}", f"{info['valid']['windows']:,}",
+                      f"{info['train']['documents'] + info['valid']['documents']:,}")
+    console.print(table)
+    console.print(f"score it: ddk-cache teacher-dump --teacher T --out {summary.url}", soft_wrap=True, highlight=False)
+
+
 @app.command("inspect")
 def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")], storage_options: StorageOptionsFlag = None) -> None:
     """Show a store's domains, sizes, teacher validation perplexity and provenance."""
@@ -216,7 +251,7 @@ def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")], sto
 def distill(
     store: Annotated[str, typer.Option(help="Cache store written by teacher-dump (path or URL).")],
     student: Annotated[str, typer.Option(help="Student: a folder or hub id with weights, or a folder with only config.json.")],
-    out: Annotated[Path, typer.Option(help="Output folder: student (save_pretrained), metrics.jsonl, checkpoint.pt.")],
+    out: Annotated[Path, typer.Option(help="Output folder: student (save_pretrained), metrics.jsonl, checkpoints/ (while running).")],
     tokenizer: Annotated[Optional[str], typer.Option(help="Student tokenizer, if not in the student folder.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Windows per micro-batch (per rank, per forward pass).")] = 8,

@@ -141,7 +141,7 @@ class StoreLayout:
         id_dtype = "uint16" if self.vocab_size <= 1 << 16 else "int32"
         id_size = np.dtype(id_dtype).itemsize
         specs = {
-            TOKENS: ArraySpec((length + 1,), "int32", shuffle=BloscShuffle.shuffle, clevel=5),
+            TOKENS: token_spec(length),
             # sorted ids, delta-coded along the flattened chunk (the wrap at each position's first id is exact in uint)
             IDS: ArraySpec((length, width), id_dtype, (_numcodecs("Delta", dtype=np.dtype(id_dtype).str),), id_size, BloscShuffle.shuffle),
             N_ENTRIES: ArraySpec((length,), "uint8" if width <= 255 else "uint16", compressor_dtype_size=1 if width <= 255 else 2),
@@ -156,6 +156,11 @@ class StoreLayout:
                 specs[LOGPROBS] = ArraySpec((length, width), "float16", compressor_dtype_size=2)
             specs[REST_LOGPROBS] = ArraySpec((length,), "float16", compressor_dtype_size=2, shuffle=BloscShuffle.shuffle)
         return specs
+
+
+def token_spec(seq_len: int) -> ArraySpec:
+    """`tokens`: seq_len + 1 int32 ids per window (the last position's next token included)."""
+    return ArraySpec((seq_len + 1,), "int32", shuffle=BloscShuffle.shuffle, clevel=5)
 
 
 def _fixed_scale(scale: int, astype: str):
@@ -181,19 +186,35 @@ def create_split_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout) 
     Shapes are fixed up front (never appended), so writers of different shards never touch
     shared metadata: that is what makes resume and multi-process writing safe.
     """
+    create_token_array(group, n_windows, layout)
+    create_target_arrays(group, n_windows, layout)
+
+
+def create_token_array(group: zarr.Group, n_windows: int, layout: StoreLayout) -> None:
+    """The packed windows alone (`ddk-cache pack`): what a teacher will score later."""
+    _create(group, TOKENS, token_spec(layout.seq_len), n_windows, layout)
+
+
+def create_target_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout) -> None:
+    """The teacher's arrays and the shard markers, beside an existing `tokens` array."""
     for name, spec in layout.array_specs().items():
-        group.create_array(
-            name,
-            shape=(n_windows, *spec.trailing),
-            chunks=(layout.chunk_windows, *spec.trailing),
-            shards=(layout.shard_windows, *spec.trailing),
-            dtype=spec.dtype,
-            filters=list(spec.filters),
-            compressors=spec.compressors(),
-            fill_value=0,
-            config={"write_empty_chunks": True},
-        )
+        if name != TOKENS:
+            _create(group, name, spec, n_windows, layout)
     group.create_array(SHARD_DONE, shape=(layout.n_shards(n_windows),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+
+
+def _create(group: zarr.Group, name: str, spec: ArraySpec, n_windows: int, layout: StoreLayout) -> None:
+    group.create_array(
+        name,
+        shape=(n_windows, *spec.trailing),
+        chunks=(layout.chunk_windows, *spec.trailing),
+        shards=(layout.shard_windows, *spec.trailing),
+        dtype=spec.dtype,
+        filters=list(spec.filters),
+        compressors=spec.compressors(),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
 
 
 def teacher_loss(target_logprobs: np.ndarray) -> tuple[float, float]:

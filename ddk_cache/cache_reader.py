@@ -79,11 +79,14 @@ class CacheReader:
         self.header: dict[str, Any] = header
         self.format_version: int = version
         # capture settings, and the names of the arrays that hold data (what `bytes_stored` counts), for this version and mode
-        if version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
+        if "capture" not in header:  # packed by `ddk-cache pack`, not scored yet: windows only
+            self.capture = None
+            self.data_arrays = (TOKENS,)
+        elif version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
             self.capture = Capture(mode="topk", k=int(header["capture"]["k"]), logprob_scale=0)
             self.data_arrays: tuple[str, ...] = V1_DATA_ARRAYS
         else:
-            self.capture = capture_from_attrs(header["capture"])
+            self.capture: Capture | None = capture_from_attrs(header["capture"])
             layout = header["layout"]
             self.data_arrays = tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
 
@@ -105,6 +108,8 @@ class CacheReader:
         return self.root[f"{domain}/{split}/{name}"]
 
     def shards_done(self, domain: str, split: str) -> tuple[int, int]:
+        if self.capture is None:
+            return 0, 0
         done = self.array(domain, split, SHARD_DONE)[:]
         return int(done.sum()), int(done.size)
 
@@ -125,6 +130,8 @@ class CacheReader:
 
     def mean_entries(self, domain: str, split: str) -> float:
         """Mean number of entries per position (variable in topp and sampled stores)."""
+        if self.capture is None:
+            return 0.0
         if self.format_version == 1 or self.capture.mode == "topk":
             return float(self.capture.width)
         n_entries = self.array(domain, split, N_ENTRIES)[:]

@@ -10,6 +10,7 @@ after every marker is set, so readers never take a half-written store for a fini
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from ddk_cache.cache_format import (
     TARGET_LOGPROB_SCALE,
     StoreLayout,
     create_split_arrays,
+    create_target_arrays,
+    create_token_array,
     logprob_floor,
     open_store,
     teacher_loss,
@@ -41,14 +44,24 @@ from ddk_cache.cache_format import (
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.packing import PackedDomain, PackedSplit
 
+PACK_PROGRESS_ATTR = "packing_progress"  # a domain's committed packing progress (stream_packing.PackProgress)
+
+
+def packed_identity(header: dict[str, Any]) -> tuple:
+    """What makes two packed stores hold the same windows in the same places."""
+    layout = header.get("layout", {})
+    return (header.get("format_version"), header.get("manifest_sha256"), header.get("tokenizer", {}).get("fingerprint"),
+            layout.get("seq_len"), layout.get("chunk_windows"), layout.get("shard_windows"), header.get("packing"))
+
 
 class CacheWriter:
     """Writes shards of a store whose header, groups and arrays already exist."""
 
-    def __init__(self, root: zarr.Group, url: str, layout: StoreLayout) -> None:
+    def __init__(self, root: zarr.Group, url: str, layout: StoreLayout, tokens_stored: bool = False) -> None:
         self.root = root
         self.url = url
         self.layout = layout
+        self.tokens_stored = tokens_stored  # a packed store already holds every shard's tokens: write only the targets
 
     @classmethod
     def create_or_resume(
@@ -98,10 +111,108 @@ class CacheWriter:
         return cls(root, url, layout)
 
     @classmethod
-    def open_existing(cls, url: str, layout: StoreLayout, storage_options: dict | None = None) -> "CacheWriter":
-        """Re-open a store that `create_or_resume` prepared (and checked) in another process."""
+    def open_for_packing(
+        cls, url: str, header: dict[str, Any], domains: list[str], layout: StoreLayout, overwrite: bool = False,
+        storage_options: dict | None = None,
+    ) -> "CacheWriter | None":
+        """A store to pack into: new (status "packing"), or one a killed `pack` left; None if packed already.
+
+        Same data, tokenizer, rule and layout: resumed (or nothing to do once packed). Anything
+        else is refused unless `overwrite`, also a half-packed store: it may hold hours of work.
+        """
+        try:
+            store = open_store(url, read_only=False, storage_options=storage_options)
+            existing = _existing_header(store, url)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+        if existing is not None and not overwrite:
+            if packed_identity(existing) != packed_identity(header):
+                raise StoreError(f"{url} already holds a store packed from other data, tokenizer, rule or layout: "
+                                 "pass --overwrite to replace it, or choose another --out")
+            if existing.get("status") != "packing":
+                return None
+            if all(name in zarr.open_group(store, mode="r") for name in domains):
+                return cls(zarr.open_group(store, mode="r+"), url, layout)
+        try:  # new (or killed before its groups existed): create every group with empty, growing `tokens` arrays
+            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "packing"}})
+        except OSError as exc:
+            raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+        for name in domains:
+            group = root.create_group(name)
+            for split in SPLITS:
+                create_token_array(group.create_group(split), 0, layout)
+            group.attrs[DOMAIN_ATTR] = {"name": name, "teacher_valid_loss": None, "teacher_valid_ppl": None, "train": None, "valid": None}
+        return cls(root, url, layout)
+
+    def pack_progress(self, domain: str):
+        """The last committed progress of a domain's packing (None: not started)."""
+        from ddk_cache.stream_packing import PackProgress
+
+        attrs = self.root[domain].attrs.get(PACK_PROGRESS_ATTR)
+        return PackProgress.from_attrs(attrs) if attrs else None
+
+    def write_windows(self, domain: str, split: str, first: int, windows: np.ndarray) -> None:
+        """Packing: windows from `first` on (a whole shard, or the last one), growing the array as needed."""
+        if len(windows) == 0:
+            return
+        array = self.split_group(domain, split)[TOKENS]
+        end = first + len(windows)
+        if array.shape[0] < end:
+            array.resize((end, array.shape[1]))
+        array[first:end] = windows
+
+    def commit_pack_progress(self, domain: str, progress: dict[str, Any]) -> None:
+        self.root[domain].attrs[PACK_PROGRESS_ATTR] = progress
+
+    def finish_packed_domain(self, domain: str) -> None:
+        """Sizes, documents and the tokens' sha256 (read back shard by shard) into the domain's info."""
+        progress = self.pack_progress(domain)
+        info = dict(self.root[domain].attrs[DOMAIN_ATTR])
+        for split in SPLITS:
+            array = self.split_group(domain, split)[TOKENS]
+            windows = getattr(progress, split).windows
+            if array.shape[0] != windows:
+                array.resize((windows, array.shape[1]))
+            digest = hashlib.sha256()
+            for start in range(0, windows, self.layout.shard_windows):
+                digest.update(np.ascontiguousarray(array[start : start + self.layout.shard_windows], dtype="<i4").tobytes())
+            info[split] = {"windows": windows, "tokens": windows * self.layout.seq_len, "documents": getattr(progress, split).documents,
+                           "tokens_sha256": digest.hexdigest()}
+        self.root[domain].attrs[DOMAIN_ATTR] = info
+
+    @classmethod
+    def add_targets(
+        cls, url: str, header: dict[str, Any], domains: list, layout: StoreLayout, overwrite: bool = False, storage_options: dict | None = None,
+    ) -> "CacheWriter":
+        """Open a packed store for scoring: add the teacher's arrays and markers, or resume a scoring run.
+
+        The header becomes `header` with status "writing" only once every array exists, so a kill
+        while adding them leaves the store "packed" (and the next run adds them again).
+        `overwrite` drops an earlier teacher's arrays (the packed windows stay).
+        """
         store = open_store(url, read_only=False, storage_options=storage_options)
-        return cls(zarr.open_group(store, mode="r+"), url, layout)
+        root = zarr.open_group(store, mode="r+")
+        existing = dict(root.attrs[HEADER_ATTR])
+        if existing.get("status") != "packed" and not overwrite:
+            _check_identity(existing["identity"], header["identity"], url)
+            return cls(root, url, layout, tokens_stored=True)
+        for domain in domains:
+            for split in SPLITS:
+                group = root[f"{domain.name}/{split}"]
+                for name in [n for n in group.array_keys() if n != TOKENS]:  # half-added arrays, or an earlier teacher's
+                    del group[name]
+                create_target_arrays(group, getattr(domain, split).n_windows, layout)
+            info = dict(root[domain.name].attrs[DOMAIN_ATTR])
+            root[domain.name].attrs[DOMAIN_ATTR] = {**info, "teacher_valid_loss": None, "teacher_valid_ppl": None}
+        root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
+        return cls(root, url, layout, tokens_stored=True)
+
+    @classmethod
+    def open_existing(cls, url: str, layout: StoreLayout, storage_options: dict | None = None) -> "CacheWriter":
+        """Re-open a store that `create_or_resume` or `add_targets` prepared (and checked) in another process."""
+        store = open_store(url, read_only=False, storage_options=storage_options)
+        root = zarr.open_group(store, mode="r+")
+        return cls(root, url, layout, tokens_stored="packed_at" in root.attrs[HEADER_ATTR])
 
     def split_group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
@@ -117,8 +228,15 @@ class CacheWriter:
         if windows.shape[0] != region.stop - region.start:
             raise ValueError(f"shard {shard} expects {region.stop - region.start} windows, got {windows.shape[0]}")
         for name, values in self._arrays(windows, targets).items():
+            if name == TOKENS and self.tokens_stored:
+                continue
             group[name][region] = values.astype(group[name].dtype, copy=False)
         group[SHARD_DONE][shard] = 1
+
+    def set_status(self, status: str) -> None:
+        header = dict(self.root.attrs[HEADER_ATTR])
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.root.attrs[HEADER_ATTR] = {**header, "status": status, **({"packed_at": stamp} if status == "packed" else {})}
 
     def _arrays(self, windows: np.ndarray, targets: EncodedTargets) -> dict[str, np.ndarray]:
         """Array name -> values, clamped to what the fixed-scale integers can hold."""

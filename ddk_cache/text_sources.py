@@ -24,7 +24,17 @@ def load_domain_documents(domain: DomainSpec) -> list[str]:
     return documents
 
 
-def _iter_source_documents(source: SourceSpec, where: str) -> Iterator[str]:
+def iter_domain_documents(domain: DomainSpec) -> Iterator[str]:
+    """The same documents as `load_domain_documents`, streamed: never more than a batch of rows in memory.
+
+    `datasets.load_dataset(..., streaming=True)` reads hub datasets and local json / parquet / text / csv
+    files lazily, row by row, in file order.
+    """
+    for index, source in enumerate(domain.sources):
+        yield from _iter_source_documents(source, f"domain {domain.name!r} source {index} ({source.describe()})", streaming=True)
+
+
+def _iter_source_documents(source: SourceSpec, where: str, streaming: bool = False) -> Iterator[str]:
     import datasets  # deferred: importing datasets costs a second, and --help should not pay it
 
     datasets.disable_progress_bars()  # one progress bar (ours) is enough
@@ -35,16 +45,28 @@ def _iter_source_documents(source: SourceSpec, where: str) -> Iterator[str]:
     if source.revision:
         kwargs["revision"] = source.revision
     try:
-        dataset = datasets.load_dataset(source.path, source.config_name, split=source.split, **kwargs)
+        dataset = datasets.load_dataset(source.path, source.config_name, split=source.split, streaming=streaming, **kwargs)
+        rows = iter(dataset)
+        first = next(rows, None)
     except Exception as exc:  # datasets raises many types; the user needs the one-line reason
         raise ManifestError(f"{where}: cannot load dataset: {first_line(exc)}") from None
-    missing = [f for f in source.required_fields if f not in dataset.column_names]
-    if missing:
+    columns = list(first) if first is not None else list(dataset.column_names or [])
+    missing = [f for f in source.required_fields if f not in columns]
+    if missing and first is not None:
         raise ManifestError(
-            f"{where}: text field {missing[0]!r} is not a column (columns: {', '.join(dataset.column_names)}); "
-            "fix 'text_field' or 'template'"
+            f"{where}: text field {missing[0]!r} is not a column (columns: {', '.join(columns)}); fix 'text_field' or 'template'"
         )
-    for row in dataset:
-        text = source.template.format(**row) if source.template is not None else row[source.text_field]
-        if isinstance(text, str) and text.strip():
-            yield text
+    for row in ([first] if first is not None else []):
+        yield from _document(source, row)
+    try:
+        for row in rows:
+            yield from _document(source, row)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where}: the file is not UTF-8 text ({first_line(exc)}): convert it to UTF-8") from None
+
+
+def _document(source: SourceSpec, row: dict) -> Iterator[str]:
+    """The row's text (its text field, or the template filled from its columns), if not blank."""
+    text = source.template.format(**row) if source.template is not None else row[source.text_field]
+    if isinstance(text, str) and text.strip():
+        yield text

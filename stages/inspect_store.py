@@ -21,6 +21,10 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
             continue
         info = reader.domain_info(domain)
         for split in SPLITS:
+            if info.get(split) is None:  # `pack` is still writing this domain
+                rows.append({"domain": domain, "split": f"{split} (packing)", "windows": 0, "tokens": 0, "documents": 0, "shards": "",
+                             "bytes_per_token": 0.0, "entries_per_position": 0.0, "teacher_valid_ppl": None, "teacher_valid_loss": None})
+                continue
             tokens = info[split]["tokens"]
             stored = reader.bytes_stored(domain, split)
             done, total = reader.shards_done(domain, split)
@@ -43,7 +47,6 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
 
 def render_inspection(reader: CacheReader) -> Group:
     header = reader.header
-    capture = header["capture"]
     table = Table(title=f"ddk-cache store {reader.url} ({header['status']})")
     for column in ("domain", "split", "windows", "tokens", "documents", "shards", "entries/pos", "bytes/token", "teacher ppl"):
         table.add_column(column, justify="left" if column in ("domain", "split") else "right")
@@ -63,21 +66,32 @@ def render_inspection(reader: CacheReader) -> Group:
     provenance = Table(title="provenance", show_header=False)
     provenance.add_column("field")
     provenance.add_column("value", overflow="fold")
-    teacher, tokenizer, engine = header["teacher"], header["tokenizer"], header["engine"]
-    for field, value in (
+    tokenizer = header["tokenizer"]
+    rows = [
         ("format", f"{header['format']} v{header['format_version']}"),
-        ("teacher", teacher["name_or_path"]),
-        ("teacher weights", teacher.get("weights_sha256") or f"revision {teacher.get('revision')}"),
-        ("teacher arch / vocab / dtype", f"{teacher['architecture']} / {teacher['vocab_size']} / {teacher.get('dtype')}"),
         ("tokenizer", f"{tokenizer['name_or_path']} ({tokenizer['class']}, {tokenizer['size']} tokens)"),
         ("tokenizer fingerprint", tokenizer["fingerprint"]),
-        ("engine", f"{engine['name']} {engine['version']} {engine.get('settings', {})}"),
-        ("capture", f"{reader.capture.describe()}; seq_len={capture['seq_len']} T={capture['temperature']}"),
+    ]
+    if reader.capture is None:
+        rows.append(("teacher", "none yet: packed windows only (score them with teacher-dump --out this store, no --manifest)"))
+    else:
+        teacher, engine, capture = header["teacher"], header["engine"], header["capture"]
+        rows += [
+            ("teacher", teacher["name_or_path"]),
+            ("teacher weights", teacher.get("weights_sha256") or f"revision {teacher.get('revision')}"),
+            ("teacher arch / vocab / dtype", f"{teacher['architecture']} / {teacher['vocab_size']} / {teacher.get('dtype')}"),
+            ("engine", f"{engine['name']} {engine['version']} {engine.get('settings', {})}"),
+            ("capture", f"{reader.capture.describe()}; seq_len={capture['seq_len']} T={capture['temperature']}"),
+        ]
+    rows += [
         ("layout", str(header["layout"])),
+        ("packing", str(header.get("packing", {"split_rule": "document-permutation-v1"}))),
         ("manifest sha256", header["manifest_sha256"]),
         ("created", f"{header['created_at']} by {header['created_by']}"),
+        ("packed", str(header.get("packed_at", "with the scoring (one command)"))),
         ("completed", str(header.get("completed_at", "not yet"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in header["versions"].items() if v)),
-    ):
+    ]
+    for field, value in rows:
         provenance.add_row(field, value)
     return Group(table, provenance)

@@ -9,7 +9,6 @@ writing of shard i (one writer thread), so the teacher never waits on I/O. With
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,26 +19,26 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddk_cache import __version__
-from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, SPLITS, StoreLayout
+from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture, EncodedTargets, encode_targets
 from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine, resolve_engine_name
 from ddk_cache.engines.base import ProgressCallback
 from ddk_cache.engines.options import check_applicable
-from ddk_cache.errors import DDKCacheError, EngineError, first_line
-from ddk_cache.fingerprints import teacher_description, tokenizer_description
-from ddk_cache.manifest import Manifest, load_manifest
+from ddk_cache.errors import DDKCacheError, EngineError
+from ddk_cache.fingerprints import teacher_description
+from ddk_cache.manifest import load_manifest
 from ddk_cache.packing import PackedDomain, pack_domain
 from ddk_cache.provenance import package_versions
 from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
+from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
 from ddk_cache.text_sources import load_domain_documents
 
 
 @dataclass
 class TeacherDumpConfig:
     teacher: str
-    manifest: Path
+    manifest: Path | None  # None: score the store at `out` that `ddk-cache pack` wrote
     out: str
     capture: Capture = field(default_factory=Capture)  # what is kept per position (mode, k, draws, quantization)
     engine: str = "auto"
@@ -103,16 +102,27 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
 
         raise EngineError(SAMPLING_UNSUPPORTED)
-    manifest = load_manifest(config.manifest)
-    tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
-    domains = [
-        pack_domain(d.name, load_domain_documents(d), tokenizer, manifest.seq_len, d.valid_sequences, d.token_budget, manifest.seed)
-        for d in manifest.domains
-    ]
-    try:
-        layout = StoreLayout.choose(manifest.seq_len, capture, None, config.chunk_windows, config.shard_windows)
-    except ValueError as exc:
-        raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
+    if config.manifest is not None:  # pack in memory, then score: one command on one node
+        manifest = load_manifest(config.manifest)
+        tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+        domains: list = [
+            pack_domain(d.name, load_domain_documents(d), tokenizer, manifest.seq_len, d.valid_sequences, d.token_budget, manifest.seed)
+            for d in manifest.domains
+        ]
+        try:
+            layout = StoreLayout.choose(manifest.seq_len, capture, None, config.chunk_windows, config.shard_windows)
+        except ValueError as exc:
+            raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
+        packed_header = {**packing_header(manifest, tokenizer, layout, [d.name for d in domains]),
+                         "packing": {"split_rule": "document-permutation-v1"}}  # packing.py's in-memory rule
+    else:  # score a store that `ddk-cache pack` wrote: its windows, tokenizer and layout are fixed
+        packed_header, domains = open_packed(config.out, config.storage_options)
+        if config.chunk_windows is not None or config.shard_windows is not None:
+            raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
+        tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+        check_same_tokenizer(tokenizer, packed_header, config.out)
+        geometry = packed_header["layout"]
+        layout = StoreLayout(int(geometry["seq_len"]), capture, None, int(geometry["chunk_windows"]), int(geometry["shard_windows"]))
 
     def open_writer(info: EngineInfo) -> CacheWriter:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
@@ -121,12 +131,15 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
         if capture.mode != "sampled" and capture.k > info.vocab_size:
             raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
         sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
-        header = build_header(config, manifest, tokenizer, info, sized, [d.name for d in domains])
+        header = {**packed_header, **scoring_header(packed_header, config, info, sized)}
+        header.pop("status", None)
         if node.creates_store:
+            if config.manifest is None:
+                return CacheWriter.add_targets(config.out, header, domains, sized, config.overwrite, config.storage_options)
             return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options,
                                                 clean_partial=node.count == 1)
         wait_for_store(config.out, header["identity"], config.storage_options, config.create_timeout)
-        return open_as_follower(config.out, sized, domains, config.storage_options)
+        return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 
     summary = DumpSummary(url=config.out, node=node)
     if config.data_parallel > 1:
@@ -149,52 +162,31 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
     return summary
 
 
-def load_tokenizer(name_or_path: str, revision: str | None):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line(exc)}") from None
-
-
-def build_header(
-    config: TeacherDumpConfig, manifest: Manifest, tokenizer, engine: EngineInfo, layout: StoreLayout, domain_names: list[str]
-) -> dict[str, Any]:
-    """The store's self-description; `identity` is the part a resumed run must match exactly."""
+def scoring_header(packed: dict[str, Any], config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout) -> dict[str, Any]:
+    """What scoring adds to a packed header; `identity` is the part a resumed run must match exactly."""
     teacher = teacher_description(config.teacher, config.revision, engine)
-    tokenizer_info = tokenizer_description(tokenizer)
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher": teacher["weights_sha256"] or f"{teacher['name_or_path']}@{teacher['revision']}",
-        "tokenizer": tokenizer_info["fingerprint"],
+        "tokenizer": packed["tokenizer"]["fingerprint"],
         "engine": engine.value_settings,
         "capture": config.capture.to_attrs(),
-        "seq_len": manifest.seq_len,
-        "manifest_sha256": manifest.sha256(),
+        "seq_len": layout.seq_len,
+        "manifest_sha256": packed["manifest_sha256"],
         "layout": {key: value for key, value in layout.to_attrs().items() if key not in ("capture", "seq_len")},
     }
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"ddk-cache {__version__}",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "identity": identity,
         "teacher": {**teacher, "dtype": engine.value_settings.get("dtype")},
-        "tokenizer": tokenizer_info,
         "engine": {**engine.description, "data_parallel": config.data_parallel},
         "capture": {
             **config.capture.to_attrs(),
             "width": config.capture.width,
-            "seq_len": manifest.seq_len,
+            "seq_len": layout.seq_len,
             "temperature": 1.0,
             "logprobs": "raw log_softmax of the teacher's logits at temperature 1, computed in float32",
         },
         "layout": layout.to_attrs(),
-        "manifest": manifest.raw,
-        "manifest_sha256": manifest.sha256(),
-        "seed": manifest.seed,
-        "domains": domain_names,
         "versions": package_versions(),
     }
 

@@ -43,7 +43,7 @@ def verify_store(reader: CacheReader) -> VerifyReport:
         if not reader.has_domain(domain):
             report.problems.append(f"{domain}: group missing")
             continue
-        if reader.domain_info(domain).get("teacher_valid_loss") is None:
+        if reader.capture is not None and reader.domain_info(domain).get("teacher_valid_loss") is None:
             report.problems.append(f"{domain}: teacher validation loss not recorded")
         for split in SPLITS:
             _verify_split(reader, domain, split, report)
@@ -53,19 +53,23 @@ def verify_store(reader: CacheReader) -> VerifyReport:
 def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyReport) -> None:
     where = f"{domain}/{split}"
     n_windows = int(reader.domain_info(domain)[split]["windows"])
-    done = reader.array(domain, split, SHARD_DONE)[:]
+    packed_only = reader.capture is None  # `ddk-cache pack` output: windows, no markers or targets yet
     shard_windows = reader.array(domain, split, reader.data_arrays[0]).shards[0]
+    done = None if packed_only else reader.array(domain, split, SHARD_DONE)[:]
     for name in reader.data_arrays:
         if reader.array(domain, split, name).shape[0] != n_windows:
             report.problems.append(f"{where}/{name}: {reader.array(domain, split, name).shape[0]} windows, the domain says {n_windows}")
-    for shard in range(len(done)):
+    for shard in range(-(-n_windows // shard_windows) if done is None else len(done)):
         report.shards_checked += 1
         start, stop = shard * shard_windows, min((shard + 1) * shard_windows, n_windows)
-        if not done[shard]:
+        if done is not None and not done[shard]:
             report.problems.append(f"{where} shard {shard}: not marked done")
         missing = [name for name in reader.data_arrays if not _shard_exists(reader, domain, split, name, shard)]
         if missing:
             report.problems.append(f"{where} shard {shard}: object missing for {', '.join(missing)}")
+            continue
+        if packed_only:
+            report.problems += [f"{where} shard {shard}: cannot be decoded: {p}" for p in _undecodable(reader, domain, split, start, stop)]
             continue
         try:
             block = reader.read(domain, split, start, stop)

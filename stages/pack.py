@@ -1,0 +1,171 @@
+"""`ddk-cache pack`: manifest -> a store of packed windows with no teacher targets yet.
+
+Packing and scoring are separate jobs so that (1) many inference nodes can score one store
+without each of them reading and tokenizing the corpus, and (2) another team can score the
+*same windows* with another teacher later: keep the packed store, copy it, score the copy.
+
+A packed store is a ddk-cache store (same format version) whose header has the data, the
+tokenizer and the windows' geometry (`seq_len`, `chunk_windows`, `shard_windows`), whose splits
+hold only `tokens`, and whose `status` is "packed" ("packing" while it is written).
+`teacher-dump` without `--manifest` scores it in place: it adds the teacher's arrays and the
+shard markers to every split, and the header's teacher, engine, capture and identity.
+
+Packing streams (`stream_packing.py`): sources are read as a stream, documents go to valid or
+train by a seeded hash of their text, windows are written shard by shard, memory does not grow
+with the corpus, and a killed `pack` resumes from its last committed shard. That split rule
+differs from the in-memory one that `teacher-dump --manifest` keeps for small corpora, so the
+header records it (`packing.split_rule`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+from tqdm.auto import tqdm
+
+from ddk_cache import __version__
+from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, open_store
+from ddk_cache.cache_writer import CacheWriter
+from ddk_cache.capture import Capture
+from ddk_cache.errors import DDKCacheError, StoreError, first_line
+from ddk_cache.fingerprints import tokenizer_description, tokenizer_fingerprint
+from ddk_cache.manifest import Manifest, load_manifest
+from ddk_cache.provenance import package_versions
+from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
+
+PACKED = "packed"
+
+
+@dataclass
+class PackConfig:
+    manifest: Path
+    out: str
+    tokenizer: str
+    chunk_windows: int | None = None
+    shard_windows: int | None = None
+    valid_fraction: float = 0.05  # share of documents hashed to validation (until it holds valid_sequences windows)
+    overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class PackSummary:
+    url: str
+    domains: list[dict[str, Any]]
+    already_packed: bool = False
+
+
+@dataclass
+class StoredSplit:
+    """A split of a packed store, as `teacher-dump` schedules it: its size and its `tokens` array."""
+
+    n_windows: int
+    windows: zarr.Array  # sliced shard by shard when a shard is scored
+
+
+@dataclass
+class StoredDomain:
+    name: str
+    train: StoredSplit
+    valid: StoredSplit
+
+
+def run_pack(config: PackConfig) -> PackSummary:
+    if not 0 < config.valid_fraction < 1:
+        raise DDKCacheError(f"--valid-fraction must lie strictly between 0 and 1, got {config.valid_fraction}")
+    manifest = load_manifest(config.manifest)
+    tokenizer = load_tokenizer(config.tokenizer, None)
+    try:  # chunks sized for the default capture (top-64), unless given: the scored arrays share them
+        layout = StoreLayout.choose(manifest.seq_len, Capture(), None, config.chunk_windows, config.shard_windows)
+    except ValueError as exc:
+        raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
+    names = [d.name for d in manifest.domains]
+    header = {**packing_header(manifest, tokenizer, layout, names),
+              "packing": {"split_rule": SPLIT_RULE, "valid_fraction": config.valid_fraction}}
+    writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
+    if writer is None:  # the same data, tokenizer and layout are packed there already
+        _, stored = open_packed(config.out, config.storage_options)
+        return PackSummary(config.out, [_info(config.out, d.name, config.storage_options) for d in stored], already_packed=True)
+    bar = tqdm(desc="pack", unit="window", disable=not config.show_progress)
+    for domain in manifest.domains:
+        progress = writer.pack_progress(domain.name)
+        packer = StreamPacker(domain, tokenizer, manifest.seq_len, manifest.seed, layout.shard_windows, config.valid_fraction)
+        for shard in packer.shards(progress):
+            writer.write_windows(domain.name, shard.split, shard.first_window, shard.windows)
+            if shard.commit is not None:
+                writer.commit_pack_progress(domain.name, shard.commit.to_attrs())
+            bar.update(len(shard.windows))
+        writer.finish_packed_domain(domain.name)
+    bar.close()
+    writer.set_status(PACKED)
+    return PackSummary(config.out, [dict(writer.root[name].attrs[DOMAIN_ATTR]) for name in names])
+
+
+def load_tokenizer(name_or_path: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line(exc)}") from None
+
+
+def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_names: list[str]) -> dict[str, Any]:
+    """What packing knows: the data, its tokenizer and the windows' geometry (no teacher yet)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"ddk-cache {__version__}",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": tokenizer_description(tokenizer),
+        "layout": {"seq_len": manifest.seq_len, "chunk_windows": layout.chunk_windows, "shard_windows": layout.shard_windows},
+        "manifest": manifest.raw,
+        "manifest_sha256": manifest.sha256(),
+        "seed": manifest.seed,
+        "domains": domain_names,
+        "versions": package_versions(),
+    }
+
+
+def open_packed(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list[StoredDomain]]:
+    """The header and splits of a packed (or packed-then-scored) store, to score it."""
+    try:
+        root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreError(f"no store at {url}: run `ddk-cache pack` first, or give --manifest to pack and score in one command") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+    header = root.attrs.get(HEADER_ATTR)
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one")
+    if header.get("status") in (None, "packing", "creating"):
+        raise StoreError(f"{url} is not completely packed (status {header.get('status')}): run `ddk-cache pack` again to finish it")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{url} is a format version {header.get('format_version')} store; this ddk-cache scores version {FORMAT_VERSION} stores")
+    domains = []
+    for name in header["domains"]:
+        splits = {split: StoredSplit(root[f"{name}/{split}/{TOKENS}"].shape[0], root[f"{name}/{split}/{TOKENS}"]) for split in SPLITS}
+        domains.append(StoredDomain(name, splits["train"], splits["valid"]))
+    return header, domains
+
+
+def check_same_tokenizer(tokenizer, header: dict[str, Any], url: str) -> None:
+    """A teacher may score packed windows only if its tokenizer gives every id the same token."""
+    packed = header["tokenizer"]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != packed["fingerprint"]:
+        raise DDKCacheError(
+            f"the teacher's tokenizer ({tokenizer.name_or_path}, {len(tokenizer)} tokens, {fingerprint[:19]}...) differs from the one "
+            f"{url} was packed with ({packed['name_or_path']}, {packed['size']} tokens, {packed['fingerprint'][:19]}...): "
+            "pack the manifest again with this teacher's tokenizer"
+        )
+
+
+def _info(url: str, domain: str, storage_options: dict | None) -> dict[str, Any]:
+    root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
+    return dict(root[domain].attrs[DOMAIN_ATTR])
