@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, StoreLayout
+from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, TOKENS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture, EncodedTargets, encode_targets
 from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine, resolve_engine_name
@@ -77,12 +77,24 @@ class DumpSummary:
 
 @dataclass
 class ShardJob:
-    """One shard of one split to score and write: the unit of work, of resume and of data parallelism."""
+    """One shard of one split to score and write: the unit of work, of resume and of data parallelism.
+
+    `windows` is None when the store already holds them (a packed store): they are read when the
+    shard is scored, by whichever process scores it, so no process holds more than a few shards.
+    """
 
     domain: str
     split: str
     shard: int
-    windows: np.ndarray
+    region: slice
+    windows: np.ndarray | None = None
+
+    @property
+    def n_windows(self) -> int:
+        return self.region.stop - self.region.start
+
+    def load(self, writer: CacheWriter) -> np.ndarray:
+        return self.windows if self.windows is not None else writer.split_group(self.domain, self.split)[TOKENS][self.region]
 
 
 def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
@@ -205,17 +217,19 @@ def pending_jobs(writer: CacheWriter, domains: list[PackedDomain], layout: Store
             for shard in range(layout.n_shards(packed.n_windows)):
                 if summary.node.owns(number + shard):
                     if shard in pending:
-                        jobs.append(ShardJob(domain.name, split, shard, packed.windows[layout.shard_slice(shard, packed.n_windows)]))
+                        region = layout.shard_slice(shard, packed.n_windows)
+                        in_memory = packed.windows[region] if isinstance(packed.windows, np.ndarray) else None
+                        jobs.append(ShardJob(domain.name, split, shard, region, in_memory))
                     else:
                         summary.shards_skipped += 1
             number += layout.n_shards(packed.n_windows)
     summary.shards_written = len(jobs)
-    summary.tokens_scored = sum(job.windows.shape[0] for job in jobs) * layout.seq_len
+    summary.tokens_scored = sum(job.n_windows for job in jobs) * layout.seq_len
     return jobs
 
 
 def progress_bar(jobs: list[ShardJob], layout: StoreLayout, show: bool) -> tqdm:
-    total = sum(job.windows.shape[0] for job in jobs) * layout.seq_len
+    total = sum(job.n_windows for job in jobs) * layout.seq_len
     return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher-dump", disable=not show)
 
 
@@ -231,7 +245,7 @@ def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJ
         in_flight: Future | None = None
         sampled = capture.mode == "sampled"
         for group in group_jobs(jobs, 1 if sampled else engine.preferred_windows):
-            windows = np.concatenate([job.windows for job in group]) if len(group) > 1 else group[0].windows
+            windows = np.concatenate([job.load(writer) for job in group]) if len(group) > 1 else group[0].load(writer)
             if sampled:
                 seed = capture.shard_seed(group[0].domain, group[0].split, group[0].shard)
                 result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed)
@@ -240,7 +254,7 @@ def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJ
             targets = encode_targets(result, capture)
             if in_flight is not None:
                 in_flight.result()  # at most one group buffered: bounded memory, errors surface promptly
-            in_flight = pool.submit(_write_group, writer, group, targets)
+            in_flight = pool.submit(_write_group, writer, group, windows, targets)
         if in_flight is not None:
             in_flight.result()
 
@@ -250,7 +264,7 @@ def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[Shar
     windows = 0
     for job in jobs:
         group.append(job)
-        windows += job.windows.shape[0]
+        windows += job.n_windows
         if windows >= min_windows:
             yield group
             group, windows = [], 0
@@ -258,9 +272,9 @@ def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[Shar
         yield group
 
 
-def _write_group(writer: CacheWriter, group: list[ShardJob], targets: EncodedTargets) -> None:
+def _write_group(writer: CacheWriter, group: list[ShardJob], windows: np.ndarray, targets: EncodedTargets) -> None:
     offset = 0
     for job in group:
-        rows = slice(offset, offset + job.windows.shape[0])
+        rows = slice(offset, offset + job.n_windows)
         offset = rows.stop
-        writer.write_shard(job.domain, job.split, job.shard, job.windows, targets.windows(rows))
+        writer.write_shard(job.domain, job.split, job.shard, windows[rows], targets.windows(rows))

@@ -88,7 +88,9 @@ def test_three_nodes_score_a_packed_store(packed, tiny_teacher, tmp_path):
     assert score(tiny_teacher, reference).returncode == 0
     scored = tmp_path / "scored.zarr"
     shutil.copytree(packed, scored)
-    processes = [subprocess.Popen(score_command(tiny_teacher, scored, "--num-nodes", "3", "--node-rank", str(rank)), stdout=subprocess.PIPE,
+    # node 0 scores with two data-parallel engine processes: they read their shards' windows from the store themselves
+    processes = [subprocess.Popen(score_command(tiny_teacher, scored, "--num-nodes", "3", "--node-rank", str(rank),
+                                                *(("--data-parallel", "2") if rank == 0 else ())), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
                  for rank in range(3)]
     outputs = [p.communicate(timeout=300) for p in processes]
