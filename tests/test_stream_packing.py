@@ -54,6 +54,21 @@ def test_no_validation_document_reaches_training_not_even_a_duplicate(tiny_teach
     assert sum(d in texts["train"] for d in documents if d not in to_valid) > 40
 
 
+def test_a_sharded_source_streams_its_files_in_order(tiny_teacher, tmp_path):
+    """One source over several files packs like the same documents in one file (file order, then row order)."""
+    tokenizer = load_tokenizer(str(tiny_teacher), None)
+    documents = make_documents("code", 90, seed=4)
+    (tmp_path / "one").mkdir()
+    one = split_texts(corpus(tmp_path / "one", documents), tokenizer, 0.2)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for i in range(3):
+        write_jsonl(sharded / f"part-{i}.jsonl", [{"text": d} for d in documents[i * 30 : (i + 1) * 30]])
+    (sharded / "manifest.yaml").write_text(yaml.safe_dump({"seq_len": 16, "seed": 5, "domains": [{"name": "prose", "valid_sequences": 3,
+        "sources": [{"path": "json", "data_files": [f"part-{i}.jsonl" for i in range(3)]}]}]}))
+    assert split_texts(sharded / "manifest.yaml", tokenizer, 0.2) == one
+
+
 def test_progress_round_trips_and_resuming_from_it_continues_the_same_shards(tiny_teacher, tmp_path):
     tokenizer = load_tokenizer(str(tiny_teacher), None)
     manifest = corpus(tmp_path, make_documents("code", 150, seed=2), valid_sequences=2, budget=16 * 50)
