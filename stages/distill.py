@@ -216,7 +216,7 @@ class Trainer:
             self.ctx,
         )
         self.metrics_path = config.out / METRICS_NAME
-        self.train_seconds = 0.0
+        self.train_seconds, self._start_step = 0.0, 0
 
     # -- the loop -------------------------------------------------------------------------
 
