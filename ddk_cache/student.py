@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ddk_cache.errors import DDKCacheError, first_line
-from ddk_cache.fingerprints import tokenizer_fingerprint
+from ddk_cache.fingerprints import require_same_tokenizer
 
 
 def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
@@ -46,13 +46,7 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
 def check_compatible(model, tokenizer, header: dict[str, Any]) -> None:
     """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
     cached = header["tokenizer"]
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if fingerprint != cached["fingerprint"]:
-        raise DDKCacheError(
-            f"the student's tokenizer ({tokenizer.name_or_path}, {len(tokenizer)} tokens, {fingerprint[:19]}...) differs from "
-            f"the cache's ({cached['name_or_path']}, {cached['size']} tokens, {cached['fingerprint'][:19]}...): "
-            "distill with the teacher's tokenizer"
-        )
+    require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
     student_vocab = model.get_input_embeddings().weight.shape[0]
     if student_vocab < cached["size"]:
         raise DDKCacheError(

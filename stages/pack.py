@@ -32,7 +32,7 @@ from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEA
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture
 from ddk_cache.errors import DDKCacheError, StoreError, first_line
-from ddk_cache.fingerprints import tokenizer_description, tokenizer_fingerprint
+from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.provenance import package_versions
 from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
@@ -89,8 +89,8 @@ def run_pack(config: PackConfig) -> PackSummary:
               "packing": {"split_rule": SPLIT_RULE, "valid_fraction": config.valid_fraction}}
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
-        _, stored = open_packed(config.out, config.storage_options)
-        return PackSummary(config.out, [_info(config.out, d.name, config.storage_options) for d in stored], already_packed=True)
+        root = zarr.open_group(open_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
+        return PackSummary(config.out, [dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
     bar = tqdm(desc="pack", unit="window", disable=not config.show_progress)
     for domain in manifest.domains:
         progress = writer.pack_progress(domain.name)
@@ -156,16 +156,5 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[dict[str, Any],
 
 def check_same_tokenizer(tokenizer, header: dict[str, Any], url: str) -> None:
     """A teacher may score packed windows only if its tokenizer gives every id the same token."""
-    packed = header["tokenizer"]
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if fingerprint != packed["fingerprint"]:
-        raise DDKCacheError(
-            f"the teacher's tokenizer ({tokenizer.name_or_path}, {len(tokenizer)} tokens, {fingerprint[:19]}...) differs from the one "
-            f"{url} was packed with ({packed['name_or_path']}, {packed['size']} tokens, {packed['fingerprint'][:19]}...): "
-            "pack the manifest again with this teacher's tokenizer"
-        )
-
-
-def _info(url: str, domain: str, storage_options: dict | None) -> dict[str, Any]:
-    root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
-    return dict(root[domain].attrs[DOMAIN_ATTR])
+    require_same_tokenizer(tokenizer, header["tokenizer"], "teacher's", f"the one {url} was packed with",
+                           "pack the manifest again with this teacher's tokenizer")
