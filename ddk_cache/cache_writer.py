@@ -79,19 +79,12 @@ class CacheWriter:
         `header["identity"]` holds everything that must match for shards from two runs to
         belong in one store; a mismatch is refused unless `overwrite` is set.
         """
-        try:
-            store = open_store(url, read_only=False, storage_options=storage_options)
-            existing = _existing_header(store, url)
-        except (OSError, ValueError) as exc:  # object stores: refused credentials, missing bucket, unreachable endpoint
-            raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+        store, existing = _open_for_writing(url, storage_options)
         if existing is not None and (overwrite or existing.get("status") == "creating"):
             existing = None  # replaced below; a store killed while "creating" holds no scored data yet
         if existing is None:
             # "creating" until every group and array exists, so a kill during creation is detectable
-            try:
-                root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "creating"}})
-            except OSError as exc:  # object stores: missing bucket, no write permission
-                raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+            root = _new_root(store, url, {**header, "status": "creating"})
             for domain in domains:
                 _create_domain(root, domain, layout)
             root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
@@ -120,11 +113,7 @@ class CacheWriter:
         Same data, tokenizer, rule and layout: resumed (or nothing to do once packed). Anything
         else is refused unless `overwrite`, also a half-packed store: it may hold hours of work.
         """
-        try:
-            store = open_store(url, read_only=False, storage_options=storage_options)
-            existing = _existing_header(store, url)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+        store, existing = _open_for_writing(url, storage_options)
         if existing is not None and not overwrite:
             if packed_identity(existing) != packed_identity(header):
                 raise StoreError(f"{url} already holds a store packed from other data, tokenizer, rule or layout: "
@@ -133,11 +122,8 @@ class CacheWriter:
                 return None
             if all(name in zarr.open_group(store, mode="r") for name in domains):
                 return cls(zarr.open_group(store, mode="r+"), url, layout)
-        try:  # new (or killed before its groups existed): create every group with empty, growing `tokens` arrays
-            root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: {**header, "status": "packing"}})
-        except OSError as exc:
-            raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
-        for name in domains:
+        root = _new_root(store, url, {**header, "status": "packing"})  # new, or killed before its groups existed
+        for name in domains:  # every group, with empty `tokens` arrays that grow shard by shard
             group = root.create_group(name)
             for split in SPLITS:
                 create_token_array(group.create_group(split), 0, layout)
@@ -270,6 +256,23 @@ class CacheWriter:
         self.root.attrs[HEADER_ATTR] = header
 
 
+def _open_for_writing(url: str, storage_options: dict | None) -> tuple[Any, dict | None]:
+    """The writable store at `url` and the header of the ddk-cache store already there (None if none)."""
+    try:
+        store = open_store(url, read_only=False, storage_options=storage_options)
+        return store, _existing_header(store, url)
+    except (OSError, ValueError) as exc:  # object stores: refused credentials, missing bucket, unreachable endpoint
+        raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+
+
+def _new_root(store, url: str, header: dict[str, Any]) -> zarr.Group:
+    """An empty root group holding `header` (whatever was at `url` is replaced)."""
+    try:
+        return zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header})
+    except OSError as exc:  # object stores: missing bucket, no write permission
+        raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
+
+
 def _existing_header(store, url: str) -> dict | None:
     """The header of an existing ddk-cache store at `url`, None if nothing is there."""
     try:
@@ -285,8 +288,13 @@ def _existing_header(store, url: str) -> dict | None:
     return header
 
 
+def differing_keys(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two identities (a key missing on one side differs), sorted."""
+    return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def _check_identity(old: dict, new: dict, url: str) -> None:
-    differing = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    differing = differing_keys(old, new)
     if differing:
         key = differing[0]
         raise StoreError(

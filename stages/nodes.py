@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from ddk_cache.cache_format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, open_store
-from ddk_cache.cache_writer import CacheWriter, check_domain_data
+from ddk_cache.cache_writer import CacheWriter, check_domain_data, differing_keys
 from ddk_cache.errors import DDKCacheError, StoreError
 from ddk_cache.packing import PackedDomain
 
@@ -96,7 +96,7 @@ def wait_for_store(url: str, identity: dict[str, Any], storage_options: dict | N
             f"{url} was not created within {timeout:.0f} s: node 0 creates it; start node 0 with the same command "
             "(every node must see the same --out), or raise --create-timeout"
         )
-    differing = sorted(k for k in set(identity) | set(seen.get("identity") or {}) if identity.get(k) != (seen.get("identity") or {}).get(k))
+    differing = differing_keys(seen.get("identity") or {}, identity)
     raise StoreError(f"{url} holds a store made with a different {', '.join(differing) or 'format'}: give every node the same command")
 
 
