@@ -15,6 +15,8 @@ from ddk_cache.cache_reader import CacheReader
 from ddk_cache.errors import StoreError
 from test_resume import KILLING_RUNNER, assert_same_store
 
+SURVIVE = {"KILL_AT_SHARD": "-1", "KILL_MODE": "none"}  # the killing runner's settings for a node that lives
+
 
 def start_nodes(tiny_teacher: Path, manifest: Path, out: Path | str, count: int, ranks: list[int] | None = None,
                 runner: Path | None = None, extra: tuple[str, ...] = (), env_by_rank: dict[int, dict[str, str]] | None = None,
@@ -54,9 +56,8 @@ def test_a_killed_node_rerun_alone_fills_only_its_shards(tmp_path, tiny_teacher,
     runner = tmp_path / "killing_runner.py"
     runner.write_text(KILLING_RUNNER)
     out = tmp_path / "killed.zarr"
-    kill_node_1 = {1: {"KILL_AT_SHARD": "1", "KILL_MODE": "before-write"}}
-    results = start_nodes(tiny_teacher, manifest, out, 3, runner=runner, env_by_rank={0: {"KILL_AT_SHARD": "-1", "KILL_MODE": "none"},
-                                                                                      2: {"KILL_AT_SHARD": "-1", "KILL_MODE": "none"}, **kill_node_1})
+    results = start_nodes(tiny_teacher, manifest, out, 3, runner=runner,
+                          env_by_rank={0: SURVIVE, 1: {"KILL_AT_SHARD": "1", "KILL_MODE": "before-write"}, 2: SURVIVE})
     assert results[1].returncode == -9 and results[0].returncode == 0 and results[2].returncode == 0
     with pytest.raises(StoreError, match="incomplete"):
         CacheReader(str(out))  # node 1's shards are missing: never taken for a finished store
@@ -73,7 +74,7 @@ def test_two_nodes_resumed_as_three_and_launcher_variables(tmp_path, tiny_teache
     runner.write_text(KILLING_RUNNER)
     out = tmp_path / "two-then-three.zarr"
     results = start_nodes(tiny_teacher, manifest, out, 2, runner=runner,
-                          env_by_rank={0: {"KILL_AT_SHARD": "2", "KILL_MODE": "before-write"}, 1: {"KILL_AT_SHARD": "-1", "KILL_MODE": "none"}})
+                          env_by_rank={0: {"KILL_AT_SHARD": "2", "KILL_MODE": "before-write"}, 1: SURVIVE})
     assert results[0].returncode == -9 and results[1].returncode == 0
 
     # the same command as three nodes, told their rank by torchrun's variables (node 0) and SLURM's (nodes 1, 2)
