@@ -40,11 +40,13 @@ def build_student(tokenizer_dir: str, out: Path, hidden: int, layers: int) -> to
     return model
 
 
-def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: int) -> float:
-    """Student tokens/s over `batches` with the KD loss (kd) or CE only (kd=None)."""
+def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: int, device: torch.device) -> float:
+    """Student tokens/s over `batches` with the KD loss (kd) or CE only (kd=None); bf16 autocast on GPU as distill does."""
     tokens, start = 0, time.perf_counter()
     for batch in batches:
-        logits = model(input_ids=batch.input_ids, use_cache=False).logits
+        batch = batch.to(device)  # host-to-device copy counted: the trainer pays it too
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=batch.input_ids, use_cache=False).logits
         if kd is None:
             parts = distillation_loss(logits, batch.targets, None, KDConfig(gamma=0.0))
         else:
@@ -53,6 +55,8 @@ def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: in
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch.input_ids.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return tokens / (time.perf_counter() - start)
 
 
@@ -96,11 +100,13 @@ def main() -> None:
     parser.add_argument("--steps-per-block", type=int, default=6)
     parser.add_argument("--blocks", type=int, default=3, help="CE/KD block pairs, alternating")
     parser.add_argument("--reader-threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, as distill on a GPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     reader = CacheReader(args.store)
-    model = build_student(args.tokenizer, args.out_dir, args.hidden, args.layers).train()
+    device = torch.device(args.device)
+    model = build_student(args.tokenizer, args.out_dir, args.hidden, args.layers).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
     teacher_vocab = int(reader.header["teacher"]["vocab_size"])
     batcher = Batches(reader, args.batch_size, args.reader_threads)
@@ -112,16 +118,17 @@ def main() -> None:
     batcher_rate = sum(b.input_ids.numel() for b in produced) / (time.perf_counter() - start)
     batcher.loader.close()
 
-    train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab)  # warm-up
+    train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab, device)  # warm-up
     ce_rates, kd_rates = [], []
     for _ in range(args.blocks):
-        ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab))
-        kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab))
+        ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab, device))
+        kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab, device))
     decode = decode_rate(reader, args.reader_threads)
     ratios = [k / c for k, c in zip(kd_rates, ce_rates)]
     consumption = float(np.median(kd_rates))
     results = {
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "store": args.store,
         "capture": reader.capture.describe(),
         "seq_len": reader.header["capture"]["seq_len"],

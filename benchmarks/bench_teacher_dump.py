@@ -1,11 +1,15 @@
 """Stage-one speed and size: `teacher-dump` tokens/s against the teacher's bare forward tokens/s
 on the same windows and batches, and bytes/token of the resulting store.
 
-Runs side by side in one process (bare forward, dump, bare forward again) because the machines
-are shared and noisy: the ratio is the result, not the absolute rates.
+Runs side by side in one process with one loaded teacher (bare forward, dump, bare forward
+again, ...) because the machines are shared and noisy: the ratio is the result, not the absolute
+rates. The windows come from a manifest (packed in memory by the first dump) or from a store that
+`ddk-cache pack` wrote (`--packed`, scored on a fresh copy each pass).
 
     python benchmarks/bench_teacher_dump.py --teacher /path/to/teacher \
         --manifest data_manifests/shared_corpora.yaml --out-dir /tmp/bench --budget 8192 --valid 4
+    python benchmarks/bench_teacher_dump.py --teacher DIR --packed packed.zarr --out-dir /tmp/bench \
+        --device cuda --dtype bfloat16 --batch-size 16 --writer-threads 1 8
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -51,51 +56,67 @@ def derived_manifest(manifest: Path, out_dir: Path, budget: int | None, valid: i
 def bare_forward_rate(engine: HFTeacherEngine, windows: list[np.ndarray]) -> float:
     """Tokens/s of the teacher's forward pass alone (logits computed, nothing else), same batches as the dump."""
     tokens, start = 0, time.perf_counter()
+    total = torch.zeros((), device=engine.device)
     for shard in windows:
         for i in range(0, len(shard), engine.batch_size):
-            batch = torch.as_tensor(shard[i : i + engine.batch_size, :-1], dtype=torch.long, device=engine.device)
-            engine.model(input_ids=batch, use_cache=False).logits.sum().item()
+            batch = torch.as_tensor(shard[i : i + engine.batch_size, :-1], dtype=torch.long).to(engine.device)
+            total += engine.model(input_ids=batch, use_cache=False).logits[:, -1, 0].float().sum()  # keeps the pass alive
             tokens += batch.numel()
+    total.item()  # one synchronisation at the end: a GPU runs the batches back to back
     return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--manifest", type=Path, required=True)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--manifest", type=Path, help="pack this manifest's domains in memory (budgets from --budget/--valid)")
+    data.add_argument("--packed", type=Path, help="a local store `ddk-cache pack` wrote: each pass scores a fresh copy")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--writer-threads", type=int, nargs="+", default=[1], help="one dump per value in every pass")
     parser.add_argument("--budget", type=int, default=8192, help="train tokens per domain (0 = manifest's)")
     parser.add_argument("--valid", type=int, default=4, help="validation windows per domain (0 = manifest's)")
-    parser.add_argument("--repeats", type=int, default=3, help="dump passes, each between two bare passes")
+    parser.add_argument("--repeats", type=int, default=3, help="passes, each: the dumps, then a bare pass")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid)
-    store = str(args.out_dir / "bench.zarr")
-    config = TeacherDumpConfig(
-        teacher=args.teacher, manifest=manifest, out=store, capture=Capture(k=args.k), engine_options=EngineOptions(batch_size=args.batch_size), overwrite=True, show_progress=False
-    )
+    store = args.out_dir / "bench.zarr"
+    options = EngineOptions(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    engine = HFTeacherEngine(args.teacher, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
-    # 1. a first dump fixes the windows (and warms caches); its store gives the exact windows to replay
-    run_teacher_dump(config)
-    reader = CacheReader(store)
+    def dump(threads: int) -> float:
+        if args.packed is not None:
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.copytree(args.packed, store)
+        manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid) if args.manifest else None
+        config = TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(store), capture=Capture(k=args.k), engine="hf",
+                                   engine_options=options, overwrite=args.manifest is not None, show_progress=False, writer_threads=threads)
+        return run_teacher_dump(config, engine=engine).tokens_per_second
+
+    # 1. a first dump fixes the windows and warms the engine; its store gives the exact windows to replay
+    dump(args.writer_threads[0])
+    reader = CacheReader(str(store))
     layout = reader.header["layout"]
     shards = []
     for domain in reader.domains:
         for split in SPLITS:
             tokens = reader.read(domain, split).tokens
             shards += [tokens[i : i + layout["shard_windows"]] for i in range(0, len(tokens), layout["shard_windows"])]
-    engine = HFTeacherEngine(args.teacher, batch_size=args.batch_size)
 
-    # 2. side by side, alternating: bare forward, full dump (score + top-k + compress + write), ...
-    bare_rates, dump_rates = [bare_forward_rate(engine, shards)], []
+    # 2. side by side, alternating: bare forward, then a full dump (score + top-k + encode + compress + write)
+    #    per writer-thread setting, ..., bare forward
+    bare_rates = [bare_forward_rate(engine, shards)]
+    dump_rates: dict[int, list[float]] = {threads: [] for threads in args.writer_threads}
     for _ in range(args.repeats):
-        dump_rates.append(run_teacher_dump(config).tokens_per_second)
+        for threads in args.writer_threads:
+            dump_rates[threads].append(dump(threads))
         bare_rates.append(bare_forward_rate(engine, shards))
-    # each dump is compared with the mean of the bare passes just before and after it
-    ratios = [d / ((bare_rates[i] + bare_rates[i + 1]) / 2) for i, d in enumerate(dump_rates)]
+    # each dump is compared with the mean of the bare passes just before and after its pass
+    ratios = {t: [d / ((bare_rates[i] + bare_rates[i + 1]) / 2) for i, d in enumerate(rates)] for t, rates in dump_rates.items()}
 
     sizes = {}
     for domain in reader.domains:
@@ -104,17 +125,21 @@ def main() -> None:
         sizes[domain] = {"bytes_per_token": reader.bytes_stored(domain) / tokens, "tokens": tokens,
                          "teacher_valid_ppl": info["teacher_valid_ppl"]}
     total_tokens = sum(s["tokens"] for s in sizes.values())
+    gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
     results = {
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, device {engine.device}",
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, device {engine.device}"
+                   + (f" ({gpu})" if gpu else ""),
         "teacher": args.teacher,
+        "teacher_parameters": sum(p.numel() for p in engine.model.parameters()),
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "k": args.k,
         "seq_len": layout["seq_len"],
         "batch_size": args.batch_size,
         "tokens_per_pass": int(sum(s.shape[0] for s in shards) * layout["seq_len"]),
         "bare_forward_tokens_per_s": [round(r, 1) for r in bare_rates],
-        "dump_tokens_per_s": [round(r, 1) for r in dump_rates],
-        "dump_over_bare": [round(r, 3) for r in ratios],
-        "dump_over_bare_median": round(float(np.median(ratios)), 3),
+        "dump_tokens_per_s": {str(t): [round(r, 1) for r in rates] for t, rates in dump_rates.items()},
+        "dump_over_bare": {str(t): [round(r, 3) for r in rs] for t, rs in ratios.items()},
+        "dump_over_bare_median": {str(t): round(float(np.median(rs)), 3) for t, rs in ratios.items()},
         "store_bytes_per_token": round(sum(s["bytes_per_token"] * s["tokens"] for s in sizes.values()) / total_tokens, 1),
         "naive_bytes_per_token": 6 * args.k,
         "domains": {d: {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()} for d, s in sizes.items()},

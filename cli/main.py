@@ -100,6 +100,8 @@ def teacher_dump(
         help="Nodes scoring this store together (default: WORLD_SIZE from torchrun or SLURM_NTASKS from srun; else 1).")] = None,
     node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0 .. num-nodes - 1 (default: RANK or SLURM_PROCID).")] = None,
     create_timeout: Annotated[float, typer.Option(help="Seconds nodes other than 0 wait for node 0 to create the store.")] = 600.0,
+    writer_threads: Annotated[Optional[int], typer.Option(
+        help="Shards encoded and written at once while the teacher scores the next (1-64; default: half the cores, at most 8).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Score every window of the manifest's domains with the teacher and write its sparse distribution into a store.
@@ -142,6 +144,7 @@ def teacher_dump(
         num_nodes=num_nodes,
         node_rank=node_rank,
         create_timeout=create_timeout,
+        writer_threads=writer_threads,
     )
     with user_errors():
         summary = run_teacher_dump(config)

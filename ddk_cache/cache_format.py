@@ -58,6 +58,12 @@ TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB of raw entry ids per inner chunk: one eff
 CHUNKS_PER_SHARD = 8
 
 
+# Blosc maps its clevel 9 to zstd's maximum level (22), which compresses at 6-13 MB/s: one GPU
+# scoring a 1B teacher produces targets faster than eight such threads can write them. clevel 6
+# (zstd 11) writes 8-16x faster for 2 % more bytes (benchmarks/RESULTS.md, "Stage one on a GPU").
+# Readers take the level from each array's zarr.json, so stores written at clevel 9 read the same.
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One data array of a split: per-window trailing shape, logical dtype and codec chain."""
@@ -67,7 +73,7 @@ class ArraySpec:
     filters: tuple = ()
     compressor_dtype_size: int = 4
     shuffle: BloscShuffle = BloscShuffle.bitshuffle
-    clevel: int = 9
+    clevel: int = 6  # blosc's zstd at level 11; see TARGET_CLEVEL's note
 
     def compressors(self) -> tuple:
         """blosc/zstd over the (filtered) bytes, then a checksum so corruption is detected on read."""

@@ -97,7 +97,7 @@ def assign_devices(n: int, tensor_parallel: int) -> list[str | None]:
 
 def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, jobs_queue: Any, events: Any) -> None:
     """Load the engine, report it, then score and write shards from the queue until a None."""
-    from ddk_cache.stages.teacher_dump import score_jobs
+    from ddk_cache.stages.teacher_dump import default_writer_threads, score_jobs
 
     try:
         engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.capture.engine_k)
@@ -114,7 +114,8 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
                 yield job
                 job = jobs_queue.get()
 
-        score_jobs(engine, writer, jobs(), config.capture, lambda tokens: events.put(("tokens", rank, tokens)))
+        threads = config.writer_threads or max(1, default_writer_threads() // config.data_parallel)
+        score_jobs(engine, writer, jobs(), config.capture, lambda tokens: events.put(("tokens", rank, tokens)), threads)
         events.put(("done", rank, None))
     except DDKCacheError as exc:
         events.put(("error", rank, str(exc)))

@@ -9,7 +9,9 @@ writing of shard i (one writer thread), so the teacher never waits on I/O. With
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -21,9 +23,9 @@ from tqdm.auto import tqdm
 
 from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, TOKENS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.capture import Capture, EncodedTargets, encode_targets
+from ddk_cache.capture import Capture, encode_targets
 from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine, resolve_engine_name
-from ddk_cache.engines.base import ProgressCallback
+from ddk_cache.engines.base import ProgressCallback, TopKResult
 from ddk_cache.engines.options import check_applicable
 from ddk_cache.errors import DDKCacheError, EngineError
 from ddk_cache.fingerprints import teacher_description
@@ -53,6 +55,7 @@ class TeacherDumpConfig:
     num_nodes: int | None = None  # several nodes scoring one store (default: from RANK/WORLD_SIZE or SLURM_*; else 1)
     node_rank: int | None = None
     create_timeout: float = 600.0  # seconds a node other than 0 waits for node 0 to create the store
+    writer_threads: int | None = None  # shards encoded and written at once while the teacher scores (None: half the cores, at most 8)
 
     @property
     def revision(self) -> str | None:
@@ -97,10 +100,16 @@ class ShardJob:
         return self.windows if self.windows is not None else writer.split_group(self.domain, self.split)[TOKENS][self.region]
 
 
-def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
+def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = None) -> DumpSummary:
+    """`engine`: a teacher already loaded (a notebook or benchmark scoring several stores with one model);
+    it must be the one `config.teacher` names. By default the run loads its own."""
     capture = config.capture
+    if engine is not None and config.data_parallel > 1:
+        raise DDKCacheError("a loaded engine scores in this process only: use --data-parallel 1")
     if config.data_parallel <= 0:
         raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
+    if config.writer_threads is not None and not 1 <= config.writer_threads <= 64:
+        raise DDKCacheError(f"--writer-threads must be between 1 and 64, got {config.writer_threads}")
     if config.create_timeout <= 0:
         raise DDKCacheError(f"--create-timeout must be positive (seconds), got {config.create_timeout}")
     node = resolve_node(config.num_nodes, config.node_rank)
@@ -159,12 +168,12 @@ def run_teacher_dump(config: TeacherDumpConfig) -> DumpSummary:
 
         writer = run_data_parallel(config, engine_name, domains, layout, open_writer, summary)
     else:
-        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=capture.engine_k)
+        engine = engine or create_engine(engine_name, config.teacher, config.engine_options, max_k=capture.engine_k)
         writer = open_writer(EngineInfo.of(engine))
         jobs = pending_jobs(writer, domains, layout, summary)
         start = time.perf_counter()  # scoring and writing only: model loading is not throughput
         with progress_bar(jobs, layout, config.show_progress) as bar:
-            score_jobs(engine, writer, jobs, capture, bar.update)
+            score_jobs(engine, writer, jobs, capture, bar.update, config.writer_threads or default_writer_threads())
         summary.seconds = time.perf_counter() - start
     # whichever node sees every shard marked completes the store (idempotent: same values from any node)
     summary.complete = node.count == 1 or all_shards_done(writer, domains)
@@ -203,6 +212,11 @@ def scoring_header(packed: dict[str, Any], config: TeacherDumpConfig, engine: En
     }
 
 
+def default_writer_threads() -> int:
+    """Half the cores, at most 8: one writer keeps up with a CPU teacher, a GPU teacher needs several."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def pending_jobs(writer: CacheWriter, domains: list[PackedDomain], layout: StoreLayout, summary: DumpSummary) -> list[ShardJob]:
     """This node's shards not yet marked done, in store order; counts its skipped ones into `summary`.
 
@@ -233,16 +247,23 @@ def progress_bar(jobs: list[ShardJob], layout: StoreLayout, show: bool) -> tqdm:
     return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher-dump", disable=not show)
 
 
-def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], capture: Capture, progress: ProgressCallback) -> None:
-    """Score shards and write them, overlapping the writing of one group with scoring the next.
+def score_jobs(
+    engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], capture: Capture, progress: ProgressCallback, writer_threads: int = 1
+) -> None:
+    """Score shards and write them, overlapping the encoding and writing of earlier groups with scoring the next.
 
     Consecutive shards are grouped until the engine's `preferred_windows` is reached, so an
     engine that batches internally (vLLM) always has a deep queue; results are split back
     into whole shards for the writer. In sampled mode each shard is scored alone, with draws
     seeded by the shard's identity, so a resumed or data-parallel dump draws the same samples.
+
+    Why several writer threads: on a GPU the teacher outruns one CPU thread's encoding and zstd
+    compression (benchmarks/RESULTS.md); shards are separate objects, so `writer_threads` groups
+    are encoded and written at once. At most that many groups wait in memory, and the oldest is
+    waited for first, so an error surfaces within a few groups.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddk-writer") as pool:
-        in_flight: Future | None = None
+    with ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="ddk-writer") as pool:
+        in_flight: deque[Future] = deque()
         sampled = capture.mode == "sampled"
         for group in group_jobs(jobs, 1 if sampled else engine.preferred_windows):
             windows = np.concatenate([job.load(writer) for job in group]) if len(group) > 1 else group[0].load(writer)
@@ -251,12 +272,11 @@ def score_jobs(engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJ
                 result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed)
             else:
                 result = engine.score(windows, capture.engine_k, progress=progress)
-            targets = encode_targets(result, capture)
-            if in_flight is not None:
-                in_flight.result()  # at most one group buffered: bounded memory, errors surface promptly
-            in_flight = pool.submit(_write_group, writer, group, windows, targets)
-        if in_flight is not None:
-            in_flight.result()
+            if len(in_flight) >= writer_threads:
+                in_flight.popleft().result()  # bounded memory; errors surface promptly
+            in_flight.append(pool.submit(_write_group, writer, group, windows, result, capture))
+        while in_flight:
+            in_flight.popleft().result()
 
 
 def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[ShardJob]]:
@@ -272,7 +292,9 @@ def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[Shar
         yield group
 
 
-def _write_group(writer: CacheWriter, group: list[ShardJob], windows: np.ndarray, targets: EncodedTargets) -> None:
+def _write_group(writer: CacheWriter, group: list[ShardJob], windows: np.ndarray, result: TopKResult, capture: Capture) -> None:
+    """Encode (sort by id, rest, quantize) and write: on the writer thread, so the teacher's next group is already running."""
+    targets = encode_targets(result, capture)
     offset = 0
     for job in group:
         rows = slice(offset, offset + job.n_windows)

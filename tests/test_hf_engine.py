@@ -81,3 +81,20 @@ def test_auto_dtype_is_float32_on_cpu(tiny_teacher):
     engine = create_engine("auto", str(tiny_teacher), EngineOptions(device="cpu"))
     assert engine.describe()["settings"]["dtype"] == "float32"
     assert engine.value_settings() == {"name": "hf", "dtype": "float32"}
+
+
+def test_bfloat16_logits_select_the_entries_of_their_float32_copy():
+    """The top-k runs in the logits' own dtype (a GPU teacher's bf16): same ids, and values equal to the
+    float32 log_softmax of the same logits, because float(bf16) is exact and keeps the order."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 500) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 500, (3, 7))
+    ids, values, target, _ = hf_engine.topk_from_logits(logits, targets, K)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(K, dim=-1)
+    assert values.dtype == torch.float32 and target.dtype == torch.float32
+    # bf16 has ties (8 mantissa bits): compare the selected values, and ids wherever the value is unique
+    torch.testing.assert_close(values, top.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logprobs.gather(-1, ids.long()), top.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(target, logprobs.gather(-1, targets[..., None]).squeeze(-1), rtol=0, atol=1e-5)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()  # bf16 logits are not consumed

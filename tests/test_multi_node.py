@@ -99,3 +99,15 @@ def test_nodes_refuse_what_would_race_in_one_line(tmp_path, tiny_teacher, refere
         result = run_dump(tiny_teacher, manifest, tmp_path / "bad.zarr", extra=extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_writer_threads_write_the_single_writer_store(tmp_path, tiny_teacher, reference_store):
+    """Shards encoded and written concurrently (a GPU teacher outruns one writer) land exactly as one writer's."""
+    manifest, reference = reference_store
+    out = tmp_path / "threads.zarr"
+    result = run_dump(tiny_teacher, manifest, out, extra=("--writer-threads", "3"))
+    assert result.returncode == 0, result.stderr
+    assert_same_store(out, reference)
+    refused = run_dump(tiny_teacher, manifest, tmp_path / "refused.zarr", extra=("--writer-threads", "0"))
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: --writer-threads must be between 1 and 64, got 0"
+    assert not (tmp_path / "refused.zarr").exists()

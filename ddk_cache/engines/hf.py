@@ -86,29 +86,48 @@ class HFTeacherEngine(TeacherEngine):
     def score(
         self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
     ) -> TopKResult:
+        """Batches are pipelined on a GPU: batch i + 1 is queued before batch i's results are copied back
+        (asynchronously, into pinned memory), so the device never waits for the host between batches."""
         vocab = int(self.model.config.vocab_size)
         if not 0 < k <= vocab:
             raise EngineError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}")
         generator = None
         if draws is not None:  # CPU generator: the same draws on any device, batch size or process
             generator = torch.Generator().manual_seed(seed)
-        parts = []
+        parts: list[TopKResult] = []
+        in_flight: _HostCopy | None = None
         for start in range(0, len(windows), self.batch_size):
-            batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long, device=self.device)
+            batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long).to(self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = self.model(input_ids=inputs, use_cache=False).logits
-            topk_ids, topk_lp, target_lp, samples = topk_from_logits(logits, targets, k, draws, generator)
-            parts.append(
-                TopKResult(
-                    topk_ids.cpu().numpy(),
-                    topk_lp.cpu().numpy(),
-                    target_lp.cpu().numpy(),
-                    None if samples is None else samples.numpy(),
-                )
-            )
-            if progress is not None:
-                progress(int(inputs.numel()))
+            copy = _HostCopy(topk_from_logits(logits, targets, k, draws, generator), int(inputs.numel()))
+            del logits
+            if in_flight is not None:
+                parts.append(in_flight.wait(progress))
+            in_flight = copy
+        if in_flight is not None:
+            parts.append(in_flight.wait(progress))
         return TopKResult.concatenate(parts)
+
+
+class _HostCopy:
+    """One batch's results on their way to host memory: non-blocking copies, waited for later."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], tokens: int) -> None:
+        self.tokens = tokens
+        self.tensors = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+        self.event = None
+        if any(t is not None and t.is_pinned() for t in self.tensors):  # a device-to-host copy is in flight
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self, progress: ProgressCallback | None) -> TopKResult:
+        if self.event is not None:
+            self.event.synchronize()
+        if progress is not None:
+            progress(self.tokens)
+        ids, values, target_values, samples = (None if t is None else t.numpy() for t in self.tensors)
+        return TopKResult(ids, values, target_values, samples)
 
 
 def topk_from_logits(
@@ -116,10 +135,16 @@ def topk_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of float32 log_softmax(logits) and the targets' log-probs, in row blocks.
 
-    `logits` is `[B, L, V]` in any dtype, `targets` `[B, L]`. Returns int32 ids `[B, L, k]`,
-    float32 log-probs `[B, L, k]` (descending), float32 target log-probs `[B, L]` and, with
-    `draws`, int32 samples `[B, L, draws]` drawn with replacement (inverse CDF of uniforms from
-    the CPU `generator`, so the draws do not depend on the device or the batching).
+    `logits` is `[B, L, V]` in any dtype, `targets` `[B, L]`; float32 logits are consumed (overwritten).
+    Returns int32 ids `[B, L, k]`, float32 log-probs `[B, L, k]` (descending), float32 target log-probs
+    `[B, L]` and, with `draws`, int32 samples `[B, L, draws]` drawn with replacement (inverse CDF of
+    uniforms from the CPU `generator`, so the draws do not depend on the device or the batching).
+
+    Why not log_softmax: the top-k and the target are read off the logits, and only the normaliser
+    log(sum(exp)) is needed on top; computing it in place (subtract the row maximum, the top-1 logit,
+    exponentiate, sum) writes no second `[rows, V]` tensor, which on CPU is most of the cost after
+    the forward (page faults of a fresh 200 MiB buffer per block). Sampling needs every log-prob and
+    keeps log_softmax.
     """
     b, length, vocab = logits.shape
     flat_logits = logits.reshape(b * length, vocab)
@@ -127,13 +152,23 @@ def topk_from_logits(
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
     ids, values, target_values, samples = [], [], [], []
     for start in range(0, flat_logits.shape[0], rows):
-        logprobs = torch.log_softmax(flat_logits[start : start + rows].float(), dim=-1)
-        top = logprobs.topk(k, dim=-1, sorted=True)
-        ids.append(top.indices.to(torch.int32))
-        values.append(top.values)
-        target_values.append(logprobs.gather(-1, flat_targets[start : start + rows]).squeeze(-1))
+        block = flat_logits[start : start + rows]
         if draws is not None:
-            samples.append(sample_from_logprobs(logprobs, draws, generator).cpu())
+            logprobs = torch.log_softmax(block.float(), dim=-1)
+            top = logprobs.topk(k, dim=-1, sorted=True)
+            top_values, target = top.values, logprobs.gather(-1, flat_targets[start : start + rows]).squeeze(-1)
+            samples.append(sample_from_logprobs(logprobs, draws, generator))
+        else:
+            # top-k in the logits' own dtype: float(bf16) is exact and order-preserving, so the entries are
+            # the same as in float32, and the selection reads half the bytes
+            top = block.topk(k, dim=-1, sorted=True)
+            row_max = top.values[:, :1].float()
+            target = block.gather(-1, flat_targets[start : start + rows]).squeeze(-1).float()
+            log_normaliser = row_max + block.float().sub_(row_max).exp_().sum(-1, keepdim=True).log_()
+            top_values, target = top.values.float() - log_normaliser, target - log_normaliser.squeeze(-1)
+        ids.append(top.indices.to(torch.int32))
+        values.append(top_values)
+        target_values.append(target)
     return (
         torch.cat(ids).reshape(b, length, k),
         torch.cat(values).reshape(b, length, k),
