@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -11,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ddk_cache.cli.boundary import REPORT, debug_requested, expected_failure
 from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError
 
 app = typer.Typer(
@@ -49,19 +52,43 @@ def parse_storage_options(text: str | None) -> dict | None:
     return options
 
 
+@app.callback()
+def options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of every error (also DDK_CACHE_DEBUG=1).")] = False) -> None:
+    if debug:
+        os.environ["DDK_CACHE_DEBUG"] = "1"
+
+
+def say(show: bool, message: str) -> None:
+    """A status line before a long silent start (data and model loading), for a person at a terminal."""
+    from ddk_cache.distributed import is_main_process
+
+    if show and sys.stderr.isatty() and is_main_process():
+        error_console.print(message, markup=False, highlight=False, soft_wrap=True, style="dim")
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a `DDKCacheError` into one line on stderr and exit code 2, without a traceback.
+    """The error boundary (`boundary.py`): a failure the user can fix becomes one line on stderr and exit code 2.
 
     Under torchrun every rank raises the same error; rank 0 alone prints it, every rank exits 2.
+    A defect keeps its traceback, followed by a line asking to report it.
     """
     from ddk_cache.distributed import is_main_process
 
     try:
         yield
-    except DDKCacheError as exc:
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        message = expected_failure(exc)
+        if message is None or debug_requested():
+            if message is None and is_main_process():
+                traceback.print_exc()
+                error_console.print(REPORT, markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            raise
         if is_main_process():
-            error_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
@@ -147,6 +174,7 @@ def teacher_dump(
         writer_threads=writer_threads,
     )
     with user_errors():
+        say(progress, "teacher-dump: reading the data and loading the teacher ...")
         summary = run_teacher_dump(config)
     node = f"node {summary.node.rank} of {summary.node.count}: " if summary.node.count > 1 else ""
     if not summary.complete:
@@ -210,6 +238,7 @@ def pack(
     with user_errors():
         config = PackConfig(manifest=manifest, out=out, tokenizer=tokenizer, chunk_windows=chunk_windows, shard_windows=shard_windows,
                             valid_fraction=valid_fraction, overwrite=overwrite, storage_options=parse_storage_options(storage_options), show_progress=progress)
+        say(progress, "pack: reading and tokenizing the manifest's sources ...")
         summary = run_pack(config)
     if summary.already_packed:
         console.print(f"{summary.url} is already packed from this manifest and tokenizer: nothing to do", soft_wrap=True, highlight=False)
@@ -236,7 +265,7 @@ def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")], st
 
 @app.command("verify")
 def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")], storage_options: StorageOptionsFlag = None) -> None:
-    """Check that every shard of a store is present, decodes (checksums) and is well-formed; exit 1 on any problem."""
+    """Check that every shard of a store is present, matches its checksums and is well-formed; exit 1 on any problem."""
     from ddk_cache.cache_reader import CacheReader
     from ddk_cache.stages.verify_store import verify_store
 
@@ -244,10 +273,13 @@ def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")], sto
         report = verify_store(CacheReader(store, storage_options=parse_storage_options(storage_options), allow_incomplete=True))
     for problem in report.problems:
         error_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        error_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         error_console.print(f"{store}: {len(report.problems)} problem(s) in {report.shards_checked} shards", markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"{store}: ok ({report.shards_checked} shards present, decoded and well-formed)", markup=False, soft_wrap=True)
+    checked = "present, decoded, matching their checksums and well-formed" if not report.notes else "present, decoded and well-formed"
+    console.print(f"{store}: ok ({report.shards_checked} shards {checked})", markup=False, soft_wrap=True)
 
 
 @app.command("distill")
@@ -290,6 +322,8 @@ def distill(
     dist_timeout: Annotated[float, typer.Option(help="Seconds a collective waits for a missing rank before the job fails.")] = 600.0,
     reader_threads: Annotated[int, typer.Option(help="Threads decoding cache chunks ahead of the training step.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    auto_resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out if it has a checkpoint, else start it: for job scripts re-run after preemption.")] = False,
     online_teacher: Annotated[Optional[str], typer.Option(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
     storage_options: StorageOptionsFlag = None,
@@ -314,9 +348,10 @@ def distill(
             global_batch_size=global_batch_size, parallel=parallel, dist_timeout=dist_timeout, reader_threads=reader_threads,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
             ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
-            checkpoint_every=checkpoint_every, seed=seed, device=device, resume=resume, online_teacher=online_teacher, show_progress=progress,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, show_progress=progress,
             storage_options=parse_storage_options(storage_options),
         )
+        say(progress, "distill: opening the store and loading the student ...")
         summary = run_distill(config)
     from ddk_cache.distributed import is_main_process
 

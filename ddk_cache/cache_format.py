@@ -13,6 +13,7 @@ Layout (format version 2)::
           rest_logprobs    float16      [N, seq_len]         log of the mass outside the entries (topk, topp)
           target_logprobs  float32*     [N, seq_len]         log-prob of the actual next token
           shard_done       uint8        [n_shards]           1 once every array's shard i is written
+          crc32/<array>    uint32       [n_chunks]           CRC-32 of each inner chunk's decoded values
 
 (* stored as scaled integers by numcodecs' FixedScaleOffset; zarr decodes them to float32.)
 Version 1 stores (rank-ordered `topk_ids` int32 and `topk_logprobs` float16, always k entries)
@@ -52,6 +53,9 @@ V1_TOPK_IDS = "topk_ids"
 V1_TOPK_LOGPROBS = "topk_logprobs"
 V1_DATA_ARRAYS = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
 
+# A name for the codec chains, part of a store's identity. Kept verbatim when blosc's level went from 9 to 6 (the
+# "zstd9" is historical): the level is in each array's zarr.json, changes no value, and a dump started before
+# must still resume.
 CODEC_PROFILE = "v2: ids delta+blosc-zstd9-shuffle, log-probs fixed-scale int16+blosc-zstd9-bitshuffle, +crc32c"
 TARGET_LOGPROB_SCALE = 1024  # actual-token log-probs are kept to 1/1024 nat (|error| <= 0.0005)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB of raw entry ids per inner chunk: one efficient streaming read
@@ -210,6 +214,10 @@ def create_target_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout)
 
 
 def _create(group: zarr.Group, name: str, spec: ArraySpec, n_windows: int, layout: StoreLayout) -> None:
+    """A data array, sharded along windows, and the checksums of its chunks (`integrity.py`)."""
+    from ddk_cache.integrity import create_checksum_array
+
+    create_checksum_array(group, name, n_windows, layout.chunk_windows, layout.shard_windows)
     group.create_array(
         name,
         shape=(n_windows, *spec.trailing),

@@ -2,7 +2,10 @@
 
 The reader trusts only what the store says: the header's format version, the arrays'
 own codecs and dtypes (zarr decodes them), and the status flag that tells a finished
-store from one still being written.
+store from one still being written. And it checks what it reads: each split's arrays must
+have the dtypes, shapes and value-changing codecs the header's layout implies, and every
+decoded chunk must match the checksum recorded at its place (`integrity.py`), so a damaged
+store is refused in one line instead of being trained on.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from ddk_cache.cache_format import (
     V1_TOPK_LOGPROBS,
     StoreLayout,
     open_store,
+    token_spec,
 )
 from ddk_cache.capture import Capture, capture_from_attrs, sampled_logprobs
 from ddk_cache.errors import StoreError, first_line
+from ddk_cache.integrity import aligned, checksum_array, filters_signature, has_checksums, mismatched_chunks
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,13 @@ class CacheReader:
                 f"{url} has cache format version {version}; this ddk-cache reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}: " + ("upgrade ddk-cache" if newer else "re-create the store with teacher-dump")
             )
+        _require_keys(header, url, version)
         if header.get("status") != "complete" and not allow_incomplete:
             raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
         self.header: dict[str, Any] = header
         self.format_version: int = version
+        self._checked: set[tuple[str, str]] = set()  # splits whose array metadata matched the layout
+        self._arrays: dict = {}  # opened arrays by path (and their checksum arrays)
         # capture settings, and the names of the arrays that hold data (what `bytes_stored` counts), for this version and mode
         if "capture" not in header:  # packed by `ddk-cache pack`, not scored yet: windows only
             self.capture = None
@@ -89,6 +97,10 @@ class CacheReader:
             self.capture: Capture | None = capture_from_attrs(header["capture"])
             layout = header["layout"]
             self.data_arrays = tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
+
+    def require(self, *keys: str) -> None:
+        """Refuse, in one line, a header without the keys (dotted paths) a command is about to use."""
+        require_keys(self.header, self.url, keys)
 
     @property
     def complete(self) -> bool:
@@ -105,7 +117,89 @@ class CacheReader:
         return dict(self.root[domain].attrs[DOMAIN_ATTR])
 
     def array(self, domain: str, split: str, name: str) -> zarr.Array:
-        return self.root[f"{domain}/{split}/{name}"]
+        """A data array (its metadata read once: an object store would be asked on every chunk otherwise)."""
+        path = f"{domain}/{split}/{name}"
+        if path not in self._arrays:
+            try:
+                self._arrays[path] = self.root[path]
+            except KeyError:
+                raise StoreError(f"{self.url}: {path} is missing (its metadata was deleted?): "
+                                 f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+        return self._arrays[path]
+
+    def checksums(self, domain: str, split: str, name: str) -> zarr.Array | None:
+        """The chunk checksums of a data array; None for stores written before checksums existed."""
+        key = ("checksums", domain, split, name)
+        if key not in self._arrays:
+            group = self.root[f"{domain}/{split}"]
+            if has_checksums(group, name):
+                self._arrays[key] = checksum_array(group, name)
+            elif self.checksummed:
+                raise StoreError(f"{self.url}: {domain}/{split}: the checksums of {name} are missing: the store is damaged; "
+                                 f"run `ddk-cache verify {self.url}`")
+            else:
+                self._arrays[key] = None
+        return self._arrays[key]
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the store declares chunk checksums (written by ddk-cache since they exist): then they are required."""
+        return "integrity" in self.header and self.format_version >= 2
+
+    def check_arrays(self, domain: str, split: str) -> None:
+        """Refuse arrays whose dtype, window shape, chunking or value-changing codecs differ from the layout's.
+
+        Lossless codec settings (blosc's level, shuffle) may differ: they change bytes, not values.
+        """
+        if (domain, split) in self._checked or self.format_version == 1:
+            return
+        expected = {TOKENS: token_spec(int(self.header["layout"]["seq_len"]))} if self.capture is None else self._layout().array_specs()
+        for name in self.data_arrays:
+            array, spec = self.array(domain, split, name), expected[name]
+            trailing, layout = tuple(array.shape[1:]), self.header["layout"]
+            problem = None
+            if str(array.dtype) != spec.dtype:
+                problem = f"dtype {array.dtype}, the layout says {spec.dtype}"
+            elif trailing != spec.trailing:
+                problem = f"window shape {trailing}, the layout says {spec.trailing}"
+            elif array.chunks[0] != int(layout["chunk_windows"]) or array.shards is None or array.shards[0] != int(layout["shard_windows"]):
+                problem = f"chunks {array.chunks[0]} / shards {array.shards and array.shards[0]}, the layout says " \
+                          f"{layout['chunk_windows']} / {layout['shard_windows']}"
+            elif filters_signature(array.filters) != filters_signature(spec.filters):
+                problem = f"codecs {filters_signature(array.filters)}, the layout says {filters_signature(spec.filters)}"
+            if problem:
+                raise StoreError(f"{self.url}: {domain}/{split}/{name} has {problem}: the store is damaged or edited; "
+                                 f"run `ddk-cache verify {self.url}`")
+        self._checked.add((domain, split))
+
+    def _layout(self) -> StoreLayout:
+        layout = self.header["layout"]
+        return StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), int(layout["chunk_windows"]), int(layout["shard_windows"]))
+
+    def read_array(self, domain: str, split: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows `[start, stop)` of one data array, decoded and checked against its chunk checksums.
+
+        The checked range is widened to whole chunks (a checksum covers a chunk); a chunk-aligned
+        read, the loaders' kind, costs nothing extra.
+        """
+        array, sums = self.array(domain, split, name), self.checksums(domain, split, name)
+        stop = array.shape[0] if stop is None else min(stop, array.shape[0])
+        chunk = array.chunks[0]
+        checked = sums is not None
+        first, last = aligned(start, stop, chunk, array.shape[0]) if checked else (start, stop)
+        try:
+            values = array[first:last]
+            expected = sums[first // chunk : -(-last // chunk)] if checked else None
+        except Exception as exc:  # whatever a codec raises on a truncated or corrupted object
+            raise StoreError(f"{self.url}: {domain}/{split}/{name} rows {first}-{last} cannot be decoded ({first_line(exc)}): "
+                             f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+        if checked:
+            bad = mismatched_chunks(expected, values, first // chunk, chunk)
+            if bad:
+                shard = bad[0] * chunk // array.shards[0] if array.shards else bad[0]
+                raise StoreError(f"{self.url}: {domain}/{split}/{name} chunk {bad[0]} (shard {shard}) does not match its checksum "
+                                 f"(missing, moved or edited data): the store is damaged; run `ddk-cache verify {self.url}`")
+        return values[start - first : stop - first]
 
     def shards_done(self, domain: str, split: str) -> tuple[int, int]:
         if self.capture is None:
@@ -114,8 +208,9 @@ class CacheReader:
         return int(done.sum()), int(done.size)
 
     def read(self, domain: str, split: str, start: int = 0, stop: int | None = None) -> WindowBlock:
-        """Rows `[start, stop)` of every data array, decoded; use chunk-aligned ranges for speed."""
-        read = lambda name: self.array(domain, split, name)[start:stop]  # noqa: E731
+        """Rows `[start, stop)` of every data array, decoded and checked; use chunk-aligned ranges for speed."""
+        self.check_arrays(domain, split)
+        read = lambda name: self.read_array(domain, split, name, start, stop)  # noqa: E731
         tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)
         if self.format_version == 1:
             return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target)
@@ -141,3 +236,27 @@ class CacheReader:
         """Bytes on disk (or in the bucket) of a domain's arrays, optionally one split only."""
         splits = [split] if split else ["train", "valid"]
         return sum(self.array(domain, s, name).nbytes_stored() for s in splits for name in self.data_arrays)
+
+
+# The header keys reading data needs (dotted paths); commands name what else they show or check (`require`).
+PACKED_KEYS = ("domains", "layout.seq_len", "layout.chunk_windows", "layout.shard_windows")
+SCORED_KEYS = PACKED_KEYS + ("capture.mode", "layout.vocab_size")
+V1_KEYS = ("domains", "capture.k")
+# what a student check (distill, eval) reads
+STUDENT_CHECK_KEYS = ("tokenizer.fingerprint", "tokenizer.size", "capture.seq_len")
+
+
+def _require_keys(header: dict[str, Any], url: str, version: int) -> None:
+    keys = V1_KEYS if version == 1 else SCORED_KEYS if "capture" in header or "identity" in header else PACKED_KEYS
+    require_keys(header, url, keys)
+
+
+def require_keys(header: dict[str, Any], url: str, keys: tuple[str, ...]) -> None:
+    """One line naming the first of `keys` the header lacks (an edited or damaged zarr.json), not a KeyError later."""
+    for path in keys:
+        node: Any = header
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise StoreError(f"{url}: the store header lacks '{path}' (its zarr.json was edited or damaged): "
+                                 "restore it from a copy, or re-create the store")
+            node = node[part]

@@ -42,6 +42,7 @@ from ddk_cache.cache_format import (
     teacher_loss,
 )
 from ddk_cache.errors import StoreError, first_line
+from ddk_cache.integrity import CHECKSUM_GROUP, decoded_like_zarr, has_checksums, resize_checksums, write_checksums
 from ddk_cache.packing import PackedDomain, PackedSplit
 
 PACK_PROGRESS_ATTR = "packing_progress"  # a domain's committed packing progress (stream_packing.PackProgress)
@@ -62,6 +63,7 @@ class CacheWriter:
         self.url = url
         self.layout = layout
         self.tokens_stored = tokens_stored  # a packed store already holds every shard's tokens: write only the targets
+        self._checksummed: dict[tuple[str, str, str], bool] = {}  # (domain, split, array): stores before checksums have none
 
     @classmethod
     def create_or_resume(
@@ -141,11 +143,15 @@ class CacheWriter:
         """Packing: windows from `first` on (a whole shard, or the last one), growing the array as needed."""
         if len(windows) == 0:
             return
-        array = self.split_group(domain, split)[TOKENS]
+        group = self.split_group(domain, split)
+        array = group[TOKENS]
         end = first + len(windows)
         if array.shape[0] < end:
             array.resize((end, array.shape[1]))
         array[first:end] = windows
+        if self._has_checksums(domain, split, TOKENS):
+            resize_checksums(group, TOKENS, end, self.layout.chunk_windows)
+            write_checksums(group, TOKENS, first, np.asarray(windows, dtype=array.dtype), self.layout.chunk_windows)
 
     def commit_pack_progress(self, domain: str, progress: dict[str, Any]) -> None:
         self.root[domain].attrs[PACK_PROGRESS_ATTR] = progress
@@ -159,6 +165,8 @@ class CacheWriter:
             windows = getattr(progress, split).windows
             if array.shape[0] != windows:
                 array.resize((windows, array.shape[1]))
+            if self._has_checksums(domain, split, TOKENS):
+                resize_checksums(self.split_group(domain, split), TOKENS, windows, self.layout.chunk_windows)
             digest = hashlib.sha256()
             for start in range(0, windows, self.layout.shard_windows):
                 digest.update(np.ascontiguousarray(array[start : start + self.layout.shard_windows], dtype="<i4").tobytes())
@@ -187,6 +195,9 @@ class CacheWriter:
                 group = root[f"{domain.name}/{split}"]
                 for name in [n for n in group.array_keys() if n != TOKENS]:  # half-added arrays, or an earlier teacher's
                     del group[name]
+                if CHECKSUM_GROUP in group:
+                    for name in [n for n in group[CHECKSUM_GROUP].array_keys() if n != TOKENS]:
+                        del group[CHECKSUM_GROUP][name]
                 create_target_arrays(group, getattr(domain, split).n_windows, layout)
             info = dict(root[domain.name].attrs[DOMAIN_ATTR])
             root[domain.name].attrs[DOMAIN_ATTR] = {**info, "teacher_valid_loss": None, "teacher_valid_ppl": None}
@@ -216,8 +227,18 @@ class CacheWriter:
         for name, values in self._arrays(windows, targets).items():
             if name == TOKENS and self.tokens_stored:
                 continue
-            group[name][region] = values.astype(group[name].dtype, copy=False)
+            array = group[name]
+            stored = values.astype(array.dtype, copy=False)
+            array[region] = stored
+            if self._has_checksums(domain, split, name):  # after the data, before the marker: a marked shard has both
+                write_checksums(group, name, region.start, decoded_like_zarr(stored, array.dtype, array.filters), self.layout.chunk_windows)
         group[SHARD_DONE][shard] = 1
+
+    def _has_checksums(self, domain: str, split: str, name: str) -> bool:
+        key = (domain, split, name)
+        if key not in self._checksummed:
+            self._checksummed[key] = has_checksums(self.split_group(domain, split), name)
+        return self._checksummed[key]
 
     def set_status(self, status: str) -> None:
         header = dict(self.root.attrs[HEADER_ATTR])

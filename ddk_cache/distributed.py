@@ -71,7 +71,7 @@ def resolve_training_device(flag: str, local_rank: int = 0) -> torch.device:
             raise DDKCacheError(f"device cuda:{index} does not exist ({torch.cuda.device_count()} GPUs visible): check --device and --nproc-per-node")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise DDKCacheError(f"--device {flag}: distill runs on cpu or cuda")
+        raise DDKCacheError(f"--device {flag}: ddk-cache runs on cpu or cuda")
     return device
 
 

@@ -74,8 +74,9 @@ def evaluate_domains(
         n = min(n, max_windows) if max_windows else n
         windows.append(n)
         start, stop = _share(n, ctx.rank, ctx.world_size)
-        tokens = reader.array(domain, "valid", TOKENS)[start:stop]
-        teacher = reader.array(domain, "valid", TARGET_LOGPROBS)[start:stop]
+        reader.check_arrays(domain, "valid")
+        tokens = reader.read_array(domain, "valid", TOKENS, start, stop)  # checked against the chunk checksums
+        teacher = reader.read_array(domain, "valid", TARGET_LOGPROBS, start, stop)
         calibration = CalibrationBins()
         student_total = 0.0
         for begin in range(0, _share_size(n, ctx.world_size), batch_size):

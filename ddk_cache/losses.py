@@ -92,8 +92,12 @@ class KDConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}: choose one of {', '.join(DIVERGENCES)}")
         if self.tail not in TAIL_MODES:
             raise ValueError(f"unknown tail mode {self.tail!r}: choose one of {', '.join(TAIL_MODES)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        from ddk_cache.ranges import FRACTION, NON_NEGATIVE, Range, check_ranges
+
+        # CE's weight is 1 - mix and KD's gamma or mix: outside these ranges a term trains backwards
+        check_ranges({"temperature": self.temperature, "gamma": self.gamma, "mix": self.lam, "jsd_beta": self.beta, "skew_alpha": self.alpha},
+                     {"temperature": Range(0, 100, open_low=True), "gamma": NON_NEGATIVE, "mix": FRACTION,
+                      "jsd_beta": Range(0, 1, open_low=True, open_high=True), "skew_alpha": Range(0, 1, open_high=True)})
 
 
 def bucket_logprobs(

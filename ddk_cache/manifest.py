@@ -172,7 +172,11 @@ def _parse_source(doc: Any, where: str, base_dir: Path) -> SourceSpec:
         raise ManifestError(f"{where}: give either 'text_field' or 'template', not both")
     template = doc.get("template")
     if template is not None:
-        if not isinstance(template, str) or not any(f for _, f, _, _ in string.Formatter().parse(template)):
+        try:  # an unbalanced brace raises ValueError while parsing
+            named = isinstance(template, str) and any([f for _, f, _, _ in string.Formatter().parse(template)])  # parse it all
+        except ValueError as exc:
+            raise ManifestError(f"{where}: 'template' is not a format string ({exc}): write literal braces as {{{{ and }}}}") from None
+        if not named:
             raise ManifestError(f"{where}: 'template' must be a string naming fields like '{{question}} {{answer}}'")
     text_field = None if template is not None else doc.get("text_field", "text")
     if text_field is not None and (not isinstance(text_field, str) or not text_field):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ddk_cache.errors import DDKCacheError, first_line
+from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.fingerprints import require_same_tokenizer
 
 
@@ -24,6 +24,9 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    require_local_if_path(student, "student")
+    if tokenizer_path is not None:
+        require_local_if_path(tokenizer_path, "tokenizer")
     source = Path(student)
     has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
     try:
@@ -45,8 +48,16 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
 
 def check_compatible(model, tokenizer, header: dict[str, Any]) -> None:
     """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
+    from ddk_cache.cache_reader import STUDENT_CHECK_KEYS, require_keys
+
+    require_keys(header, "the store", STUDENT_CHECK_KEYS)
     cached = header["tokenizer"]
     require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
+    seq_len = int(header["capture"]["seq_len"])
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and context < seq_len:
+        raise DDKCacheError(f"the student's context ({context} positions) is shorter than the cache's windows ({seq_len} tokens): "
+                            "use a student with max_position_embeddings >= seq_len")
     student_vocab = model.get_input_embeddings().weight.shape[0]
     if student_vocab < cached["size"]:
         raise DDKCacheError(

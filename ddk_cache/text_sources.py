@@ -7,6 +7,9 @@ either one column (`text_field`) or several joined by a `template`.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from collections.abc import Iterator
 
 from ddk_cache.errors import ManifestError, first_line
@@ -35,6 +38,18 @@ def iter_domain_documents(domain: DomainSpec) -> Iterator[str]:
 
 
 def _iter_source_documents(source: SourceSpec, where: str, streaming: bool = False) -> Iterator[str]:
+    """Why a temporary cache: a non-streaming `load_dataset` writes an Arrow copy of every source into the home
+    directory's cache (`~/.cache/huggingface/datasets`), which fills home directories on shared clusters and is
+    never read again here. It goes into a folder removed once the source is read, unless the user chose a cache
+    with HF_DATASETS_CACHE."""
+    if streaming or os.environ.get("HF_DATASETS_CACHE"):
+        yield from _read_source(source, where, streaming, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ddk-datasets-") as cache:
+        yield from _read_source(source, where, streaming, cache)
+
+
+def _read_source(source: SourceSpec, where: str, streaming: bool, cache_dir: str | None) -> Iterator[str]:
     import datasets  # deferred: importing datasets costs a second, and --help should not pay it
 
     datasets.disable_progress_bars()  # one progress bar (ours) is enough
@@ -45,10 +60,16 @@ def _iter_source_documents(source: SourceSpec, where: str, streaming: bool = Fal
     if source.revision:
         kwargs["revision"] = source.revision
     try:
+        if cache_dir is not None:
+            kwargs.setdefault("cache_dir", cache_dir)
         dataset = datasets.load_dataset(source.path, source.config_name, split=source.split, streaming=streaming, **kwargs)
         rows = iter(dataset)
         first = next(rows, None)
     except Exception as exc:  # datasets raises many types; the user needs the one-line reason
+        decode = _unicode_error(exc)
+        if decode is not None:
+            raise ManifestError(f"{where}: the file is not UTF-8 text ({first_line(decode)}): convert it to UTF-8, "
+                                "or give its encoding in the source's load_kwargs (e.g. {encoding: latin-1})") from None
         raise ManifestError(f"{where}: cannot load dataset: {first_line(exc)}") from None
     columns = list(first) if first is not None else list(dataset.column_names or [])
     missing = [f for f in source.required_fields if f not in columns]
@@ -62,7 +83,17 @@ def _iter_source_documents(source: SourceSpec, where: str, streaming: bool = Fal
         for row in rows:
             yield from _document(source, row)
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{where}: the file is not UTF-8 text ({first_line(exc)}): convert it to UTF-8") from None
+        raise ManifestError(f"{where}: the file is not UTF-8 text ({first_line(exc)}): convert it to UTF-8, "
+                            "or give its encoding in the source's load_kwargs (e.g. {encoding: latin-1})") from None
+
+
+def _unicode_error(exc: BaseException | None) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind a datasets error (it wraps the reader's exception), if any."""
+    while exc is not None:
+        if isinstance(exc, UnicodeDecodeError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _document(source: SourceSpec, row: dict) -> Iterator[str]:

@@ -27,16 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.checkpoint import Checkpointer, ModelAndOptimizer, has_checkpoint, truncate_metrics
+from ddk_cache.checkpoint import CHECKPOINT_DIR, Checkpointer, ModelAndOptimizer, has_checkpoint, truncate_metrics
 from ddk_cache.data_order import GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
 from ddk_cache.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
-from ddk_cache.errors import DDKCacheError, first_line
+from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.evaluation import DomainEval, evaluate_domains
 from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
                                    uses_autocast)
 from ddk_cache.samplers import DomainSampler, create_sampler
+from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
 
@@ -76,7 +77,7 @@ class DistillConfig:
     parallel: str = "auto"  # none, ddp or fsdp; auto: ddp under torchrun with several ranks
     dist_timeout: float = 600.0  # seconds a collective may wait for a rank before the job fails
     reader_threads: int = 2
-    resume: bool = False
+    resume: bool | str = False  # True: continue the run in `out`; "auto": continue it if it has a checkpoint, else start
     online_teacher: str | None = None  # reference mode: dense KD from the live teacher, not the cache
     storage_options: dict[str, Any] | None = None
     show_progress: bool = True
@@ -181,6 +182,7 @@ class Trainer:
         self.shape = BatchShape.resolve(config, self.ctx.world_size)
         self.mode = resolve_parallel_mode(config.parallel, self.ctx)
         self.reader = CacheReader(config.store, storage_options=config.storage_options)
+        self.reader.require("teacher.vocab_size", "manifest.domains", "capture.seq_len")
         if self.reader.capture.mode == "sampled" and config.online_teacher is None:
             try:
                 check_sampled_config(config.kd)
@@ -191,6 +193,7 @@ class Trainer:
         self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer)
         check_compatible(self.model, self.tokenizer, self.reader.header)
         self.online_teacher = _load_online_teacher(config.online_teacher, self.reader.header, self.ctx.device) if config.online_teacher else None
+        config.out.mkdir(parents=True, exist_ok=True)  # only once everything was checked: a refused run writes nothing
 
     def _build(self) -> None:
         config, reader = self.config, self.reader
@@ -330,6 +333,10 @@ class Trainer:
         """`save_pretrained` by rank 0, with the full weights gathered from every rank under FSDP."""
         weights = full_state_dict(self.model) if self.mode == "fsdp" else None
         if self.ctx.is_main:
+            if not self.config.show_progress:  # transformers draws its own "Writing model shards" bar otherwise
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
             unwrap(self.model).save_pretrained(self.config.out, state_dict=weights)
             self.tokenizer.save_pretrained(self.config.out)
 
@@ -351,6 +358,7 @@ def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    require_local_if_path(path, "online teacher")
     try:
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -363,25 +371,31 @@ def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device
     return teacher.to(device).eval().requires_grad_(False)
 
 
+# Every numeric setting's range (flags as the CLI names them); see ranges.py for why.
+DISTILL_RANGES = {
+    "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "global_batch_size": AT_LEAST_ONE,
+    "lr": Range(0, 1, open_low=True), "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE, "weight_decay": Range(0, 1), "clip": NON_NEGATIVE,
+    "ddk_alpha": FRACTION, "update_every": AT_LEAST_ONE, "eval_windows": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
+    "checkpoint_every": NON_NEGATIVE, "seed": NON_NEGATIVE, "dist_timeout": POSITIVE, "reader_threads": Range(1, 64),
+}
+
+
 def _validate(config: DistillConfig) -> None:
-    for name in ("steps", "batch_size", "eval_windows", "eval_batch_size", "reader_threads"):
-        if getattr(config, name) <= 0:
-            raise DDKCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    for name in ("grad_accum", "global_batch_size"):
-        if getattr(config, name) is not None and getattr(config, name) <= 0:
-            raise DDKCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise DDKCacheError(f"--lr must be positive, got {config.lr}")
-    if config.dist_timeout <= 0:
-        raise DDKCacheError(f"--dist-timeout must be positive (seconds), got {config.dist_timeout}")
+    check_ranges(dataclasses.asdict(config), DISTILL_RANGES)
+    if config.warmup is not None and config.warmup > config.steps:
+        raise DDKCacheError(f"--warmup {config.warmup} is longer than the run (--steps {config.steps}): lower it")
 
 
 def _check_out(config: DistillConfig) -> None:
     """`--out` is a new run, or (with --resume) a killed one; never a finished run or a regular file."""
     if config.out.exists() and not config.out.is_dir():
         raise DDKCacheError(f"--out {config.out} is a file: choose a folder")
-    config.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = has_checkpoint(config.out)
+    checkpoint = config.out.is_dir() and has_checkpoint(config.out)
+    entries = {entry.name for entry in config.out.iterdir()} if config.out.is_dir() else set()
+    if entries and not entries & {METRICS_NAME, CHECKPOINT_DIR}:
+        raise DDKCacheError(f"--out {config.out} holds other files, not a distill run: choose a new or empty folder")
+    if config.resume == "auto":  # for job scripts that run the same command after every preemption
+        config.resume = checkpoint
     if config.resume and not checkpoint:
         raise DDKCacheError(f"{config.out} holds no checkpoint to resume: run without --resume")
     if not config.resume and checkpoint:

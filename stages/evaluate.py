@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.engines.hf import resolve_device
+from ddk_cache.distributed import resolve_training_device
 from ddk_cache.evaluation import DomainEval, evaluate_domains
+from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
 from ddk_cache.student import check_compatible, load_student
 
 
 def run_eval(model_path: str, store: str, tokenizer: str | None = None, max_windows: int | None = None,
              batch_size: int = 8, device: str = "auto", storage_options: dict | None = None) -> list[DomainEval]:
+    check_ranges({"max_windows": max_windows, "batch_size": batch_size}, {"max_windows": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE})
+    target = resolve_training_device(device, local_rank=0)
     reader = CacheReader(store, storage_options=storage_options)
     model, tok, _ = load_student(model_path, tokenizer)
     check_compatible(model, tok, reader.header)
-    target = resolve_device(device)
     model.to(target)
     autocast = torch.bfloat16 if target.type == "cuda" else None
     return evaluate_domains(model, reader, reader.domains, max_windows, batch_size, autocast)

@@ -47,6 +47,11 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
 
 def render_inspection(reader: CacheReader) -> Group:
     header = reader.header
+    reader.require("status", "format", "format_version", "tokenizer.name_or_path", "tokenizer.class", "tokenizer.size",
+                   "tokenizer.fingerprint", "layout", "manifest_sha256", "created_at", "created_by", "versions")
+    if reader.capture is not None:
+        reader.require("teacher.name_or_path", "teacher.architecture", "teacher.vocab_size", "engine.name", "engine.version",
+                       "capture.seq_len", "capture.temperature")
     table = Table(title=f"ddk-cache store {reader.url} ({header['status']})")
     for column in ("domain", "split", "windows", "tokens", "documents", "shards", "entries/pos", "bytes/token", "teacher ppl"):
         table.add_column(column, justify="left" if column in ("domain", "split") else "right")

@@ -31,11 +31,13 @@ from ddk_cache import __version__
 from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, open_store
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture
-from ddk_cache.errors import DDKCacheError, StoreError, first_line
+from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
 from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
+from ddk_cache.integrity import INTEGRITY
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.provenance import package_versions
 from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
+from ddk_cache.writer_lease import WriterLease
 
 PACKED = "packed"
 
@@ -87,6 +89,11 @@ def run_pack(config: PackConfig) -> PackSummary:
     names = [d.name for d in manifest.domains]
     header = {**packing_header(manifest, tokenizer, layout, names),
               "packing": {"split_rule": SPLIT_RULE, "valid_fraction": config.valid_fraction}}
+    with WriterLease(config.out, "node-0", "pack", config.storage_options):  # the same place a single-node dump takes
+        return _pack(config, manifest, tokenizer, layout, names, header)
+
+
+def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: dict[str, Any]) -> PackSummary:
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(open_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
@@ -109,6 +116,7 @@ def run_pack(config: PackConfig) -> PackSummary:
 def load_tokenizer(name_or_path: str, revision: str | None):
     from transformers import AutoTokenizer
 
+    require_local_if_path(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -128,6 +136,7 @@ def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_na
         "manifest_sha256": manifest.sha256(),
         "seed": manifest.seed,
         "domains": domain_names,
+        "integrity": INTEGRITY,  # every data array's chunks carry checksums (readers and verify check them)
         "versions": package_versions(),
     }
 

@@ -35,6 +35,7 @@ from ddk_cache.provenance import package_versions
 from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
 from ddk_cache.text_sources import load_domain_documents
+from ddk_cache.writer_lease import WriterLease
 
 
 @dataclass
@@ -123,6 +124,13 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
 
         raise EngineError(SAMPLING_UNSUPPORTED)
+    # this node's place in the store, held until the end: a second writer of it stops here, before touching anything
+    with WriterLease(config.out, f"node-{node.rank}", "teacher-dump", config.storage_options):
+        return _dump(config, engine, engine_name, node)
+
+
+def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: str, node: NodePlace) -> DumpSummary:
+    capture = config.capture
     if config.manifest is not None:  # pack in memory, then score: one command on one node
         manifest = load_manifest(config.manifest)
         tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)

@@ -5,7 +5,10 @@ a missing shard object reads back as zeros (the fill value) without any error. `
 for every shard of every data array of every split:
 
 - presence: the shard object exists, and `shard_done` marks it written;
-- integrity: it decodes (every inner chunk carries a crc32c checksum, so flipped bits fail here);
+- integrity: it decodes (every inner chunk carries a crc32c checksum, so flipped bits fail here), and
+  every inner chunk's decoded values match the checksum recorded at its place (`integrity.py`: a
+  shard copied over another, a deleted one read as zeros, an edited scale all fail here);
+- metadata: each array's dtype, window shape, chunking and value-changing codecs are the layout's;
 - form (format version 2): 1 <= n_entries <= width, ids strictly ascending and inside the teacher's
   vocabulary, log-probs <= 0 (up to their quantization), draws counted exactly once, and
   actual-token log-probs <= 0;
@@ -22,13 +25,14 @@ from zarr.core.sync import sync
 
 from ddk_cache.cache_format import COUNTS, N_ENTRIES, SHARD_DONE, SPLITS
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.errors import first_line
+from ddk_cache.errors import StoreError
 
 
 @dataclass
 class VerifyReport:
     shards_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # limits of the check, not problems
 
     @property
     def ok(self) -> bool:
@@ -37,8 +41,13 @@ class VerifyReport:
 
 def verify_store(reader: CacheReader) -> VerifyReport:
     report = VerifyReport()
+    if reader.capture is not None:
+        reader.require("teacher.vocab_size")
     if not reader.complete:
         report.problems.append(f"status is {reader.header.get('status')!r}, not 'complete': run teacher-dump again to finish it")
+    if not reader.checksummed:
+        report.notes.append("written before chunk checksums existed: a shard moved within the store or an edited codec "
+                            "cannot be detected; re-create the store to get them")
     for domain in reader.domains:
         if not reader.has_domain(domain):
             report.problems.append(f"{domain}: group missing")
@@ -56,6 +65,11 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
     packed_only = reader.capture is None  # `ddk-cache pack` output: windows, no markers or targets yet
     shard_windows = reader.array(domain, split, reader.data_arrays[0]).shards[0]
     done = None if packed_only else reader.array(domain, split, SHARD_DONE)[:]
+    try:
+        reader.check_arrays(domain, split)
+    except StoreError as exc:
+        report.problems.append(str(exc).split(": ", 1)[1])
+        return
     for name in reader.data_arrays:
         if reader.array(domain, split, name).shape[0] != n_windows:
             report.problems.append(f"{where}/{name}: {reader.array(domain, split, name).shape[0]} windows, the domain says {n_windows}")
@@ -69,25 +83,30 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
             report.problems.append(f"{where} shard {shard}: object missing for {', '.join(missing)}")
             continue
         if packed_only:
-            report.problems += [f"{where} shard {shard}: cannot be decoded: {p}" for p in _undecodable(reader, domain, split, start, stop)]
+            report.problems += [f"{where} shard {shard}: {p}" for p in _undecodable(reader, domain, split, start, stop)]
             continue
         try:
             block = reader.read(domain, split, start, stop)
-        except Exception:  # a failed checksum or a truncated object, whatever the codec raises: find which array
-            report.problems.append(f"{where} shard {shard}: cannot be decoded: {'; '.join(_undecodable(reader, domain, split, start, stop))}")
+        except StoreError:  # undecodable, or not what its checksums say: name every array that fails
+            report.problems.append(f"{where} shard {shard}: {'; '.join(_undecodable(reader, domain, split, start, stop))}")
             continue
         report.problems += [f"{where} shard {shard}: {problem}" for problem in _form_problems(reader, domain, split, start, stop, block)]
 
 
 def _undecodable(reader: CacheReader, domain: str, split: str, start: int, stop: int) -> list[str]:
-    """The arrays whose rows `[start, stop)` fail to decode, each with its error."""
+    """The arrays whose rows `[start, stop)` fail to decode or to match their checksums, each with why."""
     failures = []
     for name in reader.data_arrays:
         try:
-            reader.array(domain, split, name)[start:stop]
-        except Exception as exc:
-            failures.append(f"{name} ({first_line(exc)})")
+            reader.read_array(domain, split, name, start, stop)
+        except StoreError as exc:
+            failures.append(_why(str(exc)))
     return failures
+
+
+def _why(message: str) -> str:
+    """The reader's one-line error without the store URL and the advice to run verify (verify is running)."""
+    return message.split(": ", 1)[-1].split(": the store is damaged")[0]
 
 
 def _shard_exists(reader: CacheReader, domain: str, split: str, name: str, shard: int) -> bool:

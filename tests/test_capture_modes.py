@@ -113,6 +113,7 @@ def write_version_1_copy(src: Path, dst: Path) -> None:
     """The same data in the version-1 layout (rank-free int32 ids, float16 log-probs, no rest), as older ddk-cache wrote it."""
     source, reader = zarr.open_group(str(src), mode="r"), CacheReader(str(src))
     header = dict(source.attrs["ddk_cache"])
+    header.pop("integrity", None)  # version 1 had no chunk checksums
     k = reader.capture.k
     identity = {key: value for key, value in header["identity"].items() if key != "capture"}
     header.update(format_version=1, capture={"mode": "topk", "k": k, "seq_len": header["capture"]["seq_len"], "temperature": 1.0},

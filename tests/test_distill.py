@@ -168,13 +168,13 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_loss_curve(tiny_store,
         env = {**os.environ, "KILL_AFTER_CHECKPOINT_STEP": str(kill if kill is not None else -1)}
         return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
-    assert run(tmp_path / "straight").returncode == 0
+    assert run(tmp_path / "straight", "--auto-resume").returncode == 0  # auto on an empty folder: a new run
     killed = run(tmp_path / "killed", kill=8)
     assert killed.returncode == -9
     assert max(r["step"] for r in metrics(tmp_path / "killed")) == 7
     refused = run(tmp_path / "killed")
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    resumed = run(tmp_path / "killed", "--resume")
+    resumed = run(tmp_path / "killed", "--auto-resume")  # what a job script re-run after preemption passes
     assert resumed.returncode == 0, resumed.stderr
 
     straight, again = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
@@ -184,6 +184,24 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_loss_curve(tiny_store,
             assert a.get(key) == b.get(key), (a["step"], key)
     weights_a, weights_b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_b)
+
+
+def test_out_holding_unrelated_files_is_refused_and_left_alone(tiny_store, tiny_teacher, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpeg")
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), out, "--steps", "2")
+    assert result.exit_code == 2 and "holds other files, not a distill run" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+
+
+def test_student_shorter_than_the_windows_is_refused(tiny_store, tiny_teacher, tmp_path):
+    student = make_student(tmp_path / "student", tiny_teacher)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    result = distill(tiny_store, student, tmp_path / "out", "--steps", "2")
+    assert result.exit_code == 2 and "the student's context (8 positions) is shorter than the cache's windows (16 tokens)" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_with_other_settings_is_refused(tiny_store, tiny_teacher, tmp_path):
@@ -248,7 +266,7 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
     assert first_cached["ce"] == pytest.approx(first_dense["ce"], rel=1e-6)
     assert first_dense["kd"] > first_cached["kd"] * 1.01
     broken = distill(tiny_store, student, tmp_path / "broken", *common, "--online-teacher", str(tmp_path / "nowhere"))
-    assert broken.exit_code == 2 and "cannot load the online teacher" in broken.output
+    assert broken.exit_code == 2 and "online teacher '" in broken.output and "nowhere' does not exist" in broken.output
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -256,11 +274,22 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
     (("--parallel", "zero3"), "unknown --parallel 'zero3'"),
     (("--global-batch-size", "6", "--batch-size", "4"), "--global-batch-size 6 is not a multiple of 1 ranks x --batch-size 4 = 4"),
     (("--global-batch-size", "8", "--batch-size", "4", "--grad-accum", "3"), "--grad-accum 3 contradicts --global-batch-size 8"),
-    (("--global-batch-size", "0",), "--global-batch-size must be positive"),
-    (("--dist-timeout", "0",), "--dist-timeout must be positive"),
-    (("--reader-threads", "0",), "--reader-threads must be positive"),
+    (("--global-batch-size", "0",), "--global-batch-size must be >= 1, got 0"),
+    (("--dist-timeout", "0",), "--dist-timeout must be > 0, got 0.0"),
+    (("--reader-threads", "0",), "--reader-threads must be in [1, 64], got 0"),
+    # the audit's settings that trained backwards or broke training with exit 0
+    (("--min-lr-ratio", "-1",), "--min-lr-ratio must be in [0, 1], got -1.0"),
+    (("--mix", "2",), "--mix must be in [0, 1], got 2.0"),
+    (("--gamma", "-1",), "--gamma must be >= 0, got -1.0"),
+    (("--warmup", "-1",), "--warmup must be >= 0, got -1"),
+    (("--warmup", "3",), "--warmup 3 is longer than the run (--steps 2)"),
+    (("--clip", "-1",), "--clip must be >= 0, got -1.0"),
+    (("--update-every", "0",), "--update-every must be >= 1, got 0"),
+    (("--checkpoint-every", "-1",), "--checkpoint-every must be >= 0, got -1"),
+    (("--lr", "nan",), "--lr must be in (0, 1], got nan"),
+    (("--temperature", "0",), "--temperature must be in (0, 100], got 0.0"),
     (("--device", "tpu",), "unknown --device 'tpu'"),
-    (("--device", "mps",), "--device mps: distill runs on cpu or cuda"),
+    (("--device", "mps",), "--device mps: ddk-cache runs on cpu or cuda"),
     pytest.param(("--device", "cuda"), "--device cuda but no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
@@ -268,7 +297,7 @@ def test_batch_and_launch_settings_are_checked_before_anything_is_written(tiny_s
     result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "out", "--steps", "2", *flags)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_global_batch_with_accumulation_equals_the_same_global_batch_in_one_micro_batch(tiny_store, tiny_teacher, tmp_path):

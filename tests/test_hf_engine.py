@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from ddk_cache.engines import hf as hf_engine
 from ddk_cache.engines import EngineOptions, create_engine
-from ddk_cache.errors import EngineError
+from ddk_cache.errors import DDKCacheError, EngineError
 
 K = 8
 
@@ -68,8 +68,10 @@ def test_progress_reports_every_scored_token(tiny_teacher, windows):
 
 
 def test_bad_teacher_and_bad_k_are_clear_errors(tmp_path, tiny_teacher, windows):
+    with pytest.raises(DDKCacheError, match="teacher '.*no-model' does not exist: check the path"):
+        create_engine("hf", str(tmp_path / "no-model"))  # said at once, without trying the hub
     with pytest.raises(EngineError, match="cannot load teacher"):
-        create_engine("hf", str(tmp_path / "no-model"))
+        create_engine("hf", str(tmp_path))  # a folder, but no model in it
     with pytest.raises(EngineError, match="unknown engine 'tpu'"):
         create_engine("tpu", str(tiny_teacher))
     engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu"))

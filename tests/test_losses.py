@@ -136,8 +136,12 @@ def test_kd_is_zero_when_the_student_matches_the_teacher():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="unknown divergence"):
         KDConfig(divergence="kl")
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="--temperature must be in \\(0, 100\\], got 0"):
         KDConfig(temperature=0)
+    with pytest.raises(ValueError, match="--mix must be in \\[0, 1\\], got 2"):
+        KDConfig(form="mix", lam=2.0)
+    with pytest.raises(ValueError, match="--gamma must be >= 0, got -1"):
+        KDConfig(gamma=-1.0)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)

@@ -94,3 +94,21 @@ def test_three_nodes_score_one_store_in_a_bucket(s3_options, tiny_teacher, refer
             a, b = remote.read(domain, split), local.read(domain, split)
             for field in ("tokens", "ids", "logprobs", "rest_logprobs", "target_logprobs"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_racing_writers_in_a_bucket_leave_one_correct_store(s3_options, tiny_teacher, reference_store, tmp_path):
+    """Two identical dumps started together on one URL: one is refused by the lease (a conditional PUT), the other writes."""
+    from test_writer_lease import SLOW_RUNNER, assert_one_refused, race
+
+    manifest, reference = reference_store
+    runner = tmp_path / "slow_runner.py"
+    runner.write_text(SLOW_RUNNER)
+    url = f"s3://{BUCKET}/raced/cache.zarr"
+    assert_one_refused(race(tiny_teacher, manifest, url, runner, tmp_path, ("--storage-options", json.dumps(s3_options))))
+    remote, local = CacheReader(url, storage_options=s3_options), CacheReader(str(reference))
+    assert remote.complete
+    for domain in local.domains:
+        for split in ("train", "valid"):
+            a, b = remote.read(domain, split), local.read(domain, split)
+            for field in ("tokens", "ids", "logprobs", "rest_logprobs", "target_logprobs"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))

@@ -11,6 +11,7 @@ import zarr
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
+from ddk_cache.integrity import decoded_like_zarr, write_checksums
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def verify(store: Path):
 def test_intact_store_passes(store):
     result = verify(store)
     assert result.exit_code == 0, result.output
-    assert "ok (" in result.output and "shards present, decoded and well-formed" in result.output
+    assert "ok (" in result.output and "shards present, decoded, matching their checksums and well-formed" in result.output
 
 
 def test_flipped_bytes_in_a_shard_are_caught_by_the_checksum(store):
@@ -37,7 +38,8 @@ def test_flipped_bytes_in_a_shard_are_caught_by_the_checksum(store):
     shard.write_bytes(bytes(data))
     result = verify(store)
     assert result.exit_code == 1
-    assert "code/train shard 0: cannot be decoded: ids (" in result.stderr and "1 problem(s)" in result.stderr
+    assert "code/train shard 0: code/train/ids rows 0-" in result.stderr and "cannot be decoded (" in result.stderr
+    assert "1 problem(s)" in result.stderr
 
 
 def test_a_missing_shard_object_is_reported_although_it_reads_as_zeros(store):
@@ -47,12 +49,18 @@ def test_a_missing_shard_object_is_reported_although_it_reads_as_zeros(store):
     assert result.exit_code == 1 and "math/valid shard 0: object missing for logprobs" in result.stderr
 
 
+def rewrite(group: zarr.Group, name: str, rows: slice, values: np.ndarray) -> None:
+    """What a faulty writer would do: store malformed values *with* matching checksums (so the form checks see them)."""
+    array = group[name]
+    array[rows] = values
+    write_checksums(group, name, rows.start, decoded_like_zarr(values, array.dtype, array.filters), array.chunks[0])
+
+
 def test_malformed_entries_and_unmarked_shards_are_reported(store):
     group = zarr.open_group(str(store), mode="r+")["prose/train"]
-    group["n_entries"][:8] = np.full_like(group["n_entries"][:8], 9)  # more entries than the width (8)
+    rewrite(group, "n_entries", slice(0, 8), np.full_like(group["n_entries"][:8], 9))  # more entries than the width (8)
     group["shard_done"][1] = 0
-    ids = group["ids"][8:16]
-    group["ids"][8:16] = ids[..., ::-1]  # descending: not the documented order
+    rewrite(group, "ids", slice(8, 16), group["ids"][8:16][..., ::-1])  # descending: not the documented order
     result = verify(store)
     assert result.exit_code == 1
     assert "prose/train shard 0: n_entries outside 1..8" in result.stderr

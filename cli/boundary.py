@@ -1,0 +1,60 @@
+"""The CLI's one error boundary: what the user can fix becomes one line and exit 2; bugs keep their traceback.
+
+Why here and not at every call site: the audit found 26 user errors that printed a Python traceback
+(a source with non-UTF-8 bytes, truncated weights, a full disk, an unreachable S3 endpoint, a `gs://`
+URL without its filesystem package ...). They come from many libraries through many paths, but they
+fall into a few classes, each with one fix to suggest. Anything outside these classes is a defect of
+ddk-cache: its traceback is kept, with a line asking to report it. `--debug` (or DDK_CACHE_DEBUG=1)
+shows the traceback of expected failures too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ddk_cache.errors import DDKCacheError, first_line
+
+
+def debug_requested() -> bool:
+    return os.environ.get("DDK_CACHE_DEBUG", "") not in ("", "0")
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """The one line for a failure the user can fix, or None for a defect (which keeps its traceback)."""
+    if isinstance(exc, DDKCacheError):
+        return str(exc)
+    name = type(exc).__name__
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a source is not {exc.encoding} text ({exc.reason} at byte {exc.start}): convert it to UTF-8, or give its encoding "
+                "in the manifest source's load_kwargs (e.g. {encoding: latin-1})")
+    if isinstance(exc, ImportError):
+        return f"a package this needs is not installed ({first_line(exc)}): install it (object stores: pip install \"ddk-cache[s3]\", or gcsfs, adlfs)"
+    if name == "NoCredentialsError" or "Unable to locate credentials" in str(exc):
+        return ("no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or pass them in --storage-options")
+    if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ServerDisconnectedError") or \
+            isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot reach the storage endpoint ({first_line(exc)}): check the URL, the endpoint in --storage-options and the network"
+    if name == "SafetensorError" or name == "HeaderTooLarge":
+        return f"cannot read model weights ({first_line(exc)}): the file is truncated or corrupt; copy or download it again"
+    if name == "OutOfMemoryError":
+        return f"out of GPU memory ({first_line(exc)}): lower --batch-size (or use more GPUs / --parallel fsdp)"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on the device{where}: free space or write elsewhere; finished work is kept, run the same command again"
+        if exc.errno == errno.EROFS:
+            return f"read-only file system{where}: write elsewhere"
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+            return f"permission denied{where}: check the path's permissions (or the object store's access rights)"
+        if isinstance(exc, FileNotFoundError):
+            return f"no such file or directory{where}: check the path"
+        if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+            return f"{first_line(exc)}: check the path"
+        if exc.errno in (errno.EIO, errno.EDQUOT, errno.ENAMETOOLONG):
+            return f"{first_line(exc)}{where}: check the disk and the path"
+    return None
+
+
+REPORT = "error: this is a defect in ddk-cache, not in your input: please report it with the traceback above"

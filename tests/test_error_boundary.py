@@ -1,0 +1,112 @@
+"""User errors are one line on stderr and exit 2, never a traceback; defects keep theirs (and ask to be reported).
+
+Each class the audit found printing a traceback, through the real CLI where this machine can produce it
+(a non-UTF-8 source, a template with an unbalanced brace, truncated weights, an unknown or absent device,
+an unreachable endpoint, a filesystem package that is not installed, a header missing a key, out-of-range
+eval flags), and through the boundary's classifier for what a test cannot cause as root on one machine
+(a full disk, a read-only filesystem, missing credentials).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_corpus_manifest
+from ddk_cache.cli.boundary import expected_failure
+from ddk_cache.cli.main import app
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def dump(tiny_teacher: Path, manifest: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out),
+                                    "--k", "8", "--device", "cpu", "--no-progress", *extra])
+
+
+def test_a_source_with_bytes_that_are_not_utf8(tmp_path, tiny_teacher):
+    manifest = write_corpus_manifest(tmp_path)
+    data_file = tmp_path / "data" / "code.txt"  # the text source
+    data_file.write_bytes(data_file.read_bytes() + b"\nbad \xff\xfe bytes\n")
+    one_line_error(dump(tiny_teacher, manifest, tmp_path / "out.zarr"), "the file is not UTF-8 text", "load_kwargs")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_template_with_an_unbalanced_brace(tmp_path, tiny_teacher):
+    manifest = write_corpus_manifest(tmp_path)
+    document = yaml.safe_load(manifest.read_text())
+    source = next(s for d in document["domains"] for s in d["sources"] if "template" in s)
+    source["template"] = "{question} {answer"
+    manifest.write_text(yaml.safe_dump(document))
+    one_line_error(dump(tiny_teacher, manifest, tmp_path / "out.zarr"), "'template' is not a format string")
+
+
+def test_truncated_teacher_weights(tmp_path, tiny_teacher):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(dump(teacher, write_corpus_manifest(tmp_path), tmp_path / "out.zarr"))
+
+
+@pytest.mark.parametrize(("device", "fragment"), [("tpu", "unknown --device 'tpu'"),
+                                                  pytest.param("cuda", "no CUDA GPU is visible", marks=pytest.mark.skipif(
+                                                      torch.cuda.is_available(), reason="this machine has a GPU"))])
+def test_unknown_or_absent_device_for_the_teacher(tmp_path, tiny_teacher, device, fragment):
+    result = CliRunner().invoke(app, ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(write_corpus_manifest(tmp_path)),
+                                      "--out", str(tmp_path / "out.zarr"), "--device", device, "--engine", "hf", "--no-progress"])
+    one_line_error(result, fragment)
+
+
+def test_unreachable_endpoint_and_missing_filesystem_package(tmp_path, tiny_teacher):
+    options = json.dumps({"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                          "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+    one_line_error(CliRunner().invoke(app, ["inspect", "s3://bucket/cache.zarr", "--storage-options", options]))
+    one_line_error(CliRunner().invoke(app, ["inspect", "gs://bucket/cache.zarr"]), "install")
+
+
+def test_a_header_missing_a_key_in_inspect_verify_distill(tiny_store, tmp_path, tiny_teacher):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["ddk_cache"]["layout"]["vocab_size"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    for args in (["inspect", str(store)], ["verify", str(store)], ["eval", str(tiny_teacher), str(store), "--device", "cpu"]):
+        one_line_error(CliRunner().invoke(app, args), "the store header lacks 'layout.vocab_size'")
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [(("--max-windows", "-1"), "--max-windows must be >= 1, got -1"),
+                                                 (("--batch-size", "0"), "--batch-size must be >= 1, got 0")])
+def test_out_of_range_eval_flags(tiny_store, tiny_teacher, flags, fragment):
+    one_line_error(CliRunner().invoke(app, ["eval", str(tiny_teacher), str(tiny_store), "--device", "cpu", *flags]), fragment)
+
+
+@pytest.mark.parametrize(("exc", "fragment"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/cache.zarr/c/0"), "no space left on the device: /data/cache.zarr/c/0"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), "read-only file system: /ro/run"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), "permission denied: /root/x"),
+    (type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"), "no credentials for the object store"),
+    (type("EndpointConnectionError", (Exception,), {})("Could not connect"), "cannot reach the storage endpoint"),
+    (ImportError("Install gcsfs to access Google Storage"), "Install gcsfs"),
+    (type("SafetensorError", (Exception,), {})("Error while deserializing header"), "the file is truncated or corrupt"),
+])
+def test_the_boundary_names_each_class_and_its_fix(exc, fragment):
+    assert fragment in expected_failure(exc)
+
+
+def test_a_defect_keeps_its_traceback_and_asks_to_be_reported():
+    assert expected_failure(ZeroDivisionError("division by zero")) is None
+    assert expected_failure(KeyError("layout")) is None
