@@ -72,6 +72,13 @@ def decode_rate(reader: CacheReader, threads: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+class UncheckedReader(CacheReader):
+    """The same reader with the chunk checksums ignored: only to measure what checking them costs."""
+
+    def checksums(self, domain, split, name):
+        return None
+
+
 class Batches:
     """The trainer's data path: global-batch plans, read-ahead of the next step, decoding, stacking."""
 
@@ -124,6 +131,15 @@ def main() -> None:
         ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab, device))
         kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab, device))
     decode = decode_rate(reader, args.reader_threads)
+    # what the integrity checks cost: decoding with and without them, alternated, each reader warm (a trainer's reader
+    # lives for the whole run: opening arrays and checking their metadata happen once per split, not per chunk)
+    readers = {"checked": CacheReader(args.store), "unchecked": UncheckedReader(args.store)}
+    for warm in readers.values():
+        decode_rate(warm, args.reader_threads)
+    checked, unchecked = [], []
+    for _ in range(5):
+        checked.append(decode_rate(readers["checked"], args.reader_threads))
+        unchecked.append(decode_rate(readers["unchecked"], args.reader_threads))
     ratios = [k / c for k, c in zip(kd_rates, ce_rates)]
     consumption = float(np.median(kd_rates))
     results = {
@@ -142,6 +158,10 @@ def main() -> None:
         "decode_tokens_per_s": round(decode, 1),
         "batcher_tokens_per_s": round(batcher_rate, 1),
         "decode_over_consumption": round(decode / consumption, 1),
+        "checksummed": CacheReader(args.store).checksummed,
+        "decode_checked_tokens_per_s": [round(r, 1) for r in checked],
+        "decode_unchecked_tokens_per_s": [round(r, 1) for r in unchecked],
+        "checked_over_unchecked_median": round(float(np.median([c / u for c, u in zip(checked, unchecked)])), 3),
         "batcher_over_consumption": round(batcher_rate / consumption, 1),
     }
     print(json.dumps(results, indent=2))

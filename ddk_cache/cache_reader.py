@@ -10,11 +10,13 @@ store is refused in one line instead of being trained on.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from ddk_cache.cache_format import (
     COUNTS,
@@ -177,29 +179,48 @@ class CacheReader:
         return StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), int(layout["chunk_windows"]), int(layout["shard_windows"]))
 
     def read_array(self, domain: str, split: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows `[start, stop)` of one data array, decoded and checked against its chunk checksums.
+        """Rows `[start, stop)` of one data array, decoded and checked against its chunk checksums."""
+        return self.read_arrays(domain, split, (name,), start, stop)[name]
 
-        The checked range is widened to whole chunks (a checksum covers a chunk); a chunk-aligned
-        read, the loaders' kind, costs nothing extra.
+    def read_arrays(self, domain: str, split: str, names: tuple[str, ...], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows `[start, stop)` of several data arrays of a split, decoded and checked against their chunk checksums.
+
+        All arrays and their checksums are fetched in one concurrent batch (one round trip's latency on an
+        object store, not one per array); the checked range is widened to whole chunks (a checksum covers a
+        chunk), so a chunk-aligned read, the loaders' kind, costs nothing extra.
         """
-        array, sums = self.array(domain, split, name), self.checksums(domain, split, name)
-        stop = array.shape[0] if stop is None else min(stop, array.shape[0])
-        chunk = array.chunks[0]
-        checked = sums is not None
-        first, last = aligned(start, stop, chunk, array.shape[0]) if checked else (start, stop)
+        arrays = {name: self.array(domain, split, name) for name in names}
+        sums = {name: self.checksums(domain, split, name) for name in names}
+        rows = arrays[names[0]].shape[0]
+        stop = rows if stop is None else min(stop, rows)
+        chunk = arrays[names[0]].chunks[0]
+        checked = [name for name in names if sums[name] is not None]
+        first, last = aligned(start, stop, chunk, rows) if checked else (start, stop)
+        chunks = slice(first // chunk, -(-last // chunk))
+
+        async def fetch() -> list:
+            return await asyncio.gather(*(arrays[name].async_array.getitem(slice(first, last)) for name in names),
+                                        *(sums[name].async_array.getitem(chunks) for name in checked))
+
         try:
-            values = array[first:last]
-            expected = sums[first // chunk : -(-last // chunk)] if checked else None
-        except Exception as exc:  # whatever a codec raises on a truncated or corrupted object
-            raise StoreError(f"{self.url}: {domain}/{split}/{name} rows {first}-{last} cannot be decoded ({first_line(exc)}): "
-                             f"the store is damaged; run `ddk-cache verify {self.url}`") from None
-        if checked:
-            bad = mismatched_chunks(expected, values, first // chunk, chunk)
+            fetched = sync(fetch())
+        except Exception:  # whatever a codec raises on a truncated or corrupted object: find which array, one at a time
+            for name in names:
+                try:
+                    arrays[name][first:last]
+                except Exception as exc:
+                    raise StoreError(f"{self.url}: {domain}/{split}/{name} rows {first}-{last} cannot be decoded ({first_line(exc)}): "
+                                     f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+            raise
+        values = dict(zip(names, fetched[: len(names)]))
+        for name, expected in zip(checked, fetched[len(names):]):
+            bad = mismatched_chunks(expected, values[name], first // chunk, chunk)
             if bad:
+                array = arrays[name]
                 shard = bad[0] * chunk // array.shards[0] if array.shards else bad[0]
                 raise StoreError(f"{self.url}: {domain}/{split}/{name} chunk {bad[0]} (shard {shard}) does not match its checksum "
                                  f"(missing, moved or edited data): the store is damaged; run `ddk-cache verify {self.url}`")
-        return values[start - first : stop - first]
+        return {name: value[start - first : stop - first] for name, value in values.items()}
 
     def shards_done(self, domain: str, split: str) -> tuple[int, int]:
         if self.capture is None:
@@ -210,7 +231,8 @@ class CacheReader:
     def read(self, domain: str, split: str, start: int = 0, stop: int | None = None) -> WindowBlock:
         """Rows `[start, stop)` of every data array, decoded and checked; use chunk-aligned ranges for speed."""
         self.check_arrays(domain, split)
-        read = lambda name: self.read_array(domain, split, name, start, stop)  # noqa: E731
+        fetched = self.read_arrays(domain, split, self.data_arrays, start, stop)
+        read = fetched.__getitem__
         tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)
         if self.format_version == 1:
             return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target)

@@ -58,6 +58,8 @@ class Capture:
             raise ValueError(f"--k must be a positive integer, got {self.k}")
         if self.mode == "topp" and (self.top_p is None or not 0 < self.top_p <= 1):
             raise ValueError(f"topp mode needs --top-p in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.logprob_scale < 0 or self.logprob_scale > 1024:
             raise ValueError(f"--logprob-scale must be 0 (float16) or 1..1024 levels per nat, got {self.logprob_scale}")
 

@@ -75,8 +75,8 @@ def evaluate_domains(
         windows.append(n)
         start, stop = _share(n, ctx.rank, ctx.world_size)
         reader.check_arrays(domain, "valid")
-        tokens = reader.read_array(domain, "valid", TOKENS, start, stop)  # checked against the chunk checksums
-        teacher = reader.read_array(domain, "valid", TARGET_LOGPROBS, start, stop)
+        valid = reader.read_arrays(domain, "valid", (TOKENS, TARGET_LOGPROBS), start, stop)  # checked against the chunk checksums
+        tokens, teacher = valid[TOKENS], valid[TARGET_LOGPROBS]
         calibration = CalibrationBins()
         student_total = 0.0
         for begin in range(0, _share_size(n, ctx.world_size), batch_size):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
-from ddk_cache.fingerprints import require_same_tokenizer
+from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
 
 
 def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
@@ -43,6 +43,11 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
         raise DDKCacheError(
             f"cannot load the student's tokenizer from {tokenizer_source!r}: {first_line(exc)}; pass --tokenizer"
         ) from None
+    if tokenizer_path is not None and source.is_dir() and any(source.glob("tokenizer*.json")):
+        # the student was trained with the tokenizer in its own folder: a --tokenizer that disagrees would feed it foreign ids
+        own = AutoTokenizer.from_pretrained(student)
+        require_same_tokenizer(tokenizer, tokenizer_description(own), "--tokenizer", f"the student's own in {student}",
+                               "drop --tokenizer, or use a student made for that tokenizer")
     return model, tokenizer, not has_weights
 
 

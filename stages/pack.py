@@ -36,6 +36,7 @@ from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.integrity import INTEGRITY
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.provenance import package_versions
+from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
 from ddk_cache.writer_lease import WriterLease
 
@@ -78,8 +79,8 @@ class StoredDomain:
 
 
 def run_pack(config: PackConfig) -> PackSummary:
-    if not 0 < config.valid_fraction < 1:
-        raise DDKCacheError(f"--valid-fraction must lie strictly between 0 and 1, got {config.valid_fraction}")
+    check_ranges({"valid_fraction": config.valid_fraction, "chunk_windows": config.chunk_windows, "shard_windows": config.shard_windows},
+                 {"valid_fraction": Range(0, 1, open_low=True, open_high=True), "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE})
     manifest = load_manifest(config.manifest)
     tokenizer = load_tokenizer(config.tokenizer, None)
     try:  # chunks sized for the default capture (top-64), unless given: the scored arrays share them

@@ -22,6 +22,7 @@ from ddk_cache.demo_teacher import fetch_demo_teacher
 from ddk_cache.engines import EngineOptions
 from ddk_cache.evaluation import DomainEval
 from ddk_cache.losses import KDConfig
+from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.stages.distill import DistillConfig, DistillSummary, run_distill
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.teacher_dump import DumpSummary, TeacherDumpConfig, load_tokenizer, run_teacher_dump
@@ -53,7 +54,12 @@ class QuickstartResult:
     after: list[DomainEval]
 
 
+QUICKSTART_RANGES = {"seq_len": Range(8, 8192), "train_tokens": AT_LEAST_ONE, "valid_windows": AT_LEAST_ONE, "k": AT_LEAST_ONE,
+                     "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": Range(0, 1, open_low=True), "seed": NON_NEGATIVE}
+
+
 def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print) -> QuickstartResult:
+    check_ranges({name: getattr(config, name) for name in QUICKSTART_RANGES}, QUICKSTART_RANGES)  # before any download
     out = config.out
     paths = {
         "teacher": config.teacher or out / "teacher",

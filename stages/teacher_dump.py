@@ -32,6 +32,7 @@ from ddk_cache.fingerprints import teacher_description
 from ddk_cache.manifest import load_manifest
 from ddk_cache.packing import PackedDomain, pack_domain
 from ddk_cache.provenance import package_versions
+from ddk_cache.ranges import AT_LEAST_ONE, POSITIVE, Range, check_ranges
 from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
 from ddk_cache.text_sources import load_domain_documents
@@ -101,18 +102,18 @@ class ShardJob:
         return self.windows if self.windows is not None else writer.split_group(self.domain, self.split)[TOKENS][self.region]
 
 
+# Every numeric setting's range (ranges.py); the engine's and the capture's are checked by their own types
+DUMP_RANGES = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64), "create_timeout": POSITIVE,
+               "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
+
+
 def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = None) -> DumpSummary:
     """`engine`: a teacher already loaded (a notebook or benchmark scoring several stores with one model);
     it must be the one `config.teacher` names. By default the run loads its own."""
     capture = config.capture
     if engine is not None and config.data_parallel > 1:
         raise DDKCacheError("a loaded engine scores in this process only: use --data-parallel 1")
-    if config.data_parallel <= 0:
-        raise DDKCacheError(f"--data-parallel must be a positive integer, got {config.data_parallel}")
-    if config.writer_threads is not None and not 1 <= config.writer_threads <= 64:
-        raise DDKCacheError(f"--writer-threads must be between 1 and 64, got {config.writer_threads}")
-    if config.create_timeout <= 0:
-        raise DDKCacheError(f"--create-timeout must be positive (seconds), got {config.create_timeout}")
+    check_ranges({name: getattr(config, name) for name in DUMP_RANGES}, DUMP_RANGES)
     node = resolve_node(config.num_nodes, config.node_rank)
     if node.count > 1 and config.overwrite:
         raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
@@ -155,6 +156,9 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
 
     def open_writer(info: EngineInfo) -> CacheWriter:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
+        if info.context_length is not None and layout.seq_len > info.context_length:
+            raise EngineError(f"seq_len {layout.seq_len} is longer than the teacher's context ({info.context_length} positions): "
+                              "lower seq_len in the manifest (or pack again)")
         if len(tokenizer) > info.vocab_size:
             raise EngineError(f"tokenizer has {len(tokenizer)} tokens but the teacher only {info.vocab_size}: pass the teacher's own tokenizer")
         if capture.mode != "sampled" and capture.k > info.vocab_size:

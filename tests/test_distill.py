@@ -228,6 +228,10 @@ def test_student_with_another_tokenizer_is_refused(tiny_store, tiny_teacher, tmp
     assert result.exit_code == 2
     assert "student's tokenizer" in result.stderr and "differs from the cache's" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    # the cache's tokenizer passed with --tokenizer to a student made for another one: refused too
+    masked = distill(tiny_store, student, tmp_path / "out2", "--steps", "2", "--tokenizer", str(tiny_teacher))
+    assert masked.exit_code == 2 and "the --tokenizer tokenizer" in masked.stderr and "the student's own in" in masked.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 def test_student_vocabulary_smaller_is_refused_padded_is_fine(tiny_store, tiny_teacher, tmp_path):

@@ -110,3 +110,57 @@ def test_the_boundary_names_each_class_and_its_fix(exc, fragment):
 def test_a_defect_keeps_its_traceback_and_asks_to_be_reported():
     assert expected_failure(ZeroDivisionError("division by zero")) is None
     assert expected_failure(KeyError("layout")) is None
+
+
+@pytest.mark.parametrize(("command", "flags", "fragment"), [
+    ("teacher-dump", ("--data-parallel", "0"), "--data-parallel must be in [1, 1024], got 0"),
+    ("teacher-dump", ("--writer-threads", "65"), "--writer-threads must be in [1, 64], got 65"),
+    ("teacher-dump", ("--create-timeout", "0"), "--create-timeout must be > 0, got 0.0"),
+    ("teacher-dump", ("--shard-windows", "0"), "--shard-windows must be >= 1, got 0"),
+    ("teacher-dump", ("--chunk-windows", "-1"), "--chunk-windows must be >= 1, got -1"),
+    ("teacher-dump", ("--batch-size", "0"), "--batch-size must be in [1, 65536], got 0"),
+    ("teacher-dump", ("--engine", "vllm", "--gpu-memory-utilization", "1.5"), "--gpu-memory-utilization must be in (0, 1], got 1.5"),
+    ("teacher-dump", ("--k", "0"), "--k must be a positive integer, got 0"),
+    ("teacher-dump", ("--mode", "sampled", "--draws", "300"), "--draws between 1 and 255"),
+    ("teacher-dump", ("--mode", "topp", "--top-p", "2"), "--top-p in (0, 1]"),
+    ("teacher-dump", ("--logprob-scale", "-1"), "--logprob-scale must be 0"),
+    ("teacher-dump", ("--seed", "-1"), "--seed must be >= 0, got -1"),
+    ("pack", ("--valid-fraction", "1"), "--valid-fraction must be in (0, 1), got 1.0"),
+    ("pack", ("--shard-windows", "0"), "--shard-windows must be >= 1, got 0"),
+    ("quickstart", ("--steps", "0"), "--steps must be >= 1, got 0"),
+    ("quickstart", ("--train-tokens", "0"), "--train-tokens must be >= 1, got 0"),
+])
+def test_every_numeric_flag_is_range_checked_before_anything_is_written(tmp_path, tiny_teacher, command, flags, fragment):
+    manifest = write_corpus_manifest(tmp_path)
+    out = tmp_path / "out.zarr"
+    args = {"teacher-dump": ["--teacher", str(tiny_teacher), "--manifest", str(manifest), "--out", str(out), "--no-progress"],
+            "pack": ["--manifest", str(manifest), "--out", str(out), "--tokenizer", str(tiny_teacher), "--no-progress"],
+            "quickstart": ["--out", str(out), "--teacher", str(tiny_teacher), "--no-progress"]}[command]
+    one_line_error(CliRunner().invoke(app, [command, *args, *flags]), fragment)
+    assert not out.exists()
+
+
+def test_windows_longer_than_the_teachers_context_are_refused(tmp_path, tiny_teacher):
+    teacher = tmp_path / "short-teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    result = dump(teacher, write_corpus_manifest(tmp_path), tmp_path / "out.zarr")
+    one_line_error(result, "seq_len 16 is longer than the teacher's context (8 positions)")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_readme_states_every_declared_range():
+    """The README's table is the ranges' documentation: it must say what the code checks."""
+    from ddk_cache.engines.options import ENGINE_RANGES
+    from ddk_cache.stages.distill import DISTILL_RANGES
+    from ddk_cache.stages.quickstart import QUICKSTART_RANGES
+    from ddk_cache.stages.teacher_dump import DUMP_RANGES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    for command, table in (("teacher-dump", {**DUMP_RANGES, **ENGINE_RANGES}), ("distill", DISTILL_RANGES)):
+        for name, allowed in table.items():
+            assert f"`--{name.replace('_', '-')}` {allowed.describe()}" in rows[command], (command, name)
+    for name in ("steps", "train_tokens", "seed"):
+        assert f"`--{name.replace('_', '-')}` {QUICKSTART_RANGES[name].describe()}" in rows["quickstart"], name

@@ -34,21 +34,23 @@ def delete_shard(store: Path) -> tuple[str, str]:
     return "code/train/ids chunk 2 (shard 1) does not match its checksum", "code/train shard 1: object missing for ids"
 
 
+def copied(store: Path, source: str, source_shard: int, target: str, target_shard: int) -> tuple[str, str]:
+    """Copy one shard object over another; the reader's and verify's messages for it (2 chunks per shard here)."""
+    shutil.copyfile(shard_object(store, source, source_shard), shard_object(store, target, target_shard))
+    mismatch = f"{target} chunk {2 * target_shard} (shard {target_shard}) does not match its checksum"
+    return mismatch, f"{target.rsplit('/', 1)[0]} shard {target_shard}: {mismatch}"
+
+
 def shard_over_shard(store: Path) -> tuple[str, str]:
-    shutil.copyfile(shard_object(store, "code/train/logprobs", 0), shard_object(store, "code/train/logprobs", 1))
-    return ("code/train/logprobs chunk 2 (shard 1) does not match its checksum",
-            "code/train shard 1: code/train/logprobs chunk 2 (shard 1) does not match its checksum")
+    return copied(store, "code/train/logprobs", 0, "code/train/logprobs", 1)
 
 
 def shard_from_other_domain(store: Path) -> tuple[str, str]:
-    shutil.copyfile(shard_object(store, "prose/train/ids", 0), shard_object(store, "code/train/ids", 0))
-    return "code/train/ids chunk 0 (shard 0) does not match its checksum", "code/train shard 0: code/train/ids chunk 0 (shard 0) does not match"
+    return copied(store, "prose/train/ids", 0, "code/train/ids", 0)
 
 
 def valid_into_train(store: Path) -> tuple[str, str]:
-    shutil.copyfile(shard_object(store, "code/valid/tokens", 0), shard_object(store, "code/train/tokens", 0))
-    return ("code/train/tokens chunk 0 (shard 0) does not match its checksum",
-            "code/train shard 0: code/train/tokens chunk 0 (shard 0) does not match")
+    return copied(store, "code/valid/tokens", 0, "code/train/tokens", 0)
 
 
 def edited_scale(store: Path) -> tuple[str, str]:

@@ -109,5 +109,5 @@ def test_several_writer_threads_write_the_single_writer_store(tmp_path, tiny_tea
     assert result.returncode == 0, result.stderr
     assert_same_store(out, reference)
     refused = run_dump(tiny_teacher, manifest, tmp_path / "refused.zarr", extra=("--writer-threads", "0"))
-    assert refused.returncode == 2 and refused.stderr.strip() == "error: --writer-threads must be between 1 and 64, got 0"
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: --writer-threads must be in [1, 64], got 0"
     assert not (tmp_path / "refused.zarr").exists()

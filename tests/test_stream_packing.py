@@ -124,7 +124,7 @@ def test_killed_pack_resumes_to_the_uninterrupted_store(reference_store, tiny_te
 
 def test_bad_streaming_settings_are_one_line(reference_store, tiny_teacher, tmp_path):
     manifest, _ = reference_store
-    for extra, message in [(("--valid-fraction", "0"), "--valid-fraction must lie strictly between 0 and 1"),
+    for extra, message in [(("--valid-fraction", "0"), "--valid-fraction must be in (0, 1), got 0.0"),
                            (("--valid-fraction", "0.0001"), "validation windows (about 0% of the documents go to validation)")]:
         result = pack(manifest, tmp_path / "bad.zarr", tiny_teacher, *extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr

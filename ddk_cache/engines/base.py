@@ -97,6 +97,7 @@ class EngineInfo:
     vocab_size: int
     architecture: str
     commit_hash: str | None
+    context_length: int | None = None  # positions the teacher was built for (None: the config does not say)
 
     @classmethod
     def of(cls, engine: TeacherEngine) -> "EngineInfo":
@@ -107,4 +108,6 @@ class EngineInfo:
             vocab_size=int(config.vocab_size),
             architecture=(getattr(config, "architectures", None) or [type(config).__name__])[0],
             commit_hash=getattr(config, "_commit_hash", None),
+            context_length=next((int(v) for v in (getattr(config, name, None) for name in ("max_position_embeddings", "n_positions",
+                                                                                           "max_sequence_length")) if isinstance(v, int)), None),
         )

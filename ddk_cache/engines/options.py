@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ddk_cache.errors import EngineError
+from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,16 @@ VLLM_ONLY = (
 )
 
 
+# Every numeric engine setting's range (ranges.py)
+ENGINE_RANGES = {
+    "batch_size": Range(1, 65536), "tensor_parallel_size": Range(1, 1024), "gpu_memory_utilization": Range(0, 1, open_low=True),
+    "max_num_batched_tokens": AT_LEAST_ONE, "max_model_len": AT_LEAST_ONE, "windows_per_call": AT_LEAST_ONE,
+}
+
+
 def check_applicable(engine: str, options: EngineOptions) -> None:
-    """Refuse an option that `engine` does not use, naming it as its CLI flag."""
+    """Refuse an option that `engine` does not use, naming it as its CLI flag, and any setting outside its range."""
+    check_ranges({name: getattr(options, name) for name in ENGINE_RANGES}, ENGINE_RANGES)
     foreign = VLLM_ONLY if engine == "hf" else HF_ONLY
     for name in options.non_default():
         if name in foreign:
