@@ -116,7 +116,11 @@ class CacheReader:
         return domain in self.root
 
     def domain_info(self, domain: str) -> dict[str, Any]:
-        return dict(self.root[domain].attrs[DOMAIN_ATTR])
+        try:
+            return dict(self.root[domain].attrs[DOMAIN_ATTR])
+        except KeyError:
+            raise StoreError(f"{self.url}: domain {domain!r} (its group or its '{DOMAIN_ATTR}' attribute) is missing: the store is "
+                             f"damaged; run `ddk-cache verify {self.url}`") from None
 
     def array(self, domain: str, split: str, name: str) -> zarr.Array:
         """A data array (its metadata read once: an object store would be asked on every chunk otherwise)."""

@@ -326,7 +326,10 @@ def _check_identity(old: dict, new: dict, url: str) -> None:
 
 
 def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
-    info = root[domain.name].attrs[DOMAIN_ATTR]
+    try:
+        info = root[domain.name].attrs[DOMAIN_ATTR]
+    except KeyError:
+        raise StoreError(f"{url} lacks domain {domain.name!r} (a writer died while creating it): pass --overwrite to start again") from None
     for split in SPLITS:
         packed: PackedSplit = getattr(domain, split)
         if info[split]["tokens_sha256"] != packed.sha256():

@@ -164,3 +164,18 @@ def test_readme_states_every_declared_range():
             assert f"`--{name.replace('_', '-')}` {allowed.describe()}" in rows[command], (command, name)
     for name in ("steps", "train_tokens", "seed"):
         assert f"`--{name.replace('_', '-')}` {QUICKSTART_RANGES[name].describe()}" in rows["quickstart"], name
+
+
+def test_a_store_missing_a_domain_group_is_one_line_everywhere(tiny_store, tmp_path, tiny_teacher):
+    """What two writers on one URL used to leave behind (before the writer lease): a store without some groups."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    shutil.rmtree(store / "math")
+    shown = CliRunner().invoke(app, ["inspect", str(store)])  # inspect describes the damage instead of failing
+    assert shown.exit_code == 0 and "│ math" in shown.output  # its row says "not created" (narrow terminals truncate it)
+    checked = CliRunner().invoke(app, ["verify", str(store)])
+    assert checked.exit_code == 1 and "problem: math: group missing" in checked.stderr
+    resumed = CliRunner().invoke(app, ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(tiny_store.parent / "manifest.yaml"),
+                                       "--out", str(store), "--k", "8", "--shard-windows", "8", "--chunk-windows", "4", "--device", "cpu",
+                                       "--no-progress"])
+    one_line_error(resumed, "lacks domain 'math'", "--overwrite")
