@@ -74,8 +74,10 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
     else:
         log(f"1/5 teacher: {config.teacher} (given)")
 
-    log("2/5 corpus: standard-library code, Python documentation topics, licence texts")
-    write_demo_corpus(paths["manifest"].parent, config.seq_len, config.train_tokens, config.valid_windows, config.seed)
+    seq_len = _fitting_seq_len(paths["teacher"], config.seq_len)
+    log("2/5 corpus: standard-library code, Python documentation topics, licence texts"
+        + (f" (windows of {seq_len} tokens: the teacher's context)" if seq_len != config.seq_len else ""))
+    write_demo_corpus(paths["manifest"].parent, seq_len, config.train_tokens, config.valid_windows, config.seed)
 
     log(f"3/5 teacher-dump: top-{config.k} of every position into {paths['store']}")
     dump = run_teacher_dump(TeacherDumpConfig(
@@ -96,6 +98,14 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
     log(f"5/5 eval: {paths['student']} on the store's valid/ windows")
     after = run_eval(str(paths["student"]), str(paths["store"]))
     return QuickstartResult(paths=paths, dump=dump, distill=summary, after=after)
+
+
+def _fitting_seq_len(teacher: Path, seq_len: int) -> int:
+    """The demo's window length, shortened to a given teacher's context if that is shorter (teacher-dump refuses longer)."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(teacher), "max_position_embeddings", None)
+    return min(seq_len, int(context)) if isinstance(context, int) else seq_len
 
 
 def write_student_config(teacher: Path, out: Path) -> None:
