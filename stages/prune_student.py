@@ -45,7 +45,9 @@ class PruneSummary:
 
 def run_prune(config: PruneConfig) -> PruneSummary:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line says where the student went; no "Writing model shards" bar
     check_ranges({"layers": config.layers, "windows": config.windows}, {"layers": AT_LEAST_ONE, "windows": AT_LEAST_ONE})
     if config.criterion not in CRITERIA:
         raise DDKCacheError(f"unknown --criterion {config.criterion!r}: choose {' or '.join(CRITERIA)}")
