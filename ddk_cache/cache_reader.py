@@ -193,6 +193,7 @@ class CacheReader:
         object store, not one per array); the checked range is widened to whole chunks (a checksum covers a
         chunk), so a chunk-aligned read, the loaders' kind, costs nothing extra.
         """
+        self.check_arrays(domain, split)  # every read passes here: the metadata is checked once per split
         arrays = {name: self.array(domain, split, name) for name in names}
         sums = {name: self.checksums(domain, split, name) for name in names}
         rows = arrays[names[0]].shape[0]
@@ -208,14 +209,16 @@ class CacheReader:
 
         try:
             fetched = sync(fetch())
-        except Exception:  # whatever a codec raises on a truncated or corrupted object: find which array, one at a time
-            for name in names:
+        except Exception as failure:  # whatever a codec raises on a truncated or corrupted object: find which array, one at a time
+            for name, array, rows_or_chunks in [*((n, arrays[n], slice(first, last)) for n in names),
+                                                *((f"checksums of {n}", sums[n], chunks) for n in checked)]:
                 try:
-                    arrays[name][first:last]
+                    array[rows_or_chunks]
                 except Exception as exc:
                     raise StoreError(f"{self.url}: {domain}/{split}/{name} rows {first}-{last} cannot be decoded ({first_line(exc)}): "
                                      f"the store is damaged; run `ddk-cache verify {self.url}`") from None
-            raise
+            raise StoreError(f"{self.url}: {domain}/{split} rows {first}-{last} cannot be read ({first_line(failure)}): "
+                             f"run `ddk-cache verify {self.url}`") from None
         values = dict(zip(names, fetched[: len(names)]))
         for name, expected in zip(checked, fetched[len(names):]):
             bad = mismatched_chunks(expected, values[name], first // chunk, chunk)
@@ -234,7 +237,6 @@ class CacheReader:
 
     def read(self, domain: str, split: str, start: int = 0, stop: int | None = None) -> WindowBlock:
         """Rows `[start, stop)` of every data array, decoded and checked; use chunk-aligned ranges for speed."""
-        self.check_arrays(domain, split)
         fetched = self.read_arrays(domain, split, self.data_arrays, start, stop)
         read = fetched.__getitem__
         tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)

@@ -74,7 +74,6 @@ def evaluate_domains(
         n = min(n, max_windows) if max_windows else n
         windows.append(n)
         start, stop = _share(n, ctx.rank, ctx.world_size)
-        reader.check_arrays(domain, "valid")
         valid = reader.read_arrays(domain, "valid", (TOKENS, TARGET_LOGPROBS), start, stop)  # checked against the chunk checksums
         tokens, teacher = valid[TOKENS], valid[TARGET_LOGPROBS]
         calibration = CalibrationBins()

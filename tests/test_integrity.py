@@ -153,3 +153,10 @@ def test_stores_without_checksums_still_read_and_verify_says_what_it_cannot_chec
     result = CliRunner().invoke(app, ["verify", str(store)])
     assert result.exit_code == 0 and "note: written before chunk checksums existed" in result.stderr
     assert np.isfinite(CacheReader(str(store)).read("code", "train").logprobs).all()
+
+
+def test_a_corrupted_checksum_object_is_one_line(store):
+    checksums = store / "code" / "train" / "crc32" / "ids" / "c" / "0"
+    checksums.write_bytes(b"\x01\x02\x03")  # not the 2 uint32 of a shard: undecodable
+    with pytest.raises(StoreError, match=r"code/train/checksums of ids rows 0-20 cannot be decoded .*ddk-cache verify"):
+        read_everything(store)

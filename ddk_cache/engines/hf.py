@@ -12,18 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddk_cache.distributed import resolve_training_device
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.errors import EngineError, first_line, require_local_if_path
 
 LOGPROB_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of float32 per log_softmax block
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """The device `--device` names, checked (an unknown name, or cuda without a GPU, is one line, not a CUDA traceback)."""
-    from ddk_cache.distributed import resolve_training_device
-
-    return resolve_training_device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -55,7 +49,7 @@ class HFTeacherEngine(TeacherEngine):
 
         if batch_size <= 0:
             raise EngineError(f"batch size must be positive, got {batch_size}")
-        self.device = resolve_device(device)
+        self.device = resolve_training_device(device)  # checked: an unknown name, or cuda without a GPU, is one line
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         require_local_if_path(teacher, "teacher")
