@@ -310,6 +310,10 @@ def distill(
     sampler: Annotated[str, typer.Option(help="Domain sampler: ddk, static (manifest weights) or uniform.")] = "ddk",
     ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.")] = 0.5,
     ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).")] = True,
+    ddk_score: Annotated[str, typer.Option(
+        help="DDK's discrepancy score: ppl-ratio (the paper: student/teacher perplexity) or ce-ratio (student/teacher "
+             "cross-entropy; stays graded when the student is far behind, see README).")] = "ppl-ratio",
+    ddk_temperature: Annotated[float, typer.Option(help="Divide DDK's scores by this before its softmax (> 1 flattens the weights).")] = 1.0,
     update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).")] = None,
     eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation (split over the ranks).")] = 32,
     eval_batch_size: Annotated[int, typer.Option(help="Windows per forward pass in evaluations.")] = 8,
@@ -341,13 +345,11 @@ def distill(
             )
         except ValueError as exc:
             raise DDKCacheError(str(exc)) from None
-        if sampler not in ("ddk", "static", "uniform"):
-            raise DDKCacheError(f"unknown sampler {sampler!r}: choose ddk, static or uniform")
         config = DistillConfig(
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
             global_batch_size=global_batch_size, parallel=parallel, dist_timeout=dist_timeout, reader_threads=reader_threads,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
-            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
+            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
             checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, show_progress=progress,
             storage_options=parse_storage_options(storage_options),
         )

@@ -10,6 +10,21 @@ validation perplexities on domain i:
 
 Domains where the student lags the teacher most get sampled more; the uniform floor keeps
 every domain in the mix. `static` (the manifest's weights) and `uniform` are the baselines.
+
+When the paper's factor collapses. The score l_S / l_T is a ratio of *perplexities*, i.e.
+exp(CE_S - CE_T): exponential in the student's cross-entropy gap. The paper's students are
+pretrained (gaps of a fraction of a nat, ratios 1-3), where a softmax over the ratios is a
+graded preference. A student far behind (from random weights: gaps of 5-9 nats, ratios of
+hundreds to thousands) gets ratios that differ by far more than 1 between domains, the softmax
+is one-hot, and the smoothing's product r_prev * exp(score) compounds it every update: the
+sampler gives alpha + (1 - alpha)/N of the data to one domain and the floor to the rest. Two
+options, off by default so the paper's rule stays exact:
+
+- `score="ce-ratio"`: CE_S / CE_T (ratio of log-perplexities) instead of ppl_S / ppl_T. Same
+  ordering of domains, but linear in the gap rather than exponential, and scale-free (a gap of
+  1 nat on a 2-nat domain counts as much as 2 nats on a 4-nat one).
+- `temperature=tau`: every score is divided by tau before the softmax / exp; tau > 1 flattens,
+  tau < 1 sharpens. On the paper's score, tau of about the spread of the ratios keeps it graded.
 The sampler only holds weights; the random draws come from the caller's generator, whose
 state is checkpointed with everything else.
 """
@@ -22,6 +37,7 @@ from typing import Any
 import numpy as np
 
 SAMPLER_NAMES = ("ddk", "static", "uniform")
+DDK_SCORES = ("ppl-ratio", "ce-ratio")  # ppl-ratio: the paper's rule
 
 
 class DomainSampler:
@@ -71,16 +87,30 @@ class DDKSampler(DomainSampler):
     name = "ddk"
     needs_evaluation = True
 
-    def __init__(self, domains: Sequence[str], alpha: float = 0.5, smooth: bool = True) -> None:
+    def __init__(self, domains: Sequence[str], alpha: float = 0.5, smooth: bool = True, score: str = "ppl-ratio",
+                 temperature: float = 1.0) -> None:
         super().__init__(domains, None)
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if score not in DDK_SCORES:
+            raise ValueError(f"unknown DDK score {score!r}: choose one of {', '.join(DDK_SCORES)}")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"the DDK temperature must be > 0, got {temperature}")
         self.alpha = alpha
         self.smooth = smooth
+        self.score = score
+        self.temperature = float(temperature)
         self.initialized = False
 
+    def discrepancy(self, student_ppl: Sequence[float], teacher_ppl: Sequence[float]) -> np.ndarray:
+        """The per-domain score the factor is a softmax of, divided by the temperature."""
+        student, teacher = np.asarray(student_ppl, dtype=np.float64), np.asarray(teacher_ppl, dtype=np.float64)
+        if self.score == "ce-ratio":  # log ppl is the mean cross-entropy
+            return np.log(student) / np.log(teacher) / self.temperature
+        return student / teacher / self.temperature
+
     def update(self, student_ppl: Sequence[float], teacher_ppl: Sequence[float]) -> None:
-        ratio = np.asarray(student_ppl, dtype=np.float64) / np.asarray(teacher_ppl, dtype=np.float64)
+        ratio = self.discrepancy(student_ppl, teacher_ppl)
         if not self.initialized or not self.smooth:
             self.weights = _softmax(ratio)
             self.initialized = True
@@ -105,9 +135,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def create_sampler(name: str, domains: Sequence[str], manifest_weights: Sequence[float], alpha: float = 0.5, smooth: bool = True) -> DomainSampler:
+def create_sampler(name: str, domains: Sequence[str], manifest_weights: Sequence[float], alpha: float = 0.5, smooth: bool = True,
+                   score: str = "ppl-ratio", temperature: float = 1.0) -> DomainSampler:
     if name == "ddk":
-        return DDKSampler(domains, alpha=alpha, smooth=smooth)
+        return DDKSampler(domains, alpha=alpha, smooth=smooth, score=score, temperature=temperature)
     if name == "static":
         return DomainSampler(domains, manifest_weights)
     if name == "uniform":

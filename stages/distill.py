@@ -36,7 +36,7 @@ from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_di
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
                                    uses_autocast)
-from ddk_cache.samplers import DomainSampler, create_sampler
+from ddk_cache.samplers import DDK_SCORES, SAMPLER_NAMES, DomainSampler, create_sampler
 from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
@@ -68,6 +68,8 @@ class DistillConfig:
     sampler: str = "ddk"
     ddk_alpha: float = 0.5
     ddk_smooth: bool = True
+    ddk_score: str = "ppl-ratio"  # the paper's rule; "ce-ratio": cross-entropy ratios (see samplers.py)
+    ddk_temperature: float = 1.0  # scores are divided by it before DDK's softmax
     update_every: int | None = None  # K; default: min(1000, max(1, steps // 10))
     eval_windows: int = 32
     eval_batch_size: int = 8
@@ -204,7 +206,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
         manifest_weights = [d.get("weight", 1.0) for d in reader.header["manifest"]["domains"]]
-        self.sampler: DomainSampler = create_sampler(config.sampler, self.domains, manifest_weights, alpha=config.ddk_alpha, smooth=config.ddk_smooth)
+        self.sampler: DomainSampler = create_sampler(config.sampler, self.domains, manifest_weights, alpha=config.ddk_alpha, smooth=config.ddk_smooth,
+                                                     score=config.ddk_score, temperature=config.ddk_temperature)
         orders = domain_orders(reader, self.domains, config.seed)
         self.planner = GlobalBatchPlanner(orders, self.shape.global_size, config.seed)
         self.loader = WindowLoader(reader, orders, threads=config.reader_threads)
@@ -375,13 +378,17 @@ def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device
 DISTILL_RANGES = {
     "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "global_batch_size": AT_LEAST_ONE,
     "lr": Range(0, 1, open_low=True), "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE, "weight_decay": Range(0, 1), "clip": NON_NEGATIVE,
-    "ddk_alpha": FRACTION, "update_every": AT_LEAST_ONE, "eval_windows": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
+    "ddk_alpha": FRACTION, "ddk_temperature": Range(0, 1000, open_low=True), "update_every": AT_LEAST_ONE, "eval_windows": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
     "checkpoint_every": NON_NEGATIVE, "seed": NON_NEGATIVE, "dist_timeout": POSITIVE, "reader_threads": Range(1, 64),
 }
 
 
 def _validate(config: DistillConfig) -> None:
     check_ranges(dataclasses.asdict(config), DISTILL_RANGES)
+    if config.sampler not in SAMPLER_NAMES:
+        raise DDKCacheError(f"unknown sampler {config.sampler!r}: choose {', '.join(SAMPLER_NAMES)}")
+    if config.ddk_score not in DDK_SCORES:
+        raise DDKCacheError(f"unknown --ddk-score {config.ddk_score!r}: choose {' or '.join(DDK_SCORES)} (the paper's rule)")
     if config.warmup is not None and config.warmup > config.steps:
         raise DDKCacheError(f"--warmup {config.warmup} is longer than the run (--steps {config.steps}): lower it")
 

@@ -127,6 +127,19 @@ def test_ddk_moves_weight_to_the_domain_the_student_lags_most(specialist_store, 
     assert all(w == pytest.approx(1 / 3) for r in metrics(uniform) if "domain_weights" in r for w in r["domain_weights"].values())
 
 
+def test_ddk_score_options_reach_the_sampler(specialist_store, tiny_teacher, tmp_path):
+    """--ddk-score ce-ratio --ddk-temperature 2: the first factor is softmax(log ppl_S / log ppl_T / 2)."""
+    out = tmp_path / "ce"
+    result = distill(specialist_store, make_student(tmp_path / "student", tiny_teacher), out, "--steps", "4", "--update-every", "2",
+                     "--ddk-score", "ce-ratio", "--ddk-temperature", "2")
+    assert result.exit_code == 0, result.output
+    first = next(r for r in metrics(out) if "domain_weights" in r)
+    scores = {d: np.log(e["student_ppl"]) / np.log(e["teacher_ppl"]) / 2 for d, e in first["eval"].items()}
+    exp = {d: np.exp(v - max(scores.values())) for d, v in scores.items()}
+    for domain, weight in first["domain_weights"].items():
+        assert weight == pytest.approx(exp[domain] / sum(exp.values()), rel=1e-4)
+
+
 def test_kd_brings_the_student_closer_to_the_teacher_than_ce_alone(specialist_store, tiny_teacher, tmp_path):
     student = make_student(tmp_path / "student", tiny_teacher)
     common = ("--steps", "40", "--update-every", "40", "--sampler", "uniform", "--lr", "3e-3")
@@ -292,6 +305,9 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
     (("--checkpoint-every", "-1",), "--checkpoint-every must be >= 0, got -1"),
     (("--lr", "nan",), "--lr must be in (0, 1], got nan"),
     (("--temperature", "0",), "--temperature must be in (0, 100], got 0.0"),
+    (("--ddk-temperature", "0",), "--ddk-temperature must be in (0, 1000], got 0.0"),
+    (("--ddk-score", "kl",), "unknown --ddk-score 'kl': choose ppl-ratio or ce-ratio"),
+    (("--sampler", "random",), "unknown sampler 'random': choose ddk, static, uniform"),
     (("--device", "tpu",), "unknown --device 'tpu'"),
     (("--device", "mps",), "--device mps: ddk-cache runs on cpu or cuda"),
     pytest.param(("--device", "cuda"), "--device cuda but no CUDA GPU is visible",
