@@ -32,7 +32,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_teacher_dump import derived_manifest  # noqa: E402
 
-from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, StoreLayout, create_split_arrays, open_store  # noqa: E402
+from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, StoreLayout, create_split_arrays, zarr_store  # noqa: E402
 from ddk_cache.cache_reader import CacheReader  # noqa: E402
 from ddk_cache.cache_writer import CacheWriter  # noqa: E402
 from ddk_cache.capture import Capture, EncodedTargets, encode_targets  # noqa: E402
@@ -84,7 +84,7 @@ def write_and_read(out: Path, domain: str, windows: np.ndarray, targets: Encoded
     if out.exists():
         shutil.rmtree(out)
     layout = StoreLayout.choose(windows.shape[1] - 1, capture, vocab, chunk_windows=8, shard_windows=8)
-    root = zarr.open_group(open_store(str(out), read_only=False), mode="w")
+    root = zarr.open_group(zarr_store(str(out), read_only=False), mode="w")
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "status": "complete", "domains": [domain],
               "capture": capture.to_attrs(), "layout": layout.to_attrs()}
     root.attrs[HEADER_ATTR] = header

@@ -183,7 +183,7 @@ def logprob_floor(scale: int, astype_bits: int = 16) -> float:
     return -float((1 << (astype_bits - 1)) - 1) / scale
 
 
-def open_store(url: str, read_only: bool, storage_options: dict | None = None):
+def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
     """A zarr store for a local path or an fsspec URL such as `s3://bucket/cache.zarr`."""
     if "://" in url and not url.startswith("file://"):
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)

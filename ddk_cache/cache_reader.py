@@ -36,7 +36,7 @@ from ddk_cache.cache_format import (
     V1_TOPK_IDS,
     V1_TOPK_LOGPROBS,
     StoreLayout,
-    open_store,
+    zarr_store,
     token_spec,
 )
 from ddk_cache.capture import Capture, capture_from_attrs, sampled_logprobs
@@ -66,7 +66,7 @@ class CacheReader:
     def __init__(self, url: str, storage_options: dict | None = None, allow_incomplete: bool = False) -> None:
         self.url = url
         try:
-            self.root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
+            self.root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(f"no ddk-cache store at {url}: check the path (run teacher-dump to create one)") from None
         except (OSError, ValueError) as exc:  # object stores: refused credentials, unreachable endpoint, bad URL

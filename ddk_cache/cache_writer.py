@@ -38,7 +38,7 @@ from ddk_cache.cache_format import (
     create_target_arrays,
     create_token_array,
     logprob_floor,
-    open_store,
+    zarr_store,
     teacher_loss,
 )
 from ddk_cache.errors import StoreError, first_line
@@ -184,7 +184,7 @@ class CacheWriter:
         while adding them leaves the store "packed" (and the next run adds them again).
         `overwrite` drops an earlier teacher's arrays (the packed windows stay).
         """
-        store = open_store(url, read_only=False, storage_options=storage_options)
+        store = zarr_store(url, read_only=False, storage_options=storage_options)
         root = zarr.open_group(store, mode="r+")
         existing = dict(root.attrs[HEADER_ATTR])
         if existing.get("status") != "packed" and not overwrite:
@@ -207,7 +207,7 @@ class CacheWriter:
     @classmethod
     def open_existing(cls, url: str, layout: StoreLayout, storage_options: dict | None = None) -> "CacheWriter":
         """Re-open a store that `create_or_resume` or `add_targets` prepared (and checked) in another process."""
-        store = open_store(url, read_only=False, storage_options=storage_options)
+        store = zarr_store(url, read_only=False, storage_options=storage_options)
         root = zarr.open_group(store, mode="r+")
         return cls(root, url, layout, tokens_stored="packed_at" in root.attrs[HEADER_ATTR])
 
@@ -280,7 +280,7 @@ class CacheWriter:
 def _open_for_writing(url: str, storage_options: dict | None) -> tuple[Any, dict | None]:
     """The writable store at `url` and the header of the ddk-cache store already there (None if none)."""
     try:
-        store = open_store(url, read_only=False, storage_options=storage_options)
+        store = zarr_store(url, read_only=False, storage_options=storage_options)
         return store, _existing_header(store, url)
     except (OSError, ValueError) as exc:  # object stores: refused credentials, missing bucket, unreachable endpoint
         raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None

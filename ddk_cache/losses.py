@@ -29,8 +29,9 @@ anyway), memory is `positions x k`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,16 @@ class TeacherTargets:
     logprobs: torch.Tensor
     valid: torch.Tensor | None = None
     rest: torch.Tensor | None = None
+    sampled: bool = False  # entries are log(count / draws) of teacher samples (see check_sampled_config)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any]) -> "TeacherTargets":
+        """The targets in a batch of `torch_dataset.collate` (keys `teacher_ids`, `teacher_logprobs`, ...)."""
+        missing = [key for key in ("teacher_ids", "teacher_logprobs") if key not in batch]
+        if missing:
+            raise KeyError(f"the batch lacks {', '.join(missing)}: build it with ddk_cache.collate from a ddk_cache dataset")
+        return cls(batch["teacher_ids"], batch["teacher_logprobs"], batch.get("teacher_valid"), batch.get("teacher_rest"),
+                   bool(batch.get("teacher_sampled", False)))
 
 
 SAMPLED_DIVERGENCES = ("forward_kl",)
@@ -289,6 +300,52 @@ def dense_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     student_lp = logprobs if t == 1.0 else torch.log_softmax(flat / t, dim=-1)
     kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
     return _combine(ce, kd, config)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: TeacherTargets | Mapping[str, Any],
+    divergence: Divergence = "forward_kl",
+    tail: TailMode = "rest",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    teacher_vocab: int | None = None,
+) -> torch.Tensor:
+    """The KD term alone, for your own trainer: mean over positions of the divergence on the cached entries.
+
+    `student_logits` `[..., V]` and the teacher's entries `[..., W]` (a `TeacherTargets`, or a
+    batch from `ddk_cache.collate`, whose `teacher_*` keys are used) describe the same positions:
+    the distribution of the token after each input position. `mask` `[...]` (1 = counts) averages
+    over the masked positions only. Mix it with CE yourself (DDK: CE + 0.2 * KD). Sampled targets
+    take forward KL, the `rest` tail and T = 1 only (otherwise biased: ValueError).
+    """
+    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, beta=beta, alpha=alpha)  # validates the settings
+    teacher = targets if isinstance(targets, TeacherTargets) else TeacherTargets.from_batch(targets)
+    if teacher.sampled:
+        check_sampled_config(config)
+    vocab = student_logits.shape[-1]
+    if student_logits.shape[:-1] != teacher.ids.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher entries {tuple(teacher.ids.shape)} "
+                         "cover different positions: pass the logits of the batch's input_ids")
+    k = teacher.ids.shape[-1]
+    ids = teacher.ids.reshape(-1, k)
+    valid = ids < vocab
+    if teacher.valid is not None:
+        valid = valid & teacher.valid.reshape(-1, k)
+    flat = student_logits.reshape(-1, vocab).float()
+    s_top = torch.log_softmax(flat if temperature == 1.0 else flat / temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
+    rest = None if teacher.rest is None else teacher.rest.reshape(-1)
+    teacher_lp, student_lp = _buckets(s_top, teacher.logprobs.reshape(-1, k).float(), valid, tail, temperature, vocab, teacher_vocab, rest)
+    per_position = _divergence(teacher_lp, student_lp, divergence, beta=beta, alpha=alpha)
+    if mask is None:
+        return per_position.mean()
+    weights = mask.reshape(-1).to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+_divergence = divergence  # kd_loss's argument of that name shadows the function inside it
 
 
 def _combine(ce: torch.Tensor, kd: torch.Tensor, config: KDConfig) -> LossParts:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ddk_cache.cache_format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, open_store
+from ddk_cache.cache_format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, zarr_store
 from ddk_cache.cache_writer import CacheWriter, check_domain_data, differing_keys
 from ddk_cache.errors import DDKCacheError, StoreError
 from ddk_cache.packing import PackedDomain
@@ -114,7 +114,7 @@ def all_shards_done(writer: CacheWriter, domains: list[PackedDomain]) -> bool:
 
 def _header(url: str, storage_options: dict | None) -> dict[str, Any] | None:
     try:
-        root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
+        root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, OSError, ValueError):
         return None
     header = root.attrs.get(HEADER_ATTR)

@@ -28,7 +28,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
-from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, open_store
+from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture
 from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
@@ -97,7 +97,7 @@ def run_pack(config: PackConfig) -> PackSummary:
 def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: dict[str, Any]) -> PackSummary:
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
-        root = zarr.open_group(open_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
+        root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
         return PackSummary(config.out, [dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
     bar = tqdm(desc="pack", unit="window", disable=not config.show_progress)
     for domain in manifest.domains:
@@ -145,7 +145,7 @@ def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_na
 def open_packed(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list[StoredDomain]]:
     """The header and splits of a packed (or packed-then-scored) store, to score it."""
     try:
-        root = zarr.open_group(open_store(url, read_only=True, storage_options=storage_options), mode="r")
+        root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise StoreError(f"no store at {url}: run `ddk-cache pack` first, or give --manifest to pack and score in one command") from None
     except (OSError, ValueError) as exc:

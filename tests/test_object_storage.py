@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from ddk_cache.cli.main import app
+from test_distill import make_student
 from typer.testing import CliRunner
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.cli.main import app
-from test_distill import make_student
+from ddk_cache.errors import StoreError
 
 moto_server = pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (the test extra)")
 pytest.importorskip("s3fs", reason="the s3 tests need s3fs (the s3 extra)")
@@ -112,3 +114,19 @@ def test_racing_writers_in_a_bucket_leave_one_correct_store(s3_options, tiny_tea
             a, b = remote.read(domain, split), local.read(domain, split)
             for field in ("tokens", "ids", "logprobs", "rest_logprobs", "target_logprobs"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_open_store_and_dataset_read_a_store_in_a_bucket(s3_options, tiny_store):
+    """The public API by URL: the same header and windows as the local copy."""
+    import s3fs
+
+    import ddk_cache
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.put(str(tiny_store), f"{BUCKET}/public.zarr", recursive=True)
+    remote, local = ddk_cache.open_store(f"s3://{BUCKET}/public.zarr", storage_options=s3_options), ddk_cache.open_store(str(tiny_store))
+    assert remote.summary()["domains"] == local.summary()["domains"] and remote.header == local.header
+    far, near = ddk_cache.CacheDataset(remote, "math")[3], ddk_cache.CacheDataset(local, "math")[3]
+    assert all(torch.equal(far[key], near[key]) for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs", "teacher_rest"))
+    with pytest.raises(StoreError, match="no ddk-cache store at s3://"):
+        ddk_cache.open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3_options)
