@@ -11,10 +11,10 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ddk_cache.cli.boundary import REPORT, debug_requested, expected_failure
 from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError
+from ddk_cache.tables import name_table
 
 app = typer.Typer(
     name="ddk-cache",
@@ -90,6 +90,20 @@ def user_errors() -> Iterator[None]:
         if is_main_process():
             error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+
+
+def write_json(target: Path, data) -> None:
+    """`--json FILE` writes the file; `--json -` prints to stdout (alone, for scripts)."""
+    import json
+
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if str(target) == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        target.write_text(text)
+    except OSError as exc:
+        raise DDKCacheError(f"cannot write --json {target}: {exc.strerror}: choose a writable path") from None
 
 
 @app.command("teacher-dump")
@@ -184,9 +198,7 @@ def teacher_dump(
             soft_wrap=True,
         )
         return
-    table = Table(title=f"teacher-dump: {summary.url}")
-    for column in ("domain", "train windows", "valid windows", "teacher valid loss", "teacher valid ppl"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
+    table = name_table(f"teacher-dump: {summary.url}", ("domain", "train windows", "valid windows", "teacher valid loss", "teacher valid ppl"))
     for info in summary.domains:
         table.add_row(
             info["name"],
@@ -242,9 +254,7 @@ def pack(
         summary = run_pack(config)
     if summary.already_packed:
         console.print(f"{summary.url} is already packed from this manifest and tokenizer: nothing to do", soft_wrap=True, highlight=False)
-    table = Table(title=f"pack: {summary.url}")
-    for column in ("domain", "train windows", "train tokens", "valid windows", "documents"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
+    table = name_table(f"pack: {summary.url}", ("domain", "train windows", "train tokens", "valid windows", "documents"))
     for info in summary.domains:
         table.add_row(info["name"], f"{info['train']['windows']:,}", f"{info['train']['tokens']:,}", f"{info['valid']['windows']:,}",
                       f"{info['train']['documents'] + info['valid']['documents']:,}")
@@ -253,14 +263,21 @@ def pack(
 
 
 @app.command("inspect")
-def inspect(store: Annotated[str, typer.Argument(help="Store path or URL.")], storage_options: StorageOptionsFlag = None) -> None:
+def inspect(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the header and per-split sizes as JSON to this file ('-': stdout, no table).")] = None,
+    storage_options: StorageOptionsFlag = None,
+) -> None:
     """Show a store's domains, sizes, teacher validation perplexity and provenance."""
     from ddk_cache.cache_reader import CacheReader
-    from ddk_cache.stages.inspect_store import render_inspection
+    from ddk_cache.stages.inspect_store import domain_rows, render_inspection
 
     with user_errors():
         reader = CacheReader(store, storage_options=parse_storage_options(storage_options), allow_incomplete=True)
-        console.print(render_inspection(reader))
+        if json_out is None or str(json_out) != "-":
+            console.print(render_inspection(reader))
+        if json_out is not None:
+            write_json(json_out, {"url": reader.url, "status": reader.header.get("status"), "header": reader.header, "splits": domain_rows(reader)})
 
 
 @app.command("verify")
@@ -360,9 +377,8 @@ def distill(
     if not is_main_process():
         return
     before = {e.domain: e for e in summary.first_eval}
-    table = Table(title=f"distill: {summary.steps} steps, {summary.tokens_per_second:,.0f} student tokens/s")
-    for column in ("domain", "teacher ppl", "student ppl before", "student ppl after", "final weight"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
+    table = name_table(f"distill: {summary.steps} steps, {summary.tokens_per_second:,.0f} student tokens/s",
+                       ("domain", "teacher ppl", "student ppl before", "student ppl after", "final weight"))
     for e in summary.final_eval:
         table.add_row(e.domain, f"{e.teacher_ppl:.3f}", f"{before[e.domain].student_ppl:.3f}", f"{e.student_ppl:.3f}",
                       f"{summary.final_weights[e.domain]:.3f}")
@@ -378,25 +394,25 @@ def evaluate(
     max_windows: Annotated[Optional[int], typer.Option(help="Validation windows per domain (default: all).")] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
     device: Annotated[str, typer.Option()] = "auto",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file ('-': stdout, no table).")] = None,
     storage_options: StorageOptionsFlag = None,
 ) -> None:
     """Per-domain validation loss and perplexity of a model on a store's valid/ split, next to the teacher's."""
-    import json
-
     from ddk_cache.stages.evaluate import run_eval
 
     with user_errors():
+        if json_out is not None and str(json_out) != "-" and not json_out.parent.is_dir():
+            raise DDKCacheError(f"--json {json_out}: folder {json_out.parent} does not exist: create it or choose another path")
         results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options))
-    table = Table(title=f"eval: {model} on {store}")
-    for column in ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
+    table = name_table(f"eval: {model} on {store}", ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"))
     for e in results:
         table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.student_ece:.4f}",
                       f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
-    console.print(table)
-    if json_out:
-        json_out.write_text(json.dumps([e.to_dict() for e in results], indent=2) + "\n")
+    if json_out is None or str(json_out) != "-":
+        console.print(table)
+    if json_out is not None:
+        with user_errors():
+            write_json(json_out, [e.to_dict() for e in results])
 
 
 @app.command("prune-student")
@@ -445,9 +461,7 @@ def quickstart(
     with user_errors():
         result = run_quickstart(config, log=console.print)
     before = {e.domain: e for e in result.distill.first_eval}
-    table = Table(title="quickstart: validation perplexity per domain")
-    for column in ("domain", "teacher", "student before", "student after", "DDK weight"):
-        table.add_column(column, justify="left" if column == "domain" else "right")
+    table = name_table("quickstart: validation perplexity per domain", ("domain", "teacher", "student before", "student after", "DDK weight"))
     for e in result.after:
         table.add_row(e.domain, f"{e.teacher_ppl:.2f}", f"{before[e.domain].student_ppl:,.1f}", f"{e.student_ppl:,.1f}",
                       f"{result.distill.final_weights[e.domain]:.3f}")

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
+from ddk_cache.tables import name_table
 
 
 def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
@@ -52,10 +53,10 @@ def render_inspection(reader: CacheReader) -> Group:
     if reader.capture is not None:
         reader.require("teacher.name_or_path", "teacher.architecture", "teacher.vocab_size", "engine.name", "engine.version",
                        "capture.seq_len", "capture.temperature")
-    table = Table(title=f"ddk-cache store {reader.url} ({header['status']})")
-    for column in ("domain", "split", "windows", "tokens", "documents", "shards", "entries/pos", "bytes/token", "teacher ppl"):
-        table.add_column(column, justify="left" if column in ("domain", "split") else "right")
-    for row in domain_rows(reader):
+    rows = domain_rows(reader)
+    table = name_table(f"ddk-cache store {reader.url} ({header['status']})",
+                       ("domain", "split", "windows", "tokens", "docs", "shards", "entries", "B/token", "teacher ppl"), name_columns=2)
+    for row in rows:
         ppl = row["teacher_valid_ppl"]
         table.add_row(
             row["domain"],

@@ -38,7 +38,7 @@ def test_quickstart_runs_both_stages_and_prints_the_per_domain_table(tmp_path, t
     assert result.exit_code == 0, result.output
     for domain in DOMAINS:
         assert domain in result.output
-    assert "student before" in result.output and "student after" in result.output
+    assert "before" in result.output and "after" in result.output  # headers "student before" / "student after", one word per line
     assert (out / "cache.zarr").is_dir() and (out / "student" / "config.json").is_file()
     rows = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in rows) == 4 and "domain_weights" in rows[0]

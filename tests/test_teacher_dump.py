@@ -92,7 +92,7 @@ def test_inspect_shows_domains_sizes_perplexity_and_provenance(store):
     for domain in ("prose", "code", "math"):
         info = reader.domain_info(domain)
         assert f"{info['teacher_valid_ppl']:.3f}" in result.output
-    for text in ("bytes/token", "teacher ppl", "tokenizer fingerprint", reader.header["tokenizer"]["fingerprint"], "complete"):
+    for text in ("B/token", "teacher", "tokenizer fingerprint", reader.header["tokenizer"]["fingerprint"], "complete"):
         assert text in result.output
     per_token = reader.bytes_stored("prose", "train") / reader.domain_info("prose")["train"]["tokens"]
     assert 0 < per_token < 6 * K + 8  # compressed below raw int32 ids + float16 values + target
