@@ -348,6 +348,8 @@ def distill(
     online_teacher: Annotated[Optional[str], typer.Option(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
     storage_options: StorageOptionsFlag = None,
+    report_to: Annotated[Optional[list[str]], typer.Option(
+        help="Also report to: tensorboard (OUT/tensorboard; the tensorboard extra). metrics.jsonl is always written.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
@@ -368,7 +370,7 @@ def distill(
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
             ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
             checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, show_progress=progress,
-            storage_options=parse_storage_options(storage_options),
+            storage_options=parse_storage_options(storage_options), report_to=tuple(report_to or ()),
         )
         say(progress, "distill: opening the store and loading the student ...")
         summary = run_distill(config)
@@ -413,6 +415,20 @@ def evaluate(
     if json_out is not None:
         with user_errors():
             write_json(json_out, [e.to_dict() for e in results])
+
+
+@app.command("plot")
+def plot(
+    run: Annotated[Path, typer.Argument(help="A distill run's --out folder (its metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: the run folder).")] = None,
+) -> None:
+    """PNG figures of a distill run: loss / CE / KD, DDK domain weights, per-domain student vs teacher perplexity."""
+    from ddk_cache.run_plots import plot_run
+
+    with user_errors():
+        paths = plot_run(run, out)
+    for path in paths:
+        console.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("prune-student")

@@ -136,14 +136,6 @@ def has_checkpoint(out: Path) -> bool:
     return _latest_complete(out / CHECKPOINT_DIR) is not None
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines a killed run wrote after its last checkpoint; the resumed run rewrites them."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 @contextmanager
 def _single_process_is_intended():
     """DCP warns on every single-process save/load that it assumes one process: here that is the plan."""

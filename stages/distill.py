@@ -15,7 +15,6 @@ named calls. Launched without torchrun it is a single process on one device, as 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk_cache.cache_reader import CacheReader
-from ddk_cache.checkpoint import CHECKPOINT_DIR, Checkpointer, ModelAndOptimizer, has_checkpoint, truncate_metrics
+from ddk_cache.checkpoint import CHECKPOINT_DIR, Checkpointer, ModelAndOptimizer, has_checkpoint
 from ddk_cache.data_order import GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
 from ddk_cache.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.evaluation import DomainEval, evaluate_domains
 from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
+from ddk_cache.metrics_log import METRICS_NAME, REPORT_TARGETS, MetricsLog
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
                                    uses_autocast)
@@ -41,12 +41,11 @@ from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Ran
 from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
 
-METRICS_NAME = "metrics.jsonl"
 # Settings that may differ between a run and its resumption: how the work is spread over
 # devices (world size, micro-batch, accumulation, DDP/FSDP) and how it is shown. The global
 # batch, the data, the model and the optimisation must match.
 RESUMABLE_CHANGES = ("out", "resume", "show_progress", "storage_options", "batch_size", "grad_accum", "global_batch_size",
-                     "parallel", "device", "dist_timeout", "reader_threads")
+                     "parallel", "device", "dist_timeout", "reader_threads", "report_to")
 
 
 @dataclass
@@ -83,6 +82,7 @@ class DistillConfig:
     online_teacher: str | None = None  # reference mode: dense KD from the live teacher, not the cache
     storage_options: dict[str, Any] | None = None
     show_progress: bool = True
+    report_to: tuple[str, ...] = ()  # beside metrics.jsonl: "tensorboard" (OUT/tensorboard)
 
     @property
     def k_steps(self) -> int:
@@ -221,7 +221,7 @@ class Trainer:
             config.run_settings(self.shape.global_size),
             self.ctx,
         )
-        self.metrics_path = config.out / METRICS_NAME
+        self.metrics = MetricsLog(config.out, config.report_to, enabled=self.ctx.is_main)
         self.train_seconds, self._start_step = 0.0, 0
 
     # -- the loop -------------------------------------------------------------------------
@@ -232,22 +232,22 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.state.step, desc="distill", unit="step",
                    disable=not (config.show_progress and self.ctx.is_main))
         try:
-            with (self.metrics_path.open("a") if self.ctx.is_main else nullcontext()) as metrics:
-                while self.state.step < config.steps:
-                    record: dict[str, Any] = {"step": self.state.step}
-                    if self.state.step % config.k_steps == 0:
-                        record.update(self.validate())
-                    record.update(self.train_step())
-                    self.state.step += 1
-                    self.log(metrics, record)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    self.maybe_checkpoint()
-                final_eval = self.evaluate()
-                self.log(metrics, {"step": config.steps, "final_eval": [e.to_dict() for e in final_eval]})
+            while self.state.step < config.steps:
+                record: dict[str, Any] = {"step": self.state.step}
+                if self.state.step % config.k_steps == 0:
+                    record.update(self.validate())
+                record.update(self.train_step())
+                self.state.step += 1
+                self.metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                self.maybe_checkpoint()
+            final_eval = self.evaluate()
+            self.metrics.write({"step": config.steps, "final_eval": [e.to_dict() for e in final_eval]})
         finally:
             bar.close()
             self.loader.close()
+            self.metrics.close()
         self.save_student()
         self.checkpointer.remove_all()
         return DistillSummary(
@@ -263,10 +263,7 @@ class Trainer:
         step = self.checkpointer.latest_step() if self.config.resume else None
         if step is not None:
             self.checkpointer.load(step)
-            if self.ctx.is_main:
-                truncate_metrics(self.metrics_path, step)
-        elif self.ctx.is_main:
-            self.metrics_path.write_text("")
+        self.metrics.open(self.state.step)
         self._start_step = self.state.step
 
     def train_step(self) -> dict[str, float]:
@@ -327,11 +324,6 @@ class Trainer:
         if done < config.steps and done % (config.checkpoint_every or config.k_steps) == 0:
             self.checkpointer.save(done)
 
-    def log(self, metrics, record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
     def save_student(self) -> None:
         """`save_pretrained` by rank 0, with the full weights gathered from every rank under FSDP."""
         weights = full_state_dict(self.model) if self.mode == "fsdp" else None
@@ -387,6 +379,10 @@ def _validate(config: DistillConfig) -> None:
     check_ranges(dataclasses.asdict(config), DISTILL_RANGES)
     if config.sampler not in SAMPLER_NAMES:
         raise DDKCacheError(f"unknown sampler {config.sampler!r}: choose {', '.join(SAMPLER_NAMES)}")
+    for target in config.report_to:
+        if target not in REPORT_TARGETS:
+            raise DDKCacheError(f"unknown --report-to {target!r}: choose {', '.join(REPORT_TARGETS)} (metrics.jsonl is always written)")
+    MetricsLog.check_available(config.report_to)
     if config.ddk_score not in DDK_SCORES:
         raise DDKCacheError(f"unknown --ddk-score {config.ddk_score!r}: choose {' or '.join(DDK_SCORES)} (the paper's rule)")
     if config.warmup is not None and config.warmup > config.steps:

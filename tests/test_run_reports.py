@@ -1,0 +1,50 @@
+"""Seeing a run: `ddk-cache plot` figures from a real metrics.jsonl, and `--report-to tensorboard`."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ddk_cache.cli.main import app
+from test_distill import distill, make_student
+
+
+def test_plot_writes_the_three_figures_of_a_real_run(tiny_store, tiny_teacher, tmp_path):
+    run = tmp_path / "run"
+    assert distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), run, "--steps", "6", "--update-every", "2").exit_code == 0
+    result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "figures")])
+    assert result.exit_code == 0, result.output
+    for name in ("loss.png", "domain_weights.png", "domain_ppl.png"):
+        png = (tmp_path / "figures" / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name  # a drawn figure, not an empty canvas
+        assert name in result.output
+
+
+def test_plot_refuses_a_folder_without_metrics_and_a_cut_file(tmp_path):
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no metrics.jsonl: pass the --out folder of a distill run" in result.stderr
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo')
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "line 2, is not JSON" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_report_to_tensorboard_logs_the_metrics_beside_metrics_jsonl(tiny_store, tiny_teacher, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), run, "--steps", "4", "--update-every", "2",
+                     "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/kd", "train/lr", "domain_weight/math", "student_ppl/code", "final_student_loss/prose"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3]
+    assert [e.step for e in events.Scalars("domain_weight/math")] == [0, 2]
+    jsonl_losses = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(jsonl_losses) == 4
+
+
+def test_unknown_report_target_is_refused_before_anything_is_written(tiny_store, tiny_teacher, tmp_path):
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2", "--report-to", "wandb")
+    assert result.exit_code == 2 and "unknown --report-to 'wandb': choose tensorboard" in result.stderr
+    assert not (tmp_path / "run").exists()
