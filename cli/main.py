@@ -10,13 +10,50 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
 from ddk_cache.cli.boundary import REPORT, debug_requested, expected_failure
+from ddk_cache.choices import CaptureMode, Criterion, DDKScore, Divergence, DType, EngineName, ParallelMode, ReportTarget, SamplerName, Tail
 from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError
 from ddk_cache.tables import name_table
 
+# click's exceptions, wherever this typer takes click from (typer >= 0.26 vendors it as typer._click)
+_click_errors = sys.modules[typer.BadParameter.__module__]
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown choice, a missing option, a value that is not a number) as one line and exit 2.
+
+    Every other user error is one line (`user_errors`); click's usage errors would otherwise print a
+    usage block and a framed message. The line names the option, the value and the accepted ones.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as exc:
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except _click_errors.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            message = exc.format_message().replace("Value error, ", "")  # pydantic's prefix, where typer validates with it
+            error_console.print(f"error: {message}{where}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+        except _click_errors.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="ddk-cache",
     help="Offline teacher logit caches (Zarr v3) for domain-guided distillation of LLMs.",
     no_args_is_help=True,
@@ -113,47 +150,47 @@ def teacher_dump(
     manifest: Annotated[Optional[Path], typer.Option(
         help="Data manifest (YAML): pack its domains and score them in one command. Without it, --out must be a store "
              "that `ddk-cache pack` wrote: its windows are scored in place.")] = None,
-    mode: Annotated[str, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k) or sampled (--draws samples: distinct ids + counts, unbiased).")] = "topk",
-    k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp).")] = 64,
-    top_p: Annotated[Optional[float], typer.Option(help="topp mode: probability mass to keep, e.g. 0.95.")] = None,
-    draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.")] = None,
-    logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.")] = 32,
-    seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.")] = 0,
-    engine: Annotated[str, typer.Option(help="Teacher engine: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")] = "auto",
-    device: Annotated[str, typer.Option(help="HF engine: auto, cpu, cuda, cuda:1 ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="HF engine: Windows per forward pass.")] = 8,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per engine (tensor parallel).")] = 1,
+    mode: Annotated[CaptureMode, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k) or sampled (--draws samples: distinct ids + counts, unbiased).", rich_help_panel="Capture")] = CaptureMode.topk,
+    k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp).", rich_help_panel="Capture")] = 64,
+    top_p: Annotated[Optional[float], typer.Option(help="topp mode: probability mass to keep, e.g. 0.95.", rich_help_panel="Capture")] = None,
+    draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.", rich_help_panel="Capture")] = None,
+    logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.", rich_help_panel="Capture")] = 32,
+    seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.", rich_help_panel="Capture")] = 0,
+    engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")] = EngineName.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...", rich_help_panel="HF engine")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="auto: bf16 on GPU, float32 on CPU.")] = DType.auto,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="HF engine")] = 8,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per engine (tensor parallel).", rich_help_panel="vLLM engine")] = 1,
     data_parallel: Annotated[int, typer.Option(help="Engine processes on disjoint shards, one per GPU group (CPU: splits the cores).")] = 1,
-    quantization: Annotated[Optional[str], typer.Option(help="vLLM: Weight quantization method (awq, gptq, fp8 ...).")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: Fraction of each GPU's memory vLLM may take.")] = 0.9,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="vLLM: Tokens per scheduler step (prefill chunk).")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM: Context length to reserve KV cache for (> seq_len: room for the forced token).")] = None,
-    windows_per_call: Annotated[int, typer.Option(help="vLLM: Windows submitted per generate call (keeps the engine full).")] = 1024,
-    enforce_eager: Annotated[bool, typer.Option(help="vLLM: Disable CUDA graphs (less memory, slower).")] = False,
-    shard_windows: Annotated[Optional[int], typer.Option(help="Windows per shard (unit of writing and resume).")] = None,
-    chunk_windows: Annotated[Optional[int], typer.Option(help="Windows per inner chunk (unit of reading).")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="Weight quantization method (awq, gptq, fp8 ...).", rich_help_panel="vLLM engine")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of each GPU's memory vLLM may take.", rich_help_panel="vLLM engine")] = 0.9,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Tokens per scheduler step (prefill chunk).", rich_help_panel="vLLM engine")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length to reserve KV cache for (> seq_len: room for the forced token).", rich_help_panel="vLLM engine")] = None,
+    windows_per_call: Annotated[int, typer.Option(help="Windows submitted per generate call (keeps the engine full).", rich_help_panel="vLLM engine")] = 1024,
+    enforce_eager: Annotated[bool, typer.Option(help="Disable CUDA graphs (less memory, slower).", rich_help_panel="vLLM engine")] = False,
+    shard_windows: Annotated[Optional[int], typer.Option(help="Windows per shard (unit of writing and resume).", rich_help_panel="Store layout")] = None,
+    chunk_windows: Annotated[Optional[int], typer.Option(help="Windows per inner chunk (unit of reading).", rich_help_panel="Store layout")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not the teacher's folder.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the teacher.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
     storage_options: StorageOptionsFlag = None,
     num_nodes: Annotated[Optional[int], typer.Option(
-        help="Nodes scoring this store together (default: WORLD_SIZE from torchrun or SLURM_NTASKS from srun; else 1).")] = None,
-    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0 .. num-nodes - 1 (default: RANK or SLURM_PROCID).")] = None,
-    create_timeout: Annotated[float, typer.Option(help="Seconds nodes other than 0 wait for node 0 to create the store.")] = 600.0,
+        help="Nodes scoring this store together (default: WORLD_SIZE from torchrun or SLURM_NTASKS from srun; else 1).", rich_help_panel="Many nodes")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0 .. num-nodes - 1 (default: RANK or SLURM_PROCID).", rich_help_panel="Many nodes")] = None,
+    create_timeout: Annotated[float, typer.Option(help="Seconds nodes other than 0 wait for node 0 to create the store.", rich_help_panel="Many nodes")] = 600.0,
     writer_threads: Annotated[Optional[int], typer.Option(
         help="Shards encoded and written at once while the teacher scores the next (1-64; default: half the cores, at most 8).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Score every window of the manifest's domains with the teacher and write its sparse distribution into a store.
 
-    Options marked "HF engine:" or "vLLM:" belong to that engine; giving one to the other engine is an error.
+    Options in the "HF engine" or "vLLM engine" panel belong to that engine; giving one to the other engine is an error.
     """
     from ddk_cache.engines import EngineOptions
     from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 
     options = EngineOptions(
-        dtype=dtype,
+        dtype=dtype.value,
         revision=revision,
         device=device,
         batch_size=batch_size,
@@ -166,14 +203,14 @@ def teacher_dump(
         enforce_eager=enforce_eager,
     )
     with user_errors():
-        capture = _capture(mode, k, top_p, draws, logprob_scale, seed)
+        capture = _capture(mode.value, k, top_p, draws, logprob_scale, seed)
         options_for_store = parse_storage_options(storage_options)
     config = TeacherDumpConfig(
         teacher=teacher,
         manifest=manifest,
         out=out,
         capture=capture,
-        engine=engine,
+        engine=engine.value,
         engine_options=options,
         data_parallel=data_parallel,
         shard_windows=shard_windows,
@@ -312,35 +349,35 @@ def distill(
              "number of ranks (default: batch-size x grad-accum x ranks).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(
         help="Micro-batches per rank per optimizer step (default: what --global-batch-size implies, else 1).")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (DDK: 3e-5 for large pretrained students).")] = 3e-4,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak (DDK: 0.1).")] = 0.1,
-    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default min(1000, steps/10)).")] = None,
-    weight_decay: Annotated[float, typer.Option()] = 0.1,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
-    divergence: Annotated[str, typer.Option(help="forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tv.")] = "forward_kl",
-    tail: Annotated[str, typer.Option(help="rest (keep the missing mass as a bucket) or renorm.")] = "rest",
-    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
-    gamma: Annotated[float, typer.Option(help="loss = CE + gamma * KD (DDK: 0.2; 0 = CE only).")] = 0.2,
-    mix: Annotated[Optional[float], typer.Option(help="Use loss = (1 - mix) * CE + mix * KD instead (MiniLLM baseline: 0.5).")] = None,
-    jsd_beta: Annotated[float, typer.Option()] = 0.5,
-    skew_alpha: Annotated[float, typer.Option()] = 0.1,
-    sampler: Annotated[str, typer.Option(help="Domain sampler: ddk, static (manifest weights) or uniform.")] = "ddk",
-    ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.")] = 0.5,
-    ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).")] = True,
-    ddk_score: Annotated[str, typer.Option(
+    lr: Annotated[float, typer.Option(help="Peak learning rate (DDK: 3e-5 for large pretrained students).", rich_help_panel="Optimiser")] = 3e-4,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak (DDK: 0.1).", rich_help_panel="Optimiser")] = 0.1,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default min(1000, steps/10)).", rich_help_panel="Optimiser")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel="Optimiser")] = 0.1,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).", rich_help_panel="Optimiser")] = 1.0,
+    divergence: Annotated[Divergence, typer.Option(help="The KD divergence between teacher and student on the cached entries.", rich_help_panel="KD loss")] = Divergence.forward_kl,
+    tail: Annotated[Tail, typer.Option(help="rest (keep the missing mass as a bucket) or renorm.", rich_help_panel="KD loss")] = Tail.rest,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.", rich_help_panel="KD loss")] = 1.0,
+    gamma: Annotated[float, typer.Option(help="loss = CE + gamma * KD (DDK: 0.2; 0 = CE only).", rich_help_panel="KD loss")] = 0.2,
+    mix: Annotated[Optional[float], typer.Option(help="Use loss = (1 - mix) * CE + mix * KD instead (MiniLLM baseline: 0.5).", rich_help_panel="KD loss")] = None,
+    jsd_beta: Annotated[float, typer.Option(help="jsd: the mixture weight.", rich_help_panel="KD loss")] = 0.5,
+    skew_alpha: Annotated[float, typer.Option(help="skew_*_kl: the skew (DistiLLM: 0.1).", rich_help_panel="KD loss")] = 0.1,
+    sampler: Annotated[SamplerName, typer.Option(help="ddk, static (the manifest's weights) or uniform.", rich_help_panel="DDK domain sampler")] = SamplerName.ddk,
+    ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.", rich_help_panel="DDK domain sampler")] = 0.5,
+    ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).", rich_help_panel="DDK domain sampler")] = True,
+    ddk_score: Annotated[DDKScore, typer.Option(
         help="DDK's discrepancy score: ppl-ratio (the paper: student/teacher perplexity) or ce-ratio (student/teacher "
-             "cross-entropy; stays graded when the student is far behind, see README).")] = "ppl-ratio",
-    ddk_temperature: Annotated[float, typer.Option(help="Divide DDK's scores by this before its softmax (> 1 flattens the weights).")] = 1.0,
-    update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).")] = None,
-    eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation (split over the ranks).")] = 32,
-    eval_batch_size: Annotated[int, typer.Option(help="Windows per forward pass in evaluations.")] = 8,
+             "cross-entropy; stays graded when the student is far behind, see README).", rich_help_panel="DDK domain sampler")] = DDKScore.ppl_ratio,
+    ddk_temperature: Annotated[float, typer.Option(help="Divide DDK's scores by this before its softmax (> 1 flattens the weights).", rich_help_panel="DDK domain sampler")] = 1.0,
+    update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).", rich_help_panel="DDK domain sampler")] = None,
+    eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation (split over the ranks).", rich_help_panel="DDK domain sampler")] = 32,
+    eval_batch_size: Annotated[int, typer.Option(help="Windows per forward pass in evaluations.", rich_help_panel="DDK domain sampler")] = 8,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: every K steps).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")] = "auto",
-    parallel: Annotated[str, typer.Option(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.", rich_help_panel="Devices and ranks")] = "auto",
+    parallel: Annotated[ParallelMode, typer.Option(
         help="Under torchrun: ddp (whole student on every rank) or fsdp (FSDP2: weights, gradients and optimizer state sharded); "
-             "auto = ddp with several ranks, none alone.")] = "auto",
-    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective waits for a missing rank before the job fails.")] = 600.0,
+             "auto = ddp with several ranks, none alone.", rich_help_panel="Devices and ranks")] = ParallelMode.auto,
+    dist_timeout: Annotated[float, typer.Option(help="Seconds a collective waits for a missing rank before the job fails.", rich_help_panel="Devices and ranks")] = 600.0,
     reader_threads: Annotated[int, typer.Option(help="Threads decoding cache chunks ahead of the training step.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
     auto_resume: Annotated[bool, typer.Option(
@@ -348,7 +385,7 @@ def distill(
     online_teacher: Annotated[Optional[str], typer.Option(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
     storage_options: StorageOptionsFlag = None,
-    report_to: Annotated[Optional[list[str]], typer.Option(
+    report_to: Annotated[Optional[list[ReportTarget]], typer.Option(
         help="Also report to: tensorboard (OUT/tensorboard; the tensorboard extra). metrics.jsonl is always written.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -359,18 +396,18 @@ def distill(
     with user_errors():
         try:
             kd = KDConfig(
-                divergence=divergence, tail=tail, temperature=temperature, gamma=gamma,
-                form="mix" if mix is not None else "add", lam=mix if mix is not None else 0.5, beta=jsd_beta, alpha=skew_alpha,
+                divergence=divergence.value, tail=tail.value, temperature=temperature, gamma=gamma,
+                form="mix" if mix is not None else "add", mix=mix if mix is not None else 0.5, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
             )
         except ValueError as exc:
             raise DDKCacheError(str(exc)) from None
         config = DistillConfig(
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-            global_batch_size=global_batch_size, parallel=parallel, dist_timeout=dist_timeout, reader_threads=reader_threads,
-            lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler,
-            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
+            global_batch_size=global_batch_size, parallel=parallel.value, dist_timeout=dist_timeout, reader_threads=reader_threads,
+            lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler.value,
+            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score.value, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
             checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, show_progress=progress,
-            storage_options=parse_storage_options(storage_options), report_to=tuple(report_to or ()),
+            storage_options=parse_storage_options(storage_options), report_to=tuple(target.value for target in report_to or ()),
         )
         say(progress, "distill: opening the store and loading the student ...")
         summary = run_distill(config)
@@ -436,9 +473,9 @@ def prune_student(
     teacher: Annotated[str, typer.Option(help="Teacher folder (or hub id) to cut the student from.")],
     layers: Annotated[int, typer.Option(help="Decoder layers to keep (1 .. the teacher's layers - 1).")],
     out: Annotated[Path, typer.Option(help="New folder for the student (transformers format, plus ddk_prune.json).")],
-    criterion: Annotated[str, typer.Option(
+    criterion: Annotated[Criterion, typer.Option(
         help="Which layers to keep: block-influence (ShortGPT: the layers that change their input most, measured on --store) "
-             "or even (evenly spaced, first and last kept).")] = "block-influence",
+             "or even (evenly spaced, first and last kept).")] = Criterion.block_influence,
     store: Annotated[Optional[str], typer.Option(help="block-influence: a store whose valid/ windows the layers are measured on.")] = None,
     windows: Annotated[int, typer.Option(help="block-influence: validation windows per domain.")] = 16,
     storage_options: StorageOptionsFlag = None,
@@ -447,9 +484,9 @@ def prune_student(
     from ddk_cache.stages.prune_student import PruneConfig, run_prune
 
     with user_errors():
-        summary = run_prune(PruneConfig(teacher=teacher, layers=layers, out=out, criterion=criterion, store=store, windows=windows,
+        summary = run_prune(PruneConfig(teacher=teacher, layers=layers, out=out, criterion=criterion.value, store=store, windows=windows,
                                         storage_options=parse_storage_options(storage_options)))
-    console.print(f"student saved to {summary.out}: kept layers {summary.kept} of {summary.total_layers} ({criterion})", soft_wrap=True)
+    console.print(f"student saved to {summary.out}: kept layers {summary.kept} of {summary.total_layers} ({criterion.value})", soft_wrap=True)
 
 
 @app.command("fetch-demo-teacher")

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddk_cache.engines.base import TopKResult
+from ddk_cache.choices import CaptureMode, values
 
-MODES = ("topk", "topp", "sampled")
+MODES = values(CaptureMode)
 REST_FLOOR = -69.0  # log(1e-30): "no mass outside the entries" (k = vocabulary, or rounding)
 DEFAULT_LOGPROB_SCALE = 32  # quantization levels per nat; see benchmarks/RESULTS.md for the trade-off
 

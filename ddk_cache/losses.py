@@ -36,10 +36,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ddk_cache.choices import Divergence as DivergenceChoice
+from ddk_cache.choices import Tail, values
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
 TailMode = Literal["rest", "renorm"]
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
-TAIL_MODES: tuple[str, ...] = ("rest", "renorm")
+DIVERGENCES: tuple[str, ...] = values(DivergenceChoice)
+TAIL_MODES: tuple[str, ...] = values(Tail)
 _MIN_MASS = 1e-12  # floor of a rest bucket, so log() and its gradient stay finite
 _ABSENT = -1e4  # log-prob of a dropped entry: exp() is exactly 0 in float32, yet gradients stay finite
 
@@ -86,7 +89,8 @@ class KDConfig:
     """How the distillation term is built and mixed with cross-entropy.
 
     `form="add"`: loss = CE + gamma * KD (DDK: gamma = 0.2, T = 1).
-    `form="mix"`: loss = (1 - lam) * CE + lam * KD (MiniLLM's word-level KD baseline: lam = 0.5).
+    `form="mix"`: loss = (1 - mix) * CE + mix * KD (MiniLLM's word-level KD baseline: mix = 0.5).
+    Field names are the CLI's flag names (`--mix`, `--jsd-beta`, `--skew-alpha`).
     """
 
     divergence: Divergence = "forward_kl"
@@ -94,9 +98,9 @@ class KDConfig:
     temperature: float = 1.0
     gamma: float = 0.2
     form: Literal["add", "mix"] = "add"
-    lam: float = 0.5
-    beta: float = 0.5  # JSD mixing weight
-    alpha: float = 0.1  # skew KL weight (DistiLLM)
+    mix: float = 0.5
+    jsd_beta: float = 0.5  # JSD mixing weight
+    skew_alpha: float = 0.1  # skew KL weight (DistiLLM)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -106,7 +110,7 @@ class KDConfig:
         from ddk_cache.ranges import FRACTION, NON_NEGATIVE, Range, check_ranges
 
         # CE's weight is 1 - mix and KD's gamma or mix: outside these ranges a term trains backwards
-        check_ranges({"temperature": self.temperature, "gamma": self.gamma, "mix": self.lam, "jsd_beta": self.beta, "skew_alpha": self.alpha},
+        check_ranges({"temperature": self.temperature, "gamma": self.gamma, "mix": self.mix, "jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha},
                      {"temperature": Range(0, 100, open_low=True), "gamma": NON_NEGATIVE, "mix": FRACTION,
                       "jsd_beta": Range(0, 1, open_low=True, open_high=True), "skew_alpha": Range(0, 1, open_high=True)})
 
@@ -254,7 +258,7 @@ def distillation_loss(
     flat_logits = student_logits.reshape(-1, vocab)
     logprobs = torch.log_softmax(flat_logits.float(), dim=-1)
     flat_targets = targets.reshape(-1, 1).long()
-    kd_weight = config.gamma if config.form == "add" else config.lam
+    kd_weight = config.gamma if config.form == "add" else config.mix
     if teacher is None or kd_weight == 0:
         ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         return LossParts(total=ce, ce=ce, kd=None)
@@ -274,7 +278,7 @@ def distillation_loss(
     teacher_lp, student_lp = _buckets(
         s_top, teacher.logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab, rest
     )
-    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
+    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha).mean()
     return _combine(ce, kd, config)
 
 
@@ -298,7 +302,7 @@ def dense_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     t = config.temperature
     teacher_lp = torch.log_softmax(t_logits / t, dim=-1)
     student_lp = logprobs if t == 1.0 else torch.log_softmax(flat / t, dim=-1)
-    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.beta, alpha=config.alpha).mean()
+    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha).mean()
     return _combine(ce, kd, config)
 
 
@@ -321,7 +325,7 @@ def kd_loss(
     over the masked positions only. Mix it with CE yourself (DDK: CE + 0.2 * KD). Sampled targets
     take forward KL, the `rest` tail and T = 1 only (otherwise biased: ValueError).
     """
-    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, beta=beta, alpha=alpha)  # validates the settings
+    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, jsd_beta=beta, skew_alpha=alpha)  # validates the settings
     teacher = targets if isinstance(targets, TeacherTargets) else TeacherTargets.from_batch(targets)
     if teacher.sampled:
         check_sampled_config(config)
@@ -349,5 +353,5 @@ _divergence = divergence  # kd_loss's argument of that name shadows the function
 
 
 def _combine(ce: torch.Tensor, kd: torch.Tensor, config: KDConfig) -> LossParts:
-    total = ce + config.gamma * kd if config.form == "add" else (1 - config.lam) * ce + config.lam * kd
+    total = ce + config.gamma * kd if config.form == "add" else (1 - config.mix) * ce + config.mix * kd
     return LossParts(total=total, ce=ce, kd=kd)

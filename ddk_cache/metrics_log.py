@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.choices import ReportTarget, values
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-REPORT_TARGETS = ("tensorboard",)
+REPORT_TARGETS = values(ReportTarget)
 
 
 class MetricsLog:
@@ -74,9 +75,9 @@ class MetricsLog:
         for key in ("loss", "ce", "kd", "grad_norm", "lr", "tokens_per_s"):
             if key in record:
                 add(f"train/{key}", record[key], step)
-        for domain, values in record.get("eval", {}).items():
-            add(f"student_ppl/{domain}", values["student_ppl"], step)
-            add(f"student_over_teacher_ppl/{domain}", values["student_ppl"] / values["teacher_ppl"], step)
+        for domain, scores in record.get("eval", {}).items():
+            add(f"student_ppl/{domain}", scores["student_ppl"], step)
+            add(f"student_over_teacher_ppl/{domain}", scores["student_ppl"] / scores["teacher_ppl"], step)
         for domain, weight in record.get("domain_weights", {}).items():
             add(f"domain_weight/{domain}", weight, step)
         for final in record.get("final_eval", []):

@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddk_cache.distributed import ParallelContext
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.choices import ParallelMode, values
 
-PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+PARALLEL_MODES = values(ParallelMode)
 
 
 def resolve_parallel_mode(mode: str, ctx: ParallelContext) -> str:

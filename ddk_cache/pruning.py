@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.choices import Criterion, values
 
-CRITERIA = ("even", "block-influence")
+CRITERIA = values(Criterion)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

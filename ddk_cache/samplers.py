@@ -35,9 +35,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ddk_cache.choices import DDKScore, SamplerName, values
 
-SAMPLER_NAMES = ("ddk", "static", "uniform")
-DDK_SCORES = ("ppl-ratio", "ce-ratio")  # ppl-ratio: the paper's rule
+SAMPLER_NAMES = values(SamplerName)
+DDK_SCORES = values(DDKScore)  # ppl-ratio: the paper's rule
 
 
 class DomainSampler:

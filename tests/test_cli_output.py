@@ -60,3 +60,27 @@ def test_eval_json_to_stdout_and_to_a_file(tiny_store, tiny_teacher, tmp_path):
     assert "…" not in result.output and max(len(line) for line in result.output.splitlines()) <= 80
     result = CliRunner().invoke(app, ["eval", str(run), str(tiny_store), "--json", str(tmp_path / "nowhere" / "e.json")])
     assert result.exit_code == 2 and "folder" in result.stderr and "does not exist" in result.stderr
+
+
+def test_usage_errors_are_one_line_and_exit_2():
+    for args, fragment in [
+        (["distill", "--store", "x"], "error: Missing option '--student'. (see ddk-cache distill --help)"),
+        (["teacher-dump", "--teacher", "t", "--out", "o", "--mode", "beam"], "'beam' is not one of 'topk', 'topp', 'sampled'."),
+        (["distill", "--store", "x", "--student", "y", "--out", "z", "--lr", "fast"], "Invalid value for '--lr'"),
+        (["distill", "--store", "x", "--student", "y", "--out", "z", "--no-such-flag"], "No such option: --no-such-flag"),
+    ]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and fragment in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert CliRunner().invoke(app, []).exit_code == 0  # no arguments: the help
+
+
+def test_help_lists_choices_and_groups_engine_and_training_flags():
+    dump = CliRunner().invoke(app, ["teacher-dump", "--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Capture", "HF engine", "vLLM engine", "Many nodes", "Store layout"):
+        assert f"─ {panel} ─" in dump, panel
+    assert "topk|topp|sampled" in dump and "auto|hf|vllm" in dump and "vLLM:" not in dump
+    distill_help = CliRunner().invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Optimiser", "KD loss", "DDK domain sampler", "Devices and ranks"):
+        assert f"─ {panel} ─" in distill_help, panel
+    assert "ddk|static|uniform" in distill_help and "ppl-ratio|ce-ratio" in distill_help and "rest|renorm" in distill_help

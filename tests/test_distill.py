@@ -288,7 +288,7 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
 
 @pytest.mark.parametrize(("flags", "message"), [
     (("--parallel", "fsdp"), "--parallel fsdp needs one process per device: launch with torchrun"),
-    (("--parallel", "zero3"), "unknown --parallel 'zero3'"),
+    (("--parallel", "zero3"), "Invalid value for '--parallel': 'zero3' is not one of 'auto', 'none', 'ddp', 'fsdp'. (see "),
     (("--global-batch-size", "6", "--batch-size", "4"), "--global-batch-size 6 is not a multiple of 1 ranks x --batch-size 4 = 4"),
     (("--global-batch-size", "8", "--batch-size", "4", "--grad-accum", "3"), "--grad-accum 3 contradicts --global-batch-size 8"),
     (("--global-batch-size", "0",), "--global-batch-size must be >= 1, got 0"),
@@ -306,8 +306,10 @@ def test_online_teacher_reference_uses_the_full_distribution(tiny_store, tiny_te
     (("--lr", "nan",), "--lr must be in (0, 1], got nan"),
     (("--temperature", "0",), "--temperature must be in (0, 100], got 0.0"),
     (("--ddk-temperature", "0",), "--ddk-temperature must be in (0, 1000], got 0.0"),
-    (("--ddk-score", "kl",), "unknown --ddk-score 'kl': choose ppl-ratio or ce-ratio"),
-    (("--sampler", "random",), "unknown sampler 'random': choose ddk, static, uniform"),
+    (("--ddk-score", "kl",), "Invalid value for '--ddk-score': 'kl' is not one of 'ppl-ratio', 'ce-ratio'."),
+    (("--sampler", "random",), "Invalid value for '--sampler': 'random' is not one of 'ddk', 'static', 'uniform'."),
+    (("--divergence", "kl",), "Invalid value for '--divergence': 'kl' is not one of 'forward_kl'"),
+    (("--steps", "many",), "Invalid value for '--steps'"),
     (("--device", "tpu",), "unknown --device 'tpu'"),
     (("--device", "mps",), "--device mps: ddk-cache runs on cpu or cuda"),
     pytest.param(("--device", "cuda"), "--device cuda but no CUDA GPU is visible",

@@ -114,7 +114,7 @@ def test_distillation_loss_forms():
     added = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(gamma=0.2))
     torch.testing.assert_close(added.ce, ce)
     torch.testing.assert_close(added.total, ce + 0.2 * added.kd)
-    mixed = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(form="mix", lam=0.5))
+    mixed = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(form="mix", mix=0.5))
     torch.testing.assert_close(mixed.total, 0.5 * ce + 0.5 * mixed.kd)
     ce_only = distillation_loss(logits, targets, TeacherTargets(teacher.indices, teacher.values), KDConfig(gamma=0.0))
     assert ce_only.kd is None
@@ -139,7 +139,7 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="--temperature must be in \\(0, 100\\], got 0"):
         KDConfig(temperature=0)
     with pytest.raises(ValueError, match="--mix must be in \\[0, 1\\], got 2"):
-        KDConfig(form="mix", lam=2.0)
+        KDConfig(form="mix", mix=2.0)
     with pytest.raises(ValueError, match="--gamma must be >= 0, got -1"):
         KDConfig(gamma=-1.0)
 
@@ -152,7 +152,7 @@ def test_cached_loss_at_k_equal_vocab_equals_dense_online_loss(logits, kind, tem
 
     teacher_logits, student_logits = logits
     targets = torch.arange(N) % V
-    config = KDConfig(divergence=kind, temperature=temperature, beta=BETA, alpha=ALPHA)
+    config = KDConfig(divergence=kind, temperature=temperature, jsd_beta=BETA, skew_alpha=ALPHA)
     top = torch.log_softmax(teacher_logits, -1).topk(V, dim=-1)
     cached = distillation_loss(student_logits, targets, TeacherTargets(top.indices, top.values), config)
     dense = dense_distillation_loss(student_logits, targets, teacher_logits, config)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ddk_cache.engines.base import TeacherEngine
 from ddk_cache.engines.options import EngineOptions, check_applicable
 from ddk_cache.errors import EngineError
+from ddk_cache.choices import EngineName, values
 
-ENGINE_NAMES = ("auto", "hf", "vllm")
+ENGINE_NAMES = values(EngineName)
 
 
 def resolve_engine_name(name: str) -> str:

@@ -1,0 +1,76 @@
+"""Every closed set of choices a setting takes, declared once.
+
+The CLI uses these Enums as option types (typer validates the value and lists the choices in
+`--help`); the core checks library callers against the same values (`values(...)`). A new
+divergence or capture mode is added here and nowhere else. No heavy imports: the CLI loads this
+module to build its options before torch is imported.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class CaptureMode(str, Enum):
+    topk = "topk"
+    topp = "topp"
+    sampled = "sampled"
+
+
+class EngineName(str, Enum):
+    auto = "auto"
+    hf = "hf"
+    vllm = "vllm"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Divergence(str, Enum):
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_forward_kl = "skew_forward_kl"
+    skew_reverse_kl = "skew_reverse_kl"
+    tv = "tv"
+
+
+class Tail(str, Enum):
+    rest = "rest"
+    renorm = "renorm"
+
+
+class SamplerName(str, Enum):
+    ddk = "ddk"
+    static = "static"
+    uniform = "uniform"
+
+
+class DDKScore(str, Enum):
+    ppl_ratio = "ppl-ratio"  # the paper's rule
+    ce_ratio = "ce-ratio"
+
+
+class ParallelMode(str, Enum):
+    auto = "auto"
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Criterion(str, Enum):
+    even = "even"
+    block_influence = "block-influence"
+
+
+class ReportTarget(str, Enum):
+    tensorboard = "tensorboard"
+
+
+def values(choice: type[Enum]) -> tuple[str, ...]:
+    """The accepted strings, in declaration order."""
+    return tuple(member.value for member in choice)
