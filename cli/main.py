@@ -366,7 +366,8 @@ def distill(
     ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).", rich_help_panel="DDK domain sampler")] = True,
     ddk_score: Annotated[DDKScore, typer.Option(
         help="DDK's discrepancy score: ppl-ratio (the paper: student/teacher perplexity) or ce-ratio (student/teacher "
-             "cross-entropy; stays graded when the student is far behind, see README).", rich_help_panel="DDK domain sampler")] = DDKScore.ppl_ratio,
+             "cross-entropy: linear in the gap, not exponential; see README on when the paper's factor collapses).",
+        rich_help_panel="DDK domain sampler")] = DDKScore.ppl_ratio,
     ddk_temperature: Annotated[float, typer.Option(help="Divide DDK's scores by this before its softmax (> 1 flattens the weights).", rich_help_panel="DDK domain sampler")] = 1.0,
     update_every: Annotated[Optional[int], typer.Option(help="K: evaluate and reweight every K steps (default min(1000, steps/10)).", rich_help_panel="DDK domain sampler")] = None,
     eval_windows: Annotated[int, typer.Option(help="Validation windows per domain per evaluation (split over the ranks).", rich_help_panel="DDK domain sampler")] = 32,
