@@ -97,9 +97,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     parser.add_argument("--plot", type=Path, help="where the DDK weight plot goes (default: beside --json)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the runs already in --out-dir")
+    parser.add_argument("--report", action="store_true", help="print the markdown tables of RESULTS.md from --json and stop")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = args.plot or args.json.parent / ("quality_ddk.png" if args.student == "scratch" else "quality_pruned_ddk.png")
+    if args.report:
+        print(report(json.loads(args.json.read_text())))
+        return
     if args.plot_only:
         plot(args.out_dir, args.seeds[0], plot_path, [a for a in args.arms if a.startswith("ddk")])
         return
@@ -172,6 +176,50 @@ def write_result(args: argparse.Namespace, seq_len: int, start_eval: dict | None
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report(result: dict) -> str:
+    """Markdown tables: per arm mean (spread) over seeds, per domain; the lagging domain; store sizes; time."""
+    runs = list(result["runs"].values())
+    arms = list(dict.fromkeys(run["arm"] for run in runs))
+    domains = list(runs[0]["valid_loss"])
+    teacher = runs[0]["teacher_loss"]
+    start = (result.get("start_eval") or {}).get("healed")
+    lagging = max(domains, key=lambda d: start[d] - teacher[d]) if start else None  # largest CE gap = largest ppl ratio
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    lines = ["| arm | " + " | ".join(domains) + " | average: mean (spread) | vs uniform KD | per seed |", "|---" * (len(domains) + 4) + "|"]
+    if start:
+        lines.append("| teacher | " + " | ".join(f"{teacher[d]:.4f}" for d in domains) + f" | {mean(list(teacher.values())):.4f} | | |")
+        lines.append("| start (pruned + healed) | " + " | ".join(f"{start[d]:.4f}" for d in domains) + f" | {mean(list(start.values())):.4f} | | |")
+    uniform = mean([r["average"] for r in runs if r["arm"] == "kd_uniform"]) if "kd_uniform" in arms else None
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        averages = [r["average"] for r in mine]
+        per_domain = " | ".join(f"{mean([r['valid_loss'][d] for r in mine]):.4f}" for d in domains)
+        delta = f"{mean(averages) - uniform:+.4f}" if uniform is not None else ""
+        lines.append(f"| {arm} | {per_domain} | {mean(averages):.4f} ({max(averages) - min(averages):.4f}) | {delta} | "
+                     f"{', '.join(f'{v:.4f}' for v in averages)} |")
+    out = ["\n".join(lines)]
+    if lagging:
+        rows = [f"Lagging domain at the start: **{lagging}** (healed {start[lagging]:.4f} vs teacher {teacher[lagging]:.4f}).", "",
+                "| arm | its loss: mean | gain over the start | vs uniform KD | per seed |", "|---|---|---|---|---|"]
+        base = mean([r["valid_loss"][lagging] for r in runs if r["arm"] == "kd_uniform"]) if uniform is not None else None
+        for arm in arms:
+            values = [r["valid_loss"][lagging] for r in runs if r["arm"] == arm]
+            rows.append(f"| {arm} | {mean(values):.4f} | {start[lagging] - mean(values):+.4f} | "
+                        f"{(mean(values) - base) if base is not None else float('nan'):+.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
+        out.append("\n".join(rows))
+    sizes = ["| cache | train bytes/token | store folder (MB) |", "|---|---|---|"]
+    for name, size in result["stores"].items():
+        sizes.append(f"| {name} | {size['train_bytes_per_token']} | {size['folder_bytes'] / 1e6:.1f} |")
+    out.append("\n".join(sizes))
+    times = ["| arm | seconds per run (mean) |", "|---|---|"] + [
+        f"| {arm} | {mean([r['seconds'] for r in runs if r['arm'] == arm]):.0f} |" for arm in arms]
+    out.append("\n".join(times))
+    return "\n\n".join(out)
 
 
 def dump(args: argparse.Namespace, manifest: Path, name: str) -> Path:
