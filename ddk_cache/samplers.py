@@ -31,6 +31,7 @@ repository's four benchmark domains, the paper's factor puts 1.000 on math, the 
 the CE ratio at tau = 2 still 0.58. Such a student should sample uniformly until it models every
 domain (benchmarks/RESULTS.md: uniform beats DDK from scratch, DDK beats uniform once pruned and
 healed); the options are for the in-between regime and for domains of very different difficulty.
+
 The sampler only holds weights; the random draws come from the caller's generator, whose
 state is checkpointed with everything else.
 """
@@ -41,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from ddk_cache.choices import DDKScore, SamplerName, values
 
 SAMPLER_NAMES = values(SamplerName)
