@@ -172,7 +172,7 @@ def test_a_store_missing_a_domain_group_is_one_line_everywhere(tiny_store, tmp_p
     shutil.copytree(tiny_store, store)
     shutil.rmtree(store / "math")
     shown = CliRunner().invoke(app, ["inspect", str(store)])  # inspect describes the damage instead of failing
-    assert shown.exit_code == 0 and "│ math" in shown.output  # its row says "not created" (narrow terminals truncate it)
+    assert shown.exit_code == 0 and any(line.split()[:3] == ["math", "not", "created"] for line in shown.output.splitlines())
     checked = CliRunner().invoke(app, ["verify", str(store)])
     assert checked.exit_code == 1 and "problem: math: group missing" in checked.stderr
     resumed = CliRunner().invoke(app, ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(tiny_store.parent / "manifest.yaml"),
