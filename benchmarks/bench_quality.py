@@ -190,23 +190,24 @@ def report(result: dict) -> str:
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    lines = ["| arm | " + " | ".join(domains) + " | average: mean (spread) | vs uniform KD | per seed |", "|---" * (len(domains) + 4) + "|"]
+    lines = ["| arm | " + " | ".join(domains) + " | average: mean (spread) | vs uniform KD, same seed: mean (each) | per seed |", "|---" * (len(domains) + 4) + "|"]
     if start:
         lines.append("| teacher | " + " | ".join(f"{teacher[d]:.4f}" for d in domains) + f" | {mean(list(teacher.values())):.4f} | | |")
         lines.append("| start (pruned + healed) | " + " | ".join(f"{start[d]:.4f}" for d in domains) + f" | {mean(list(start.values())):.4f} | | |")
-    uniform = mean([r["average"] for r in runs if r["arm"] == "kd_uniform"]) if "kd_uniform" in arms else None
+    by_seed = {r["seed"]: r["average"] for r in runs if r["arm"] == "kd_uniform"}
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
         averages = [r["average"] for r in mine]
         per_domain = " | ".join(f"{mean([r['valid_loss'][d] for r in mine]):.4f}" for d in domains)
-        delta = f"{mean(averages) - uniform:+.4f}" if uniform is not None else ""
+        paired = [r["average"] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]  # same seed, same data order draws
+        delta = f"{mean(paired):+.4f} ({', '.join(f'{d:+.3f}' for d in paired)})" if paired else ""
         lines.append(f"| {arm} | {per_domain} | {mean(averages):.4f} ({max(averages) - min(averages):.4f}) | {delta} | "
                      f"{', '.join(f'{v:.4f}' for v in averages)} |")
     out = ["\n".join(lines)]
     if lagging:
         rows = [f"Lagging domain at the start: **{lagging}** (healed {start[lagging]:.4f} vs teacher {teacher[lagging]:.4f}).", "",
                 "| arm | its loss: mean | gain over the start | vs uniform KD | per seed |", "|---|---|---|---|---|"]
-        base = mean([r["valid_loss"][lagging] for r in runs if r["arm"] == "kd_uniform"]) if uniform is not None else None
+        base = mean([r["valid_loss"][lagging] for r in runs if r["arm"] == "kd_uniform"]) if by_seed else None
         for arm in arms:
             values = [r["valid_loss"][lagging] for r in runs if r["arm"] == arm]
             rows.append(f"| {arm} | {mean(values):.4f} | {start[lagging] - mean(values):+.4f} | "
