@@ -129,12 +129,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
+def json_alone(target: Path | None) -> bool:
+    """`--json -`: the JSON goes to stdout alone, so the table is not printed."""
+    return target is not None and str(target) == "-"
+
+
 def write_json(target: Path, data) -> None:
     """`--json FILE` writes the file; `--json -` prints to stdout (alone, for scripts)."""
     import json
 
     text = json.dumps(data, indent=2, default=str) + "\n"
-    if str(target) == "-":
+    if json_alone(target):
         sys.stdout.write(text)
         return
     try:
@@ -311,7 +316,7 @@ def inspect(
 
     with user_errors():
         reader = CacheReader(store, storage_options=parse_storage_options(storage_options), allow_incomplete=True)
-        if json_out is None or str(json_out) != "-":
+        if not json_alone(json_out):
             console.print(render_inspection(reader))
         if json_out is not None:
             write_json(json_out, {"url": reader.url, "status": reader.header.get("status"), "header": reader.header, "splits": domain_rows(reader)})
@@ -441,14 +446,14 @@ def evaluate(
     from ddk_cache.stages.evaluate import run_eval
 
     with user_errors():
-        if json_out is not None and str(json_out) != "-" and not json_out.parent.is_dir():
+        if json_out is not None and not json_alone(json_out) and not json_out.parent.is_dir():  # before a long evaluation
             raise DDKCacheError(f"--json {json_out}: folder {json_out.parent} does not exist: create it or choose another path")
         results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options))
     table = name_table(f"eval: {model} on {store}", ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"))
     for e in results:
         table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.student_ece:.4f}",
                       f"{e.teacher_loss:.4f}", f"{e.teacher_ppl:.3f}")
-    if json_out is None or str(json_out) != "-":
+    if not json_alone(json_out):
         console.print(table)
     if json_out is not None:
         with user_errors():

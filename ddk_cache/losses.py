@@ -262,11 +262,7 @@ def distillation_loss(
     if teacher is None or kd_weight == 0:
         ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         return LossParts(total=ce, ce=ce, kd=None)
-    k = teacher.ids.shape[-1]
-    ids = teacher.ids.reshape(-1, k)
-    valid = ids < vocab
-    if teacher.valid is not None:
-        valid = valid & teacher.valid.reshape(-1, k)
+    ids, valid = _entries(teacher, vocab)
     if config.temperature == 1.0:
         # one gather serves CE and KD: a single sparse gradient instead of two dense ones
         gathered = logprobs.gather(-1, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1))
@@ -274,12 +270,28 @@ def distillation_loss(
     else:
         ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
         s_top = torch.log_softmax(flat_logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
+    kd = _kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab).mean()
+    return _combine(ce, kd, config)
+
+
+def _entries(teacher: TeacherTargets, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached ids flattened to `[positions, W]`, and which of them are real entries the student can score."""
+    k = teacher.ids.shape[-1]
+    ids = teacher.ids.reshape(-1, k)
+    valid = ids < vocab
+    if teacher.valid is not None:
+        valid = valid & teacher.valid.reshape(-1, k)
+    return ids, valid
+
+
+def _kd_per_position(s_top: torch.Tensor, teacher: TeacherTargets, valid: torch.Tensor, config: KDConfig, vocab: int,
+                     teacher_vocab: int | None) -> torch.Tensor:
+    """The divergence at each position, from the student's log-probs already gathered at the entry ids."""
     rest = None if teacher.rest is None else teacher.rest.reshape(-1)
     teacher_lp, student_lp = _buckets(
-        s_top, teacher.logprobs.reshape(-1, k), valid, config.tail, config.temperature, vocab, teacher_vocab, rest
+        s_top, teacher.logprobs.reshape(-1, valid.shape[-1]), valid, config.tail, config.temperature, vocab, teacher_vocab, rest
     )
-    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha).mean()
-    return _combine(ce, kd, config)
+    return divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha)
 
 
 def dense_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, config: KDConfig) -> LossParts:
@@ -313,8 +325,8 @@ def kd_loss(
     tail: TailMode = "rest",
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
     teacher_vocab: int | None = None,
 ) -> torch.Tensor:
     """The KD term alone, for your own trainer: mean over positions of the divergence on the cached entries.
@@ -323,9 +335,10 @@ def kd_loss(
     batch from `ddk_cache.collate`, whose `teacher_*` keys are used) describe the same positions:
     the distribution of the token after each input position. `mask` `[...]` (1 = counts) averages
     over the masked positions only. Mix it with CE yourself (DDK: CE + 0.2 * KD). Sampled targets
-    take forward KL, the `rest` tail and T = 1 only (otherwise biased: ValueError).
+    take forward KL, the `rest` tail and T = 1 only (otherwise biased: ValueError). The same
+    computation as `distillation_loss`'s KD term (`_entries`, `_kd_per_position`).
     """
-    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, jsd_beta=beta, skew_alpha=alpha)  # validates the settings
+    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)  # validates
     teacher = targets if isinstance(targets, TeacherTargets) else TeacherTargets.from_batch(targets)
     if teacher.sampled:
         check_sampled_config(config)
@@ -333,23 +346,14 @@ def kd_loss(
     if student_logits.shape[:-1] != teacher.ids.shape[:-1]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher entries {tuple(teacher.ids.shape)} "
                          "cover different positions: pass the logits of the batch's input_ids")
-    k = teacher.ids.shape[-1]
-    ids = teacher.ids.reshape(-1, k)
-    valid = ids < vocab
-    if teacher.valid is not None:
-        valid = valid & teacher.valid.reshape(-1, k)
+    ids, valid = _entries(teacher, vocab)
     flat = student_logits.reshape(-1, vocab).float()
     s_top = torch.log_softmax(flat if temperature == 1.0 else flat / temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
-    rest = None if teacher.rest is None else teacher.rest.reshape(-1)
-    teacher_lp, student_lp = _buckets(s_top, teacher.logprobs.reshape(-1, k).float(), valid, tail, temperature, vocab, teacher_vocab, rest)
-    per_position = _divergence(teacher_lp, student_lp, divergence, beta=beta, alpha=alpha)
+    per_position = _kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab)
     if mask is None:
         return per_position.mean()
     weights = mask.reshape(-1).to(per_position.dtype)
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
-
-
-_divergence = divergence  # kd_loss's argument of that name shadows the function inside it
 
 
 def _combine(ce: torch.Tensor, kd: torch.Tensor, config: KDConfig) -> LossParts:

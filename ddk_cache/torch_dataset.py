@@ -38,9 +38,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ddk_cache.cache_format import TOKENS
 from ddk_cache.cache_reader import WindowBlock
-from ddk_cache.data_order import DomainOrder
 from ddk_cache.errors import StoreError
 from ddk_cache.store import Store, open_store
+from ddk_cache.streaming import domain_orders
 
 
 class _ChunkCache:
@@ -149,10 +149,9 @@ class CacheMixture(IterableDataset):
             raise ValueError("weights must be >= 0, with at least one domain above 0")
         total = sum(raw[d] for d in self.domains)
         self.weights = np.array([raw[d] / total for d in self.domains])
-        self._orders = []
-        for domain in self.domains:
-            tokens = self.store.reader.array(domain, split, TOKENS)
-            self._orders.append(DomainOrder(domain, tokens.shape[0], tokens.chunks[0], seed))
+        self._orders = domain_orders(self.store.reader, self.domains, seed, split)  # the visiting order distill uses
+        self._domain_index = [domains.index(d) for d in self.domains]
+        self._sampled = self.store.capture.mode == "sampled"
         self._cached_chunks = max(1, cached_chunks)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -172,6 +171,6 @@ class CacheMixture(IterableDataset):
                 if not mine:  # every process advances the same cursors; each yields its share
                     continue
                 order = self._orders[pick]
-                chunk, row = order.locate(epoch, position)
+                _, row = order.locate(epoch, position)
                 block, in_chunk = chunks.window(order.domain, self.split, row)
-                yield window_item(block, in_chunk, self.store.domains.index(order.domain), self.store.capture.mode == "sampled")
+                yield window_item(block, in_chunk, self._domain_index[pick], self._sampled)
