@@ -32,7 +32,8 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_teacher_dump import derived_manifest  # noqa: E402
 
-from ddk_cache.cache_format import FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, StoreLayout, create_split_arrays, zarr_store  # noqa: E402
+from ddk_cache.cache_format import HEADER_ATTR, StoreLayout, create_split_arrays, zarr_store  # noqa: E402
+from ddk_cache.store_header import bare_header  # noqa: E402
 from ddk_cache.cache_reader import CacheReader  # noqa: E402
 from ddk_cache.cache_writer import CacheWriter  # noqa: E402
 from ddk_cache.capture import Capture, EncodedTargets, encode_targets  # noqa: E402
@@ -85,9 +86,7 @@ def write_and_read(out: Path, domain: str, windows: np.ndarray, targets: Encoded
         shutil.rmtree(out)
     layout = StoreLayout.choose(windows.shape[1] - 1, capture, vocab, chunk_windows=8, shard_windows=8)
     root = zarr.open_group(zarr_store(str(out), read_only=False), mode="w")
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "status": "complete", "domains": [domain],
-              "capture": capture.to_attrs(), "layout": layout.to_attrs()}
-    root.attrs[HEADER_ATTR] = header
+    root.attrs[HEADER_ATTR] = bare_header([domain], layout.seq_len, capture, vocab, layout.chunk_windows, layout.shard_windows).to_dict()
     create_split_arrays(root.create_group(domain).create_group("train"), len(windows), layout)
     writer = CacheWriter(root, str(out), layout)
     for shard in range(layout.n_shards(len(windows))):

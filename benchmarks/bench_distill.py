@@ -67,7 +67,7 @@ def decode_rate(reader: CacheReader, threads: int) -> float:
     with ThreadPoolExecutor(threads) as pool:
         futures = [pool.submit(loader._decode, d, c) for d, order in enumerate(loader.orders) for c in range(order.n_chunks)]
         for future in futures:
-            tokens += future.result().ids.shape[0] * reader.header["capture"]["seq_len"]
+            tokens += future.result().ids.shape[0] * reader.header.seq_len
     loader.close()
     return tokens / (time.perf_counter() - start)
 
@@ -115,7 +115,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_student(args.tokenizer, args.out_dir, args.hidden, args.layers).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
-    teacher_vocab = int(reader.header["teacher"]["vocab_size"])
+    teacher_vocab = reader.header.teacher.vocab_size
     batcher = Batches(reader, args.batch_size, args.reader_threads)
     batches = [batcher.next() for _ in range(args.steps_per_block)]
 
@@ -147,7 +147,7 @@ def main() -> None:
                    + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "store": args.store,
         "capture": reader.capture.describe(),
-        "seq_len": reader.header["capture"]["seq_len"],
+        "seq_len": reader.header.seq_len,
         "student": f"Llama hidden {args.hidden}, {args.layers} layers, vocab {model.config.vocab_size}, "
                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         "batch_size": args.batch_size,

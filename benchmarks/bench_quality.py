@@ -116,8 +116,7 @@ def main() -> None:
     needed = {"top64"} | {ARMS[a]["cache"] for a in args.arms if "cache" in ARMS[a]}
     stores = {name: dump(args, manifest, name) for name in sorted(needed)}
     store = stores["top64"]
-    header = CacheReader(str(store)).header
-    seq_len = header["capture"]["seq_len"]
+    seq_len = CacheReader(str(store)).header.seq_len
     start, start_eval = starting_student(args, store)
     if args.heal_only:
         return

@@ -37,7 +37,7 @@ from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 def bytes_per_token(store: Path) -> float:
     reader = CacheReader(str(store))
     stored = sum(reader.bytes_stored(d) for d in reader.domains)
-    tokens = sum(reader.domain_info(d)[s]["tokens"] for d in reader.domains for s in ("train", "valid"))
+    tokens = sum(reader.domain_info(d).split(s).tokens for d in reader.domains for s in ("train", "valid"))
     return stored / tokens
 
 

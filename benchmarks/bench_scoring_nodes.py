@@ -61,7 +61,7 @@ def main() -> None:
     from ddk_cache.cache_reader import CacheReader
 
     reader = CacheReader(str(args.out_dir / "scored-1.zarr"))
-    tokens = sum(reader.domain_info(d)[s]["tokens"] for d in reader.domains for s in ("train", "valid"))
+    tokens = sum(reader.domain_info(d).split(s).tokens for d in reader.domains for s in ("train", "valid"))
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU, {args.threads} thread(s) per process",
         "teacher": args.teacher,

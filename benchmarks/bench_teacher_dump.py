@@ -100,12 +100,12 @@ def main() -> None:
     # 1. a first dump fixes the windows and warms the engine; its store gives the exact windows to replay
     dump(args.writer_threads[0])
     reader = CacheReader(str(store))
-    layout = reader.header["layout"]
+    shard_windows = reader.header.layout.shard_windows
     shards = []
     for domain in reader.domains:
         for split in SPLITS:
             tokens = reader.read(domain, split).tokens
-            shards += [tokens[i : i + layout["shard_windows"]] for i in range(0, len(tokens), layout["shard_windows"])]
+            shards += [tokens[i : i + shard_windows] for i in range(0, len(tokens), shard_windows)]
 
     # 2. side by side, alternating: bare forward, then a full dump (score + top-k + encode + compress + write)
     #    per writer-thread setting, ..., bare forward
@@ -121,9 +121,9 @@ def main() -> None:
     sizes = {}
     for domain in reader.domains:
         info = reader.domain_info(domain)
-        tokens = sum(info[s]["tokens"] for s in SPLITS)
+        tokens = sum(info.split(s).tokens for s in SPLITS)
         sizes[domain] = {"bytes_per_token": reader.bytes_stored(domain) / tokens, "tokens": tokens,
-                         "teacher_valid_ppl": info["teacher_valid_ppl"]}
+                         "teacher_valid_ppl": info.teacher_valid_ppl}
     total_tokens = sum(s["tokens"] for s in sizes.values())
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
     results = {
@@ -133,9 +133,9 @@ def main() -> None:
         "teacher_parameters": sum(p.numel() for p in engine.model.parameters()),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "k": args.k,
-        "seq_len": layout["seq_len"],
+        "seq_len": reader.header.seq_len,
         "batch_size": args.batch_size,
-        "tokens_per_pass": int(sum(s.shape[0] for s in shards) * layout["seq_len"]),
+        "tokens_per_pass": int(sum(s.shape[0] for s in shards) * reader.header.seq_len),
         "bare_forward_tokens_per_s": [round(r, 1) for r in bare_rates],
         "dump_tokens_per_s": {str(t): [round(r, 1) for r in rates] for t, rates in dump_rates.items()},
         "dump_over_bare": {str(t): [round(r, 3) for r in rs] for t, rs in ratios.items()},

@@ -242,13 +242,8 @@ def teacher_dump(
         return
     table = name_table(f"teacher-dump: {summary.url}", ("domain", "train windows", "valid windows", "teacher valid loss", "teacher valid ppl"))
     for info in summary.domains:
-        table.add_row(
-            info["name"],
-            f"{info['train']['windows']:,}",
-            f"{info['valid']['windows']:,}",
-            f"{info['teacher_valid_loss']:.4f}",
-            f"{info['teacher_valid_ppl']:.3f}",
-        )
+        table.add_row(info.name, f"{info.train.windows:,}", f"{info.valid.windows:,}", f"{info.teacher_valid_loss:.4f}",
+                      f"{info.teacher_valid_ppl:.3f}")
     console.print(table)
     console.print(
         f"{node}scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s "
@@ -298,8 +293,8 @@ def pack(
         console.print(f"{summary.url} is already packed from this manifest and tokenizer: nothing to do", soft_wrap=True, highlight=False)
     table = name_table(f"pack: {summary.url}", ("domain", "train windows", "train tokens", "valid windows", "documents"))
     for info in summary.domains:
-        table.add_row(info["name"], f"{info['train']['windows']:,}", f"{info['train']['tokens']:,}", f"{info['valid']['windows']:,}",
-                      f"{info['train']['documents'] + info['valid']['documents']:,}")
+        table.add_row(info.name, f"{info.train.windows:,}", f"{info.train.tokens:,}", f"{info.valid.windows:,}",
+                      f"{(info.train.documents or 0) + (info.valid.documents or 0):,}")
     console.print(table)
     console.print(f"score it: ddk-cache teacher-dump --teacher T --out {summary.url}", soft_wrap=True, highlight=False)
 
@@ -319,7 +314,8 @@ def inspect(
         if not json_alone(json_out):
             console.print(render_inspection(reader))
         if json_out is not None:
-            write_json(json_out, {"url": reader.url, "status": reader.header.get("status"), "header": reader.header, "splits": domain_rows(reader)})
+            write_json(json_out, {"url": reader.url, "status": reader.header.status, "header": reader.header.to_dict(),
+                                  "splits": domain_rows(reader)})
 
 
 @app.command("verify")

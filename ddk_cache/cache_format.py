@@ -16,6 +16,7 @@ Layout (format version 2)::
           crc32/<array>    uint32       [n_chunks]           CRC-32 of each inner chunk's decoded values
 
 (* stored as scaled integers by numcodecs' FixedScaleOffset; zarr decodes them to float32.)
+The header and each domain's attribute are typed in `store_header.py` (`StoreHeader`, `DomainInfo`).
 Version 1 stores (rank-ordered `topk_ids` int32 and `topk_logprobs` float16, always k entries)
 are still read. Arrays are sharded along windows: a shard (`shard_windows` windows) is the
 unit of writing and of resume; inner chunks (`chunk_windows`) are the unit of reading.
@@ -33,10 +34,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ddk_cache.capture import Capture
+from ddk_cache.store_header import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS  # noqa: F401  (the header's typed metadata)
 
-FORMAT_NAME = "ddk-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
 HEADER_ATTR = "ddk_cache"
 DOMAIN_ATTR = "ddk_cache_domain"
 SPLITS = ("valid", "train")  # valid first: the teacher's validation loss is known early

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import zarr
@@ -21,13 +20,10 @@ from zarr.core.sync import sync
 from ddk_cache.cache_format import (
     COUNTS,
     DOMAIN_ATTR,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     HEADER_ATTR,
     IDS,
     LOGPROBS,
     N_ENTRIES,
-    READABLE_VERSIONS,
     REST_LOGPROBS,
     SHARD_DONE,
     TARGET_LOGPROBS,
@@ -39,8 +35,9 @@ from ddk_cache.cache_format import (
     zarr_store,
     token_spec,
 )
-from ddk_cache.capture import Capture, capture_from_attrs, sampled_logprobs
+from ddk_cache.capture import Capture, sampled_logprobs
 from ddk_cache.errors import StoreError, first_line
+from ddk_cache.store_header import DomainInfo, HeaderError, StoreHeader
 from ddk_cache.integrity import aligned, checksum_array, filters_signature, has_checksums, mismatched_chunks
 
 
@@ -71,56 +68,46 @@ class CacheReader:
             raise StoreError(f"no ddk-cache store at {url}: check the path (run teacher-dump to create one)") from None
         except (OSError, ValueError) as exc:  # object stores: refused credentials, unreachable endpoint, bad URL
             raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
-        header = self.root.attrs.get(HEADER_ATTR)
-        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            raise StoreError(f"{url} is not a ddk-cache store (no '{HEADER_ATTR}' header)")
-        version = header.get("format_version")
-        if not isinstance(version, int) or version not in READABLE_VERSIONS:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
-            raise StoreError(
-                f"{url} has cache format version {version}; this ddk-cache reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))}: " + ("upgrade ddk-cache" if newer else "re-create the store with teacher-dump")
-            )
-        _require_keys(header, url, version)
-        if header.get("status") != "complete" and not allow_incomplete:
+        try:
+            header = StoreHeader.from_dict(self.root.attrs.get(HEADER_ATTR))
+        except HeaderError as exc:
+            raise exc.at(url) from None
+        if not header.complete and not allow_incomplete:
             raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
-        self.header: dict[str, Any] = header
-        self.format_version: int = version
+        self.header: StoreHeader = header
+        self.format_version: int = header.format_version
         self._checked: set[tuple[str, str]] = set()  # splits whose array metadata matched the layout
         self._arrays: dict = {}  # opened arrays by path (and their checksum arrays)
         # capture settings, and the names of the arrays that hold data (what `bytes_stored` counts), for this version and mode
-        if "capture" not in header:  # packed by `ddk-cache pack`, not scored yet: windows only
-            self.capture = None
-            self.data_arrays = (TOKENS,)
-        elif version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
-            self.capture = Capture(mode="topk", k=int(header["capture"]["k"]), logprob_scale=0)
-            self.data_arrays: tuple[str, ...] = V1_DATA_ARRAYS
+        self.capture: Capture | None = header.capture.capture if header.scored else None
+        if self.capture is None:  # packed by `ddk-cache pack`, not scored yet: windows only
+            self.data_arrays: tuple[str, ...] = (TOKENS,)
+        elif self.format_version == 1:  # rank-ordered top-k, float16 log-probs, always k entries
+            self.data_arrays = V1_DATA_ARRAYS
         else:
-            self.capture: Capture | None = capture_from_attrs(header["capture"])
-            layout = header["layout"]
-            self.data_arrays = tuple(StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), 1, 1).array_specs())
-
-    def require(self, *keys: str) -> None:
-        """Refuse, in one line, a header without the keys (dotted paths) a command is about to use."""
-        require_keys(self.header, self.url, keys)
+            self.data_arrays = tuple(self._layout().array_specs())
 
     @property
     def complete(self) -> bool:
-        return self.header.get("status") == "complete"
+        return self.header.complete
 
     @property
     def domains(self) -> list[str]:
-        return list(self.header["domains"])
+        return list(self.header.domains)
 
     def has_domain(self, domain: str) -> bool:
         return domain in self.root
 
-    def domain_info(self, domain: str) -> dict[str, Any]:
+    def domain_info(self, domain: str) -> DomainInfo:
         try:
-            return dict(self.root[domain].attrs[DOMAIN_ATTR])
+            raw = self.root[domain].attrs[DOMAIN_ATTR]
         except KeyError:
             raise StoreError(f"{self.url}: domain {domain!r} (its group or its '{DOMAIN_ATTR}' attribute) is missing: the store is "
                              f"damaged; run `ddk-cache verify {self.url}`") from None
+        try:
+            return DomainInfo.from_dict(raw, f"{domain}/{DOMAIN_ATTR}")
+        except HeaderError as exc:
+            raise exc.at(self.url) from None
 
     def array(self, domain: str, split: str, name: str) -> zarr.Array:
         """A data array (its metadata read once: an object store would be asked on every chunk otherwise)."""
@@ -150,7 +137,7 @@ class CacheReader:
     @property
     def checksummed(self) -> bool:
         """Whether the store declares chunk checksums (written by ddk-cache since they exist): then they are required."""
-        return "integrity" in self.header and self.format_version >= 2
+        return self.header.integrity is not None and self.format_version >= 2
 
     def check_arrays(self, domain: str, split: str) -> None:
         """Refuse arrays whose dtype, window shape, chunking or value-changing codecs differ from the layout's.
@@ -159,18 +146,19 @@ class CacheReader:
         """
         if (domain, split) in self._checked or self.format_version == 1:
             return
-        expected = {TOKENS: token_spec(int(self.header["layout"]["seq_len"]))} if self.capture is None else self._layout().array_specs()
+        expected = {TOKENS: token_spec(self.header.seq_len)} if self.capture is None else self._layout().array_specs()
+        layout = self.header.layout
         for name in self.data_arrays:
             array, spec = self.array(domain, split, name), expected[name]
-            trailing, layout = tuple(array.shape[1:]), self.header["layout"]
+            trailing = tuple(array.shape[1:])
             problem = None
             if str(array.dtype) != spec.dtype:
                 problem = f"dtype {array.dtype}, the layout says {spec.dtype}"
             elif trailing != spec.trailing:
                 problem = f"window shape {trailing}, the layout says {spec.trailing}"
-            elif array.chunks[0] != int(layout["chunk_windows"]) or array.shards is None or array.shards[0] != int(layout["shard_windows"]):
+            elif array.chunks[0] != layout.chunk_windows or array.shards is None or array.shards[0] != layout.shard_windows:
                 problem = f"chunks {array.chunks[0]} / shards {array.shards and array.shards[0]}, the layout says " \
-                          f"{layout['chunk_windows']} / {layout['shard_windows']}"
+                          f"{layout.chunk_windows} / {layout.shard_windows}"
             elif filters_signature(array.filters) != filters_signature(spec.filters):
                 problem = f"codecs {filters_signature(array.filters)}, the layout says {filters_signature(spec.filters)}"
             if problem:
@@ -179,8 +167,8 @@ class CacheReader:
         self._checked.add((domain, split))
 
     def _layout(self) -> StoreLayout:
-        layout = self.header["layout"]
-        return StoreLayout(int(layout["seq_len"]), self.capture, int(layout["vocab_size"]), int(layout["chunk_windows"]), int(layout["shard_windows"]))
+        layout = self.header.layout
+        return StoreLayout(layout.seq_len, self.capture, layout.vocab_size, layout.chunk_windows, layout.shard_windows)
 
     def read_array(self, domain: str, split: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows `[start, stop)` of one data array, decoded and checked against its chunk checksums."""
@@ -265,26 +253,3 @@ class CacheReader:
         splits = [split] if split else ["train", "valid"]
         return sum(self.array(domain, s, name).nbytes_stored() for s in splits for name in self.data_arrays)
 
-
-# The header keys reading data needs (dotted paths); commands name what else they show or check (`require`).
-PACKED_KEYS = ("domains", "layout.seq_len", "layout.chunk_windows", "layout.shard_windows")
-SCORED_KEYS = PACKED_KEYS + ("capture.mode", "layout.vocab_size")
-V1_KEYS = ("domains", "capture.k")
-# what a student check (distill, eval) reads
-STUDENT_CHECK_KEYS = ("tokenizer.fingerprint", "tokenizer.size", "capture.seq_len")
-
-
-def _require_keys(header: dict[str, Any], url: str, version: int) -> None:
-    keys = V1_KEYS if version == 1 else SCORED_KEYS if "capture" in header or "identity" in header else PACKED_KEYS
-    require_keys(header, url, keys)
-
-
-def require_keys(header: dict[str, Any], url: str, keys: tuple[str, ...]) -> None:
-    """One line naming the first of `keys` the header lacks (an edited or damaged zarr.json), not a KeyError later."""
-    for path in keys:
-        node: Any = header
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise StoreError(f"{url}: the store header lacks '{path}' (its zarr.json was edited or damaged): "
-                                 "restore it from a copy, or re-create the store")
-            node = node[part]

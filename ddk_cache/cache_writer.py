@@ -9,7 +9,7 @@ after every marker is set, so readers never take a half-written store for a fini
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -42,17 +42,18 @@ from ddk_cache.cache_format import (
     teacher_loss,
 )
 from ddk_cache.errors import StoreError, first_line
+from ddk_cache.store_header import DomainInfo, HeaderError, SplitInfo, StoreHeader, now
 from ddk_cache.integrity import CHECKSUM_GROUP, decoded_like_zarr, has_checksums, resize_checksums, write_checksums
 from ddk_cache.packing import PackedDomain, PackedSplit
 
 PACK_PROGRESS_ATTR = "packing_progress"  # a domain's committed packing progress (stream_packing.PackProgress)
 
 
-def packed_identity(header: dict[str, Any]) -> tuple:
+def packed_identity(header: StoreHeader) -> tuple:
     """What makes two packed stores hold the same windows in the same places."""
-    layout = header.get("layout", {})
-    return (header.get("format_version"), header.get("manifest_sha256"), header.get("tokenizer", {}).get("fingerprint"),
-            layout.get("seq_len"), layout.get("chunk_windows"), layout.get("shard_windows"), header.get("packing"))
+    layout = header.layout
+    return (header.format_version, header.manifest_sha256, header.tokenizer.fingerprint,
+            layout.seq_len, layout.chunk_windows, layout.shard_windows, header.packing)
 
 
 class CacheWriter:
@@ -69,7 +70,7 @@ class CacheWriter:
     def create_or_resume(
         cls,
         url: str,
-        header: dict[str, Any],
+        header: StoreHeader,
         domains: list[PackedDomain],
         layout: StoreLayout,
         overwrite: bool = False,
@@ -78,26 +79,26 @@ class CacheWriter:
     ) -> "CacheWriter":
         """Open `url` for writing: create it, or resume it if it was made with the same identity.
 
-        `header["identity"]` holds everything that must match for shards from two runs to
+        `header.identity` holds everything that must match for shards from two runs to
         belong in one store; a mismatch is refused unless `overwrite` is set.
         """
-        store, existing = _open_for_writing(url, storage_options)
-        if existing is not None and (overwrite or existing.get("status") == "creating"):
+        store, existing = _open_for_writing(url, storage_options, overwrite)
+        if existing is not None and (overwrite or existing.status == "creating"):
             existing = None  # replaced below; a store killed while "creating" holds no scored data yet
         if existing is None:
             # "creating" until every group and array exists, so a kill during creation is detectable
-            root = _new_root(store, url, {**header, "status": "creating"})
+            root = _new_root(store, url, header.with_status("creating"))
             for domain in domains:
                 _create_domain(root, domain, layout)
-            root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
+            write_header(root, header.with_status("writing"))
             return cls(root, url, layout)
 
-        if existing.get("format_version") != header["format_version"]:
+        if existing.format_version != header.format_version:
             raise StoreError(
-                f"{url} is a cache format version {existing.get('format_version')} store and this ddk-cache writes version "
-                f"{header['format_version']}: it can be read but not resumed; pass --overwrite to replace it, or choose another --out"
+                f"{url} is a cache format version {existing.format_version} store and this ddk-cache writes version "
+                f"{header.format_version}: it can be read but not resumed; pass --overwrite to replace it, or choose another --out"
             )
-        _check_identity(existing["identity"], header["identity"], url)
+        _check_identity(existing.identity or {}, header.identity or {}, url)
         if clean_partial:  # not while other nodes may be mid-write into the same store
             _remove_partial_files(url)
         root = zarr.open_group(store, mode="r+")
@@ -107,7 +108,7 @@ class CacheWriter:
 
     @classmethod
     def open_for_packing(
-        cls, url: str, header: dict[str, Any], domains: list[str], layout: StoreLayout, overwrite: bool = False,
+        cls, url: str, header: StoreHeader, domains: list[str], layout: StoreLayout, overwrite: bool = False,
         storage_options: dict | None = None,
     ) -> "CacheWriter | None":
         """A store to pack into: new (status "packing"), or one a killed `pack` left; None if packed already.
@@ -115,21 +116,21 @@ class CacheWriter:
         Same data, tokenizer, rule and layout: resumed (or nothing to do once packed). Anything
         else is refused unless `overwrite`, also a half-packed store: it may hold hours of work.
         """
-        store, existing = _open_for_writing(url, storage_options)
+        store, existing = _open_for_writing(url, storage_options, overwrite)
         if existing is not None and not overwrite:
             if packed_identity(existing) != packed_identity(header):
                 raise StoreError(f"{url} already holds a store packed from other data, tokenizer, rule or layout: "
                                  "pass --overwrite to replace it, or choose another --out")
-            if existing.get("status") != "packing":
+            if existing.status != "packing":
                 return None
             if all(name in zarr.open_group(store, mode="r") for name in domains):
                 return cls(zarr.open_group(store, mode="r+"), url, layout)
-        root = _new_root(store, url, {**header, "status": "packing"})  # new, or killed before its groups existed
+        root = _new_root(store, url, header.with_status("packing"))  # new, or killed before its groups existed
         for name in domains:  # every group, with empty `tokens` arrays that grow shard by shard
             group = root.create_group(name)
             for split in SPLITS:
                 create_token_array(group.create_group(split), 0, layout)
-            group.attrs[DOMAIN_ATTR] = {"name": name, "teacher_valid_loss": None, "teacher_valid_ppl": None, "train": None, "valid": None}
+            group.attrs[DOMAIN_ATTR] = DomainInfo(name).to_dict()
         return cls(root, url, layout)
 
     def pack_progress(self, domain: str):
@@ -159,7 +160,7 @@ class CacheWriter:
     def finish_packed_domain(self, domain: str) -> None:
         """Sizes, documents and the tokens' sha256 (read back shard by shard) into the domain's info."""
         progress = self.pack_progress(domain)
-        info = dict(self.root[domain].attrs[DOMAIN_ATTR])
+        splits = {}
         for split in SPLITS:
             array = self.split_group(domain, split)[TOKENS]
             windows = getattr(progress, split).windows
@@ -170,13 +171,12 @@ class CacheWriter:
             digest = hashlib.sha256()
             for start in range(0, windows, self.layout.shard_windows):
                 digest.update(np.ascontiguousarray(array[start : start + self.layout.shard_windows], dtype="<i4").tobytes())
-            info[split] = {"windows": windows, "tokens": windows * self.layout.seq_len, "documents": getattr(progress, split).documents,
-                           "tokens_sha256": digest.hexdigest()}
-        self.root[domain].attrs[DOMAIN_ATTR] = info
+            splits[split] = SplitInfo(windows, windows * self.layout.seq_len, getattr(progress, split).documents, digest.hexdigest())
+        self.set_domain_info(dataclasses.replace(self.domain_info(domain), **splits))
 
     @classmethod
     def add_targets(
-        cls, url: str, header: dict[str, Any], domains: list, layout: StoreLayout, overwrite: bool = False, storage_options: dict | None = None,
+        cls, url: str, header: StoreHeader, domains: list, layout: StoreLayout, overwrite: bool = False, storage_options: dict | None = None,
     ) -> "CacheWriter":
         """Open a packed store for scoring: add the teacher's arrays and markers, or resume a scoring run.
 
@@ -186,10 +186,11 @@ class CacheWriter:
         """
         store = zarr_store(url, read_only=False, storage_options=storage_options)
         root = zarr.open_group(store, mode="r+")
-        existing = dict(root.attrs[HEADER_ATTR])
-        if existing.get("status") != "packed" and not overwrite:
-            _check_identity(existing["identity"], header["identity"], url)
-            return cls(root, url, layout, tokens_stored=True)
+        writer = cls(root, url, layout, tokens_stored=True)
+        existing = writer.header()
+        if existing.status != "packed" and not overwrite:
+            _check_identity(existing.identity or {}, header.identity or {}, url)
+            return writer
         for domain in domains:
             for split in SPLITS:
                 group = root[f"{domain.name}/{split}"]
@@ -199,17 +200,31 @@ class CacheWriter:
                     for name in [n for n in group[CHECKSUM_GROUP].array_keys() if n != TOKENS]:
                         del group[CHECKSUM_GROUP][name]
                 create_target_arrays(group, getattr(domain, split).n_windows, layout)
-            info = dict(root[domain.name].attrs[DOMAIN_ATTR])
-            root[domain.name].attrs[DOMAIN_ATTR] = {**info, "teacher_valid_loss": None, "teacher_valid_ppl": None}
-        root.attrs[HEADER_ATTR] = {**header, "status": "writing"}
-        return cls(root, url, layout, tokens_stored=True)
+            writer.set_domain_info(dataclasses.replace(writer.domain_info(domain.name), teacher_valid_loss=None, teacher_valid_ppl=None))
+        write_header(root, header.with_status("writing"))
+        return writer
 
     @classmethod
     def open_existing(cls, url: str, layout: StoreLayout, storage_options: dict | None = None) -> "CacheWriter":
         """Re-open a store that `create_or_resume` or `add_targets` prepared (and checked) in another process."""
         store = zarr_store(url, read_only=False, storage_options=storage_options)
         root = zarr.open_group(store, mode="r+")
-        return cls(root, url, layout, tokens_stored="packed_at" in root.attrs[HEADER_ATTR])
+        writer = cls(root, url, layout)
+        writer.tokens_stored = writer.header().packed_at is not None
+        return writer
+
+    def header(self) -> StoreHeader:
+        """The store's header as it is now (another writer may have changed its status)."""
+        return read_header(self.root, self.url)
+
+    def domain_info(self, domain: str) -> DomainInfo:
+        try:
+            return DomainInfo.from_dict(self.root[domain].attrs[DOMAIN_ATTR], f"{domain}/{DOMAIN_ATTR}")
+        except HeaderError as exc:
+            raise exc.at(self.url) from None
+
+    def set_domain_info(self, info: DomainInfo) -> None:
+        self.root[info.name].attrs[DOMAIN_ATTR] = info.to_dict()
 
     def split_group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
@@ -241,9 +256,8 @@ class CacheWriter:
         return self._checksummed[key]
 
     def set_status(self, status: str) -> None:
-        header = dict(self.root.attrs[HEADER_ATTR])
-        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.root.attrs[HEADER_ATTR] = {**header, "status": status, **({"packed_at": stamp} if status == "packed" else {})}
+        stamps = {"packed_at": now()} if status == "packed" else {}
+        write_header(self.root, self.header().with_status(status, **stamps))
 
     def _arrays(self, windows: np.ndarray, targets: EncodedTargets) -> dict[str, np.ndarray]:
         """Array name -> values, clamped to what the fixed-scale integers can hold."""
@@ -263,39 +277,51 @@ class CacheWriter:
             arrays[REST_LOGPROBS] = targets.rest_logprobs
         return arrays
 
-    def finish_domain(self, domain: str) -> dict[str, Any]:
+    def finish_domain(self, domain: str) -> DomainInfo:
         """Record the teacher's validation loss, read back from the stored actual-token log-probs."""
         loss, ppl = teacher_loss(self.split_group(domain, "valid")[TARGET_LOGPROBS][:])
-        group = self.root[domain]
-        info = {**group.attrs[DOMAIN_ATTR], "teacher_valid_loss": loss, "teacher_valid_ppl": ppl}
-        group.attrs[DOMAIN_ATTR] = info
+        info = dataclasses.replace(self.domain_info(domain), teacher_valid_loss=loss, teacher_valid_ppl=ppl)
+        self.set_domain_info(info)
         return info
 
     def finish(self) -> None:
-        header = dict(self.root.attrs[HEADER_ATTR])
-        header.update(status="complete", completed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        self.root.attrs[HEADER_ATTR] = header
+        write_header(self.root, self.header().with_status("complete", completed_at=now()))
 
 
-def _open_for_writing(url: str, storage_options: dict | None) -> tuple[Any, dict | None]:
-    """The writable store at `url` and the header of the ddk-cache store already there (None if none)."""
+def read_header(root: zarr.Group, url: str) -> StoreHeader:
+    """The typed header of an open store; a damaged one is refused in one line naming the key."""
+    try:
+        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+    except HeaderError as exc:
+        raise exc.at(url) from None
+
+
+def write_header(root: zarr.Group, header: StoreHeader) -> None:
+    root.attrs[HEADER_ATTR] = header.to_dict()
+
+
+def _open_for_writing(url: str, storage_options: dict | None, overwrite: bool) -> tuple[Any, StoreHeader | None]:
+    """The writable store at `url` and the header of the ddk-cache store already there (None if none).
+
+    A ddk-cache store whose header cannot be parsed is refused, unless `overwrite` replaces it.
+    """
     try:
         store = zarr_store(url, read_only=False, storage_options=storage_options)
-        return store, _existing_header(store, url)
+        return store, _existing_header(store, url, overwrite)
     except (OSError, ValueError) as exc:  # object stores: refused credentials, missing bucket, unreachable endpoint
         raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
 
 
-def _new_root(store, url: str, header: dict[str, Any]) -> zarr.Group:
+def _new_root(store, url: str, header: StoreHeader) -> zarr.Group:
     """An empty root group holding `header` (whatever was at `url` is replaced)."""
     try:
-        return zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header})
+        return zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header.to_dict()})
     except OSError as exc:  # object stores: missing bucket, no write permission
         raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
 
 
-def _existing_header(store, url: str) -> dict | None:
-    """The header of an existing ddk-cache store at `url`, None if nothing is there."""
+def _existing_header(store, url: str, overwrite: bool) -> StoreHeader | None:
+    """The header of an existing ddk-cache store at `url`, None if nothing is there (or a damaged one to overwrite)."""
     try:
         root = zarr.open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -303,10 +329,15 @@ def _existing_header(store, url: str) -> dict | None:
         if "://" not in url and local.exists() and (not local.is_dir() or any(local.iterdir())):
             raise StoreError(f"{url} exists and is not a ddk-cache store: refusing to touch it; choose another --out") from None
         return None
-    header = root.attrs.get(HEADER_ATTR)
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise StoreError(f"{url} is a Zarr store but not a ddk-cache store: refusing to touch it; choose another --out")
-    return header
+    try:
+        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+    except HeaderError as exc:
+        if not isinstance(root.attrs.get(HEADER_ATTR), dict) or root.attrs[HEADER_ATTR].get("format") != FORMAT_NAME:
+            raise StoreError(f"{url} is a Zarr store but not a ddk-cache store: refusing to touch it; choose another --out") from None
+        if overwrite:  # a version this ddk-cache cannot read, or a damaged header: replaced as asked
+            return None
+        fix = "pass --overwrite to replace the store, or choose another --out"
+        raise StoreError(f"{url}: {exc} (its zarr.json was edited or damaged): {fix}" if exc.damaged else f"{url} {exc}; or {fix}") from None
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:
@@ -327,12 +358,17 @@ def _check_identity(old: dict, new: dict, url: str) -> None:
 
 def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
     try:
-        info = root[domain.name].attrs[DOMAIN_ATTR]
+        raw = root[domain.name].attrs[DOMAIN_ATTR]
     except KeyError:
         raise StoreError(f"{url} lacks domain {domain.name!r} (a writer died while creating it): pass --overwrite to start again") from None
+    try:
+        info = DomainInfo.from_dict(raw, f"{domain.name}/{DOMAIN_ATTR}")
+    except HeaderError as exc:
+        raise exc.at(url) from None
     for split in SPLITS:
         packed: PackedSplit = getattr(domain, split)
-        if info[split]["tokens_sha256"] != packed.sha256():
+        recorded = info.split(split)
+        if recorded is None or recorded.tokens_sha256 != packed.sha256():
             raise StoreError(
                 f"{url}: the text of domain {domain.name!r} ({split}) changed since this store was started: "
                 "pass --overwrite to start again, or restore the original data"
@@ -341,17 +377,12 @@ def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
 
 def _create_domain(root: zarr.Group, domain: PackedDomain, layout: StoreLayout) -> None:
     group = root.create_group(domain.name)
-    info: dict[str, Any] = {"name": domain.name, "teacher_valid_loss": None, "teacher_valid_ppl": None}
+    splits = {}
     for split in SPLITS:
         packed: PackedSplit = getattr(domain, split)
         create_split_arrays(group.create_group(split), packed.n_windows, layout)
-        info[split] = {
-            "windows": packed.n_windows,
-            "tokens": packed.n_tokens,
-            "documents": packed.n_documents,
-            "tokens_sha256": packed.sha256(),
-        }
-    group.attrs[DOMAIN_ATTR] = info
+        splits[split] = SplitInfo(packed.n_windows, packed.n_tokens, packed.n_documents, packed.sha256())
+    group.attrs[DOMAIN_ATTR] = DomainInfo(domain.name, **splits).to_dict()
 
 
 def _remove_partial_files(url: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ddk_cache.store_header import TokenizerInfo
     from ddk_cache.engines.base import EngineInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -21,18 +22,18 @@ HASHED_CONFIG_FILES = ("config.json",)
 _READ_BLOCK = 1 << 24
 
 
-def require_same_tokenizer(tokenizer, recorded: dict[str, Any], whose: str, theirs: str, fix: str) -> None:
+def require_same_tokenizer(tokenizer, recorded: "TokenizerInfo", whose: str, theirs: str, fix: str) -> None:
     """Refuse `tokenizer` unless it maps every id to the same token as the `recorded` one (a store's header entry).
 
     One line naming both tokenizers (path, size, fingerprint) and `fix`; `whose` / `theirs` say which is which.
     """
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if fingerprint != recorded["fingerprint"]:
+    if fingerprint != recorded.fingerprint:
         from ddk_cache.errors import DDKCacheError
 
         raise DDKCacheError(
             f"the {whose} tokenizer ({tokenizer.name_or_path}, {len(tokenizer)} tokens, {fingerprint[:19]}...) differs from "
-            f"{theirs} ({recorded['name_or_path']}, {recorded['size']} tokens, {recorded['fingerprint'][:19]}...): {fix}"
+            f"{theirs} ({recorded.name_or_path}, {recorded.size} tokens, {recorded.fingerprint[:19]}...): {fix}"
         )
 
 

@@ -19,6 +19,7 @@ from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader, WindowBlock
 from ddk_cache.capture import Capture
 from ddk_cache.errors import StoreError
+from ddk_cache.store_header import StoreHeader, TeacherInfo, TokenizerInfo
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Store:
         return self.reader.format_version
 
     @property
-    def header(self) -> dict[str, Any]:
-        """The store's full header (provenance included), as written; see docs/cache-format.md."""
+    def header(self) -> StoreHeader:
+        """The store's typed header (provenance included; `.to_dict()` gives the JSON as written); see docs/cache-format.md."""
         return self.reader.header
 
     @property
@@ -64,21 +65,22 @@ class Store:
     @property
     def seq_len(self) -> int:
         """Scored positions per window (a window holds seq_len + 1 tokens)."""
-        return int(self.header["capture"]["seq_len"])
+        return self.header.seq_len
 
     @property
     def vocab_size(self) -> int:
         """The teacher's vocabulary: every cached id is below it."""
-        return int(self.header["teacher"]["vocab_size"])
+        return self.teacher.vocab_size
 
     @property
-    def teacher(self) -> dict[str, Any]:
-        return dict(self.header["teacher"])
+    def teacher(self) -> TeacherInfo:
+        """Which teacher scored the store: path or hub id, weight hash or revision, architecture, vocabulary."""
+        return self.header.teacher
 
     @property
-    def tokenizer(self) -> dict[str, Any]:
+    def tokenizer(self) -> TokenizerInfo:
         """Name, class, size and fingerprint of the tokenizer the windows were made with."""
-        return dict(self.header["tokenizer"])
+        return self.header.tokenizer
 
     @property
     def domains(self) -> list[str]:
@@ -90,14 +92,13 @@ class Store:
 
     def split(self, domain: str, split: str) -> SplitSummary:
         self._check(domain, split)
-        info = self.reader.domain_info(domain)[split]
-        return SplitSummary(domain, split, int(info["windows"]), int(info["tokens"]),
-                            int(info["documents"]) if info.get("documents") is not None else None)
+        info = self.reader.domain_info(domain).split(split)
+        return SplitSummary(domain, split, info.windows, info.tokens, info.documents)
 
     def teacher_valid_loss(self, domain: str) -> float:
         """The teacher's mean cross-entropy (nats) on the domain's `valid` windows, as recorded at dump time."""
         self._check(domain, "valid")
-        return float(self.reader.domain_info(domain)["teacher_valid_loss"])
+        return self.reader.domain_info(domain).teacher_valid_loss
 
     def bytes_stored(self, domain: str, split: str | None = None) -> int:
         self._check(domain, split or "train")
@@ -114,7 +115,7 @@ class Store:
         return {
             "url": self.url, "format_version": self.format_version, "seq_len": self.seq_len, "vocab_size": self.vocab_size,
             "capture": {"mode": capture.mode, "k": capture.k, "top_p": capture.top_p, "draws": capture.draws},
-            "teacher": self.teacher, "tokenizer": self.tokenizer,
+            "teacher": self.teacher.to_dict(), "tokenizer": self.tokenizer.to_dict(),
             "domains": {d: {"teacher_valid_loss": self.teacher_valid_loss(d),
                             **{s: {**self.split(d, s).to_dict(), "bytes": self.bytes_stored(d, s)} for s in SPLITS}} for d in self.domains},
         }

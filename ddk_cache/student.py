@@ -9,12 +9,12 @@ common); it must not be smaller than the tokenizer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
+from ddk_cache.store_header import StoreHeader, TokenizerInfo
 
 
 def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
@@ -46,26 +46,23 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     if tokenizer_path is not None and source.is_dir() and any(source.glob("tokenizer*.json")):
         # the student was trained with the tokenizer in its own folder: a --tokenizer that disagrees would feed it foreign ids
         own = AutoTokenizer.from_pretrained(student)
-        require_same_tokenizer(tokenizer, tokenizer_description(own), "--tokenizer", f"the student's own in {student}",
+        require_same_tokenizer(tokenizer, TokenizerInfo.from_dict(tokenizer_description(own)), "--tokenizer", f"the student's own in {student}",
                                "drop --tokenizer, or use a student made for that tokenizer")
     return model, tokenizer, not has_weights
 
 
-def check_compatible(model, tokenizer, header: dict[str, Any]) -> None:
+def check_compatible(model, tokenizer, header: StoreHeader) -> None:
     """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
-    from ddk_cache.cache_reader import STUDENT_CHECK_KEYS, require_keys
-
-    require_keys(header, "the store", STUDENT_CHECK_KEYS)
-    cached = header["tokenizer"]
+    cached = header.tokenizer
     require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
-    seq_len = int(header["capture"]["seq_len"])
+    seq_len = header.seq_len
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if context is not None and context < seq_len:
         raise DDKCacheError(f"the student's context ({context} positions) is shorter than the cache's windows ({seq_len} tokens): "
                             "use a student with max_position_embeddings >= seq_len")
     student_vocab = model.get_input_embeddings().weight.shape[0]
-    if student_vocab < cached["size"]:
+    if student_vocab < cached.size:
         raise DDKCacheError(
-            f"the student's vocabulary ({student_vocab} embeddings) is smaller than the cache's tokenizer ({cached['size']} tokens): "
+            f"the student's vocabulary ({student_vocab} embeddings) is smaller than the cache's tokenizer ({cached.size} tokens): "
             "resize the student's embeddings"
         )

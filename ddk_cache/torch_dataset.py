@@ -139,7 +139,7 @@ class CacheMixture(IterableDataset):
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         domains = self.store.domains
         if weights == "manifest":
-            weights = {d["name"]: float(d.get("weight", 1.0)) for d in self.store.header["manifest"]["domains"]}
+            weights = self.store.header.manifest_weights()
         raw = {d: 1.0 for d in domains} if weights is None else dict(weights)
         unknown = set(raw) - set(domains)
         if unknown:

@@ -38,6 +38,7 @@ from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_syn
                                    uses_autocast)
 from ddk_cache.samplers import DDK_SCORES, SAMPLER_NAMES, DomainSampler, create_sampler
 from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
+from ddk_cache.store_header import StoreHeader
 from ddk_cache.streaming import Batch, WindowLoader, domain_orders
 from ddk_cache.student import check_compatible, load_student
 
@@ -184,7 +185,6 @@ class Trainer:
         self.shape = BatchShape.resolve(config, self.ctx.world_size)
         self.mode = resolve_parallel_mode(config.parallel, self.ctx)
         self.reader = CacheReader(config.store, storage_options=config.storage_options)
-        self.reader.require("teacher.vocab_size", "manifest.domains", "capture.seq_len")
         if self.reader.capture.mode == "sampled" and config.online_teacher is None:
             try:
                 check_sampled_config(config.kd)
@@ -205,15 +205,15 @@ class Trainer:
         self.autocast_dtype = uses_autocast(self.mode, self.ctx.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
-        manifest_weights = [d.get("weight", 1.0) for d in reader.header["manifest"]["domains"]]
+        manifest_weights = list(reader.header.manifest_weights().values())
         self.sampler: DomainSampler = create_sampler(config.sampler, self.domains, manifest_weights, alpha=config.ddk_alpha, smooth=config.ddk_smooth,
                                                      score=config.ddk_score, temperature=config.ddk_temperature)
         orders = domain_orders(reader, self.domains, config.seed)
         self.planner = GlobalBatchPlanner(orders, self.shape.global_size, config.seed)
         self.loader = WindowLoader(reader, orders, threads=config.reader_threads)
         self.state = TrainState()
-        self.teacher_vocab = int(reader.header["teacher"]["vocab_size"])
-        self.tokens_per_step = self.shape.global_size * int(reader.header["capture"]["seq_len"])
+        self.teacher_vocab = reader.header.teacher.vocab_size
+        self.tokens_per_step = self.shape.global_size * reader.header.seq_len
         self.checkpointer = Checkpointer(
             config.out,
             {"model_and_optimizer": ModelAndOptimizer(self.model, self.optimizer), "lr_scheduler": self.scheduler,
@@ -348,7 +348,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device) -> torch.nn.Module:
+def _load_online_teacher(path: str, header: StoreHeader, device: torch.device) -> torch.nn.Module:
     """The live teacher for the dense reference; it must be the teacher that made the cache."""
     from transformers import AutoModelForCausalLM
 
@@ -358,7 +358,7 @@ def _load_online_teacher(path: str, header: dict[str, Any], device: torch.device
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise DDKCacheError(f"cannot load the online teacher {path!r}: {first_line(exc)}") from None
-    cached_vocab = int(header["teacher"]["vocab_size"])
+    cached_vocab = header.teacher.vocab_size
     if int(teacher.config.vocab_size) != cached_vocab:
         raise DDKCacheError(
             f"the online teacher has vocabulary {teacher.config.vocab_size}, the cache's teacher {cached_vocab}: pass the teacher that made the cache"

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ddk_cache.cache_format import SPLITS
 from ddk_cache.cache_reader import CacheReader
+from ddk_cache.store_header import FORMAT_NAME, PackingInfo
 from ddk_cache.tables import name_table
 
 
@@ -22,25 +23,26 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
             continue
         info = reader.domain_info(domain)
         for split in SPLITS:
-            if info.get(split) is None:  # `pack` is still writing this domain
+            recorded = info.split(split)
+            if recorded is None:  # `pack` is still writing this domain
                 rows.append({"domain": domain, "split": f"{split} (packing)", "windows": 0, "tokens": 0, "documents": 0, "shards": "",
                              "bytes_per_token": 0.0, "entries_per_position": 0.0, "teacher_valid_ppl": None, "teacher_valid_loss": None})
                 continue
-            tokens = info[split]["tokens"]
+            tokens = recorded.tokens
             stored = reader.bytes_stored(domain, split)
             done, total = reader.shards_done(domain, split)
             rows.append(
                 {
                     "domain": domain,
                     "split": split,
-                    "windows": info[split]["windows"],
+                    "windows": recorded.windows,
                     "tokens": tokens,
-                    "documents": info[split]["documents"],
+                    "documents": recorded.documents,
                     "shards": f"{done}/{total}",
                     "bytes_per_token": stored / tokens if tokens else 0.0,
                     "entries_per_position": reader.mean_entries(domain, split),
-                    "teacher_valid_ppl": info.get("teacher_valid_ppl") if split == "valid" else None,
-                    "teacher_valid_loss": info.get("teacher_valid_loss") if split == "valid" else None,
+                    "teacher_valid_ppl": info.teacher_valid_ppl if split == "valid" else None,
+                    "teacher_valid_loss": info.teacher_valid_loss if split == "valid" else None,
                 }
             )
     return rows
@@ -48,13 +50,8 @@ def domain_rows(reader: CacheReader) -> list[dict[str, Any]]:
 
 def render_inspection(reader: CacheReader) -> Group:
     header = reader.header
-    reader.require("status", "format", "format_version", "tokenizer.name_or_path", "tokenizer.class", "tokenizer.size",
-                   "tokenizer.fingerprint", "layout", "manifest_sha256", "created_at", "created_by", "versions")
-    if reader.capture is not None:
-        reader.require("teacher.name_or_path", "teacher.architecture", "teacher.vocab_size", "engine.name", "engine.version",
-                       "capture.seq_len", "capture.temperature")
     rows = domain_rows(reader)
-    table = name_table(f"ddk-cache store {reader.url} ({header['status']})",
+    table = name_table(f"ddk-cache store {reader.url} ({header.status})",
                        ("domain", "split", "windows", "tokens", "docs", "shards", "entries", "B/token", "teacher ppl"), name_columns=2)
     for row in rows:
         ppl = row["teacher_valid_ppl"]
@@ -72,31 +69,31 @@ def render_inspection(reader: CacheReader) -> Group:
     provenance = Table(title="provenance", show_header=False)
     provenance.add_column("field")
     provenance.add_column("value", overflow="fold")
-    tokenizer = header["tokenizer"]
+    tokenizer = header.tokenizer
     rows = [
-        ("format", f"{header['format']} v{header['format_version']}"),
-        ("tokenizer", f"{tokenizer['name_or_path']} ({tokenizer['class']}, {tokenizer['size']} tokens)"),
-        ("tokenizer fingerprint", tokenizer["fingerprint"]),
+        ("format", f"{FORMAT_NAME} v{header.format_version}"),
+        ("tokenizer", f"{tokenizer.name_or_path} ({tokenizer.class_name}, {tokenizer.size} tokens)"),
+        ("tokenizer fingerprint", tokenizer.fingerprint),
     ]
-    if reader.capture is None:
+    teacher, engine, capture = header.teacher, header.engine, header.capture
+    if teacher is None or capture is None:
         rows.append(("teacher", "none yet: packed windows only (score them with teacher-dump --out this store, no --manifest)"))
     else:
-        teacher, engine, capture = header["teacher"], header["engine"], header["capture"]
         rows += [
-            ("teacher", teacher["name_or_path"]),
-            ("teacher weights", teacher.get("weights_sha256") or f"revision {teacher.get('revision')}"),
-            ("teacher arch / vocab / dtype", f"{teacher['architecture']} / {teacher['vocab_size']} / {teacher.get('dtype')}"),
-            ("engine", f"{engine['name']} {engine['version']} {engine.get('settings', {})}"),
-            ("capture", f"{reader.capture.describe()}; seq_len={capture['seq_len']} T={capture['temperature']}"),
+            ("teacher", teacher.name_or_path),
+            ("teacher weights", teacher.weights_sha256 or f"revision {teacher.revision}"),
+            ("teacher arch / vocab / dtype", f"{teacher.architecture} / {teacher.vocab_size} / {teacher.dtype}"),
+            ("engine", f"{engine.name} {engine.version} {engine.settings}" if engine else "not recorded"),
+            ("capture", f"{capture.capture.describe()}; seq_len={capture.seq_len} T={capture.temperature}"),
         ]
     rows += [
-        ("layout", str(header["layout"])),
-        ("packing", str(header.get("packing", {"split_rule": "document-permutation-v1"}))),
-        ("manifest sha256", header["manifest_sha256"]),
-        ("created", f"{header['created_at']} by {header['created_by']}"),
-        ("packed", str(header.get("packed_at", "with the scoring (one command)"))),
-        ("completed", str(header.get("completed_at", "not yet"))),
-        ("versions", ", ".join(f"{k} {v}" for k, v in header["versions"].items() if v)),
+        ("layout", str(header.layout.to_dict())),
+        ("packing", str((header.packing or PackingInfo()).to_dict())),
+        ("manifest sha256", header.manifest_sha256),
+        ("created", f"{header.created_at} by {header.created_by}"),
+        ("packed", header.packed_at or "with the scoring (one command)"),
+        ("completed", header.completed_at or "not yet"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items() if v)),
     ]
     for field, value in rows:
         provenance.add_row(field, value)

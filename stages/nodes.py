@@ -36,6 +36,7 @@ from ddk_cache.cache_format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout,
 from ddk_cache.cache_writer import CacheWriter, check_domain_data, differing_keys
 from ddk_cache.errors import DDKCacheError, StoreError
 from ddk_cache.packing import PackedDomain
+from ddk_cache.store_header import HeaderError, StoreHeader
 
 POLL_SECONDS = 2.0
 LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "torchrun"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM"))
@@ -83,20 +84,20 @@ def _checked(rank: int, count: int, rank_name: str, count_name: str) -> NodePlac
 def wait_for_store(url: str, identity: dict[str, Any], storage_options: dict | None, timeout: float) -> None:
     """Block until node 0 has created (or resumed) the store with this identity, or fail after `timeout` s."""
     deadline = time.monotonic() + timeout
-    seen: dict[str, Any] | None = None
+    seen: StoreHeader | None = None
     while True:
         seen = _header(url, storage_options)
-        if seen is not None and seen.get("status") in ("writing", "complete") and seen.get("identity") == identity:
+        if seen is not None and seen.status in ("writing", "complete") and seen.identity == identity:
             return
         if time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
-    if seen is None or seen.get("status") == "creating":
+    if seen is None or seen.status == "creating":
         raise StoreError(
             f"{url} was not created within {timeout:.0f} s: node 0 creates it; start node 0 with the same command "
             "(every node must see the same --out), or raise --create-timeout"
         )
-    differing = differing_keys(seen.get("identity") or {}, identity)
+    differing = differing_keys(seen.identity or {}, identity)
     raise StoreError(f"{url} holds a store made with a different {', '.join(differing) or 'format'}: give every node the same command")
 
 
@@ -112,10 +113,13 @@ def all_shards_done(writer: CacheWriter, domains: list[PackedDomain]) -> bool:
     return all(bool(np.all(writer.split_group(d.name, split)[SHARD_DONE][:])) for d in domains for split in SPLITS)
 
 
-def _header(url: str, storage_options: dict | None) -> dict[str, Any] | None:
+def _header(url: str, storage_options: dict | None) -> StoreHeader | None:
+    """The store's header, None while there is none yet (or one node 0 is still replacing)."""
     try:
         root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, OSError, ValueError):
         return None
-    header = root.attrs.get(HEADER_ATTR)
-    return header if isinstance(header, dict) else None
+    try:
+        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+    except HeaderError:
+        return None

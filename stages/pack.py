@@ -19,7 +19,6 @@ header records it (`packing.split_rule`).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
-from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_NAME, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
+from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture
 from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
@@ -37,6 +36,7 @@ from ddk_cache.integrity import INTEGRITY
 from ddk_cache.manifest import Manifest, load_manifest
 from ddk_cache.provenance import package_versions
 from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
+from ddk_cache.store_header import DomainInfo, HeaderError, LayoutInfo, PackingInfo, StoreHeader, TokenizerInfo, now
 from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
 from ddk_cache.writer_lease import WriterLease
 
@@ -59,7 +59,7 @@ class PackConfig:
 @dataclass
 class PackSummary:
     url: str
-    domains: list[dict[str, Any]]
+    domains: list[DomainInfo]
     already_packed: bool = False
 
 
@@ -88,17 +88,16 @@ def run_pack(config: PackConfig) -> PackSummary:
     except ValueError as exc:
         raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
     names = [d.name for d in manifest.domains]
-    header = {**packing_header(manifest, tokenizer, layout, names),
-              "packing": {"split_rule": SPLIT_RULE, "valid_fraction": config.valid_fraction}}
+    header = packing_header(manifest, tokenizer, layout, names, PackingInfo(SPLIT_RULE, config.valid_fraction))
     with WriterLease(config.out, "node-0", "pack", config.storage_options):  # the same place a single-node dump takes
         return _pack(config, manifest, tokenizer, layout, names, header)
 
 
-def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: dict[str, Any]) -> PackSummary:
+def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: StoreHeader) -> PackSummary:
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
-        return PackSummary(config.out, [dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
+        return PackSummary(config.out, [DomainInfo.from_dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
     bar = tqdm(desc="pack", unit="window", disable=not config.show_progress)
     for domain in manifest.domains:
         progress = writer.pack_progress(domain.name)
@@ -111,7 +110,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
         writer.finish_packed_domain(domain.name)
     bar.close()
     writer.set_status(PACKED)
-    return PackSummary(config.out, [dict(writer.root[name].attrs[DOMAIN_ATTR]) for name in names])
+    return PackSummary(config.out, [writer.domain_info(name) for name in names])
 
 
 def load_tokenizer(name_or_path: str, revision: str | None):
@@ -124,25 +123,26 @@ def load_tokenizer(name_or_path: str, revision: str | None):
         raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line(exc)}") from None
 
 
-def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_names: list[str]) -> dict[str, Any]:
+def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_names: list[str], packing: PackingInfo) -> StoreHeader:
     """What packing knows: the data, its tokenizer and the windows' geometry (no teacher yet)."""
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"ddk-cache {__version__}",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tokenizer": tokenizer_description(tokenizer),
-        "layout": {"seq_len": manifest.seq_len, "chunk_windows": layout.chunk_windows, "shard_windows": layout.shard_windows},
-        "manifest": manifest.raw,
-        "manifest_sha256": manifest.sha256(),
-        "seed": manifest.seed,
-        "domains": domain_names,
-        "integrity": INTEGRITY,  # every data array's chunks carry checksums (readers and verify check them)
-        "versions": package_versions(),
-    }
+    return StoreHeader(
+        format_version=FORMAT_VERSION,
+        status="packing",
+        created_by=f"ddk-cache {__version__}",
+        created_at=now(),
+        tokenizer=TokenizerInfo.from_dict(tokenizer_description(tokenizer)),
+        layout=LayoutInfo(manifest.seq_len, layout.chunk_windows, layout.shard_windows),
+        manifest=manifest.raw,
+        manifest_sha256=manifest.sha256(),
+        seed=manifest.seed,
+        domains=tuple(domain_names),
+        integrity=INTEGRITY,  # every data array's chunks carry checksums (readers and verify check them)
+        versions=package_versions(),
+        packing=packing,
+    )
 
 
-def open_packed(url: str, storage_options: dict | None) -> tuple[dict[str, Any], list[StoredDomain]]:
+def open_packed(url: str, storage_options: dict | None) -> tuple[StoreHeader, list[StoredDomain]]:
     """The header and splits of a packed (or packed-then-scored) store, to score it."""
     try:
         root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
@@ -150,21 +150,23 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[dict[str, Any],
         raise StoreError(f"no store at {url}: run `ddk-cache pack` first, or give --manifest to pack and score in one command") from None
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
-    header = root.attrs.get(HEADER_ATTR)
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one")
-    if header.get("status") in (None, "packing", "creating"):
-        raise StoreError(f"{url} is not completely packed (status {header.get('status')}): run `ddk-cache pack` again to finish it")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{url} is a format version {header.get('format_version')} store; this ddk-cache scores version {FORMAT_VERSION} stores")
+    try:
+        header = StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+    except HeaderError as exc:
+        raise (StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one") if "not a ddk-cache" in str(exc)
+               else exc.at(url)) from None
+    if header.status in ("packing", "creating"):
+        raise StoreError(f"{url} is not completely packed (status {header.status}): run `ddk-cache pack` again to finish it")
+    if header.format_version != FORMAT_VERSION:
+        raise StoreError(f"{url} is a format version {header.format_version} store; this ddk-cache scores version {FORMAT_VERSION} stores")
     domains = []
-    for name in header["domains"]:
+    for name in header.domains:
         splits = {split: StoredSplit(root[f"{name}/{split}/{TOKENS}"].shape[0], root[f"{name}/{split}/{TOKENS}"]) for split in SPLITS}
         domains.append(StoredDomain(name, splits["train"], splits["valid"]))
     return header, domains
 
 
-def check_same_tokenizer(tokenizer, header: dict[str, Any], url: str) -> None:
+def check_same_tokenizer(tokenizer, header: StoreHeader, url: str) -> None:
     """A teacher may score packed windows only if its tokenizer gives every id the same token."""
-    require_same_tokenizer(tokenizer, header["tokenizer"], "teacher's", f"the one {url} was packed with",
+    require_same_tokenizer(tokenizer, header.tokenizer, "teacher's", f"the one {url} was packed with",
                            "pack the manifest again with this teacher's tokenizer")

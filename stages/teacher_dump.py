@@ -35,6 +35,7 @@ from ddk_cache.provenance import package_versions
 from ddk_cache.ranges import AT_LEAST_ONE, POSITIVE, Range, check_ranges
 from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
+from ddk_cache.store_header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
 from ddk_cache.text_sources import load_domain_documents
 from ddk_cache.writer_lease import WriterLease
 
@@ -143,16 +144,16 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
             layout = StoreLayout.choose(manifest.seq_len, capture, None, config.chunk_windows, config.shard_windows)
         except ValueError as exc:
             raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
-        packed_header = {**packing_header(manifest, tokenizer, layout, [d.name for d in domains]),
-                         "packing": {"split_rule": "document-permutation-v1"}}  # packing.py's in-memory rule
+        # packing.py's in-memory rule
+        packed_header = packing_header(manifest, tokenizer, layout, [d.name for d in domains], PackingInfo(PERMUTATION_RULE))
     else:  # score a store that `ddk-cache pack` wrote: its windows, tokenizer and layout are fixed
         packed_header, domains = open_packed(config.out, config.storage_options)
         if config.chunk_windows is not None or config.shard_windows is not None:
             raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
         tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
         check_same_tokenizer(tokenizer, packed_header, config.out)
-        geometry = packed_header["layout"]
-        layout = StoreLayout(int(geometry["seq_len"]), capture, None, int(geometry["chunk_windows"]), int(geometry["shard_windows"]))
+        geometry = packed_header.layout
+        layout = StoreLayout(geometry.seq_len, capture, None, geometry.chunk_windows, geometry.shard_windows)
 
     def open_writer(info: EngineInfo) -> CacheWriter:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
@@ -164,14 +165,13 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
         if capture.mode != "sampled" and capture.k > info.vocab_size:
             raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
         sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
-        header = {**packed_header, **scoring_header(packed_header, config, info, sized)}
-        header.pop("status", None)
+        header = scoring_header(packed_header, config, info, sized)
         if node.creates_store:
             if config.manifest is None:
                 return CacheWriter.add_targets(config.out, header, domains, sized, config.overwrite, config.storage_options)
             return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options,
                                                 clean_partial=node.count == 1)
-        wait_for_store(config.out, header["identity"], config.storage_options, config.create_timeout)
+        wait_for_store(config.out, header.identity, config.storage_options, config.create_timeout)
         return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 
     summary = DumpSummary(url=config.out, node=node)
@@ -195,33 +195,30 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
     return summary
 
 
-def scoring_header(packed: dict[str, Any], config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout) -> dict[str, Any]:
-    """What scoring adds to a packed header; `identity` is the part a resumed run must match exactly."""
-    teacher = teacher_description(config.teacher, config.revision, engine)
+def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout) -> StoreHeader:
+    """The packed header with what scoring adds; `identity` is the part a resumed run must match exactly."""
+    teacher = TeacherInfo.from_dict({**teacher_description(config.teacher, config.revision, engine),
+                                     "dtype": engine.value_settings.get("dtype")})
     identity = {
         "format_version": FORMAT_VERSION,
-        "teacher": teacher["weights_sha256"] or f"{teacher['name_or_path']}@{teacher['revision']}",
-        "tokenizer": packed["tokenizer"]["fingerprint"],
+        "teacher": teacher.weights_sha256 or f"{teacher.name_or_path}@{teacher.revision}",
+        "tokenizer": packed.tokenizer.fingerprint,
         "engine": engine.value_settings,
         "capture": config.capture.to_attrs(),
         "seq_len": layout.seq_len,
-        "manifest_sha256": packed["manifest_sha256"],
+        "manifest_sha256": packed.manifest_sha256,
         "layout": {key: value for key, value in layout.to_attrs().items() if key not in ("capture", "seq_len")},
     }
-    return {
-        "identity": identity,
-        "teacher": {**teacher, "dtype": engine.value_settings.get("dtype")},
-        "engine": {**engine.description, "data_parallel": config.data_parallel},
-        "capture": {
-            **config.capture.to_attrs(),
-            "width": config.capture.width,
-            "seq_len": layout.seq_len,
-            "temperature": 1.0,
-            "logprobs": "raw log_softmax of the teacher's logits at temperature 1, computed in float32",
-        },
-        "layout": layout.to_attrs(),
-        "versions": package_versions(),
-    }
+    return replace(
+        packed,
+        status="writing",
+        identity=identity,
+        teacher=teacher,
+        engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.data_parallel}),
+        capture=CaptureInfo(config.capture, layout.seq_len),
+        layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows, layout.capture, layout.vocab_size, layout.codec_profile),
+        versions=package_versions(),
+    )
 
 
 def default_writer_threads() -> int:

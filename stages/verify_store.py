@@ -41,10 +41,8 @@ class VerifyReport:
 
 def verify_store(reader: CacheReader) -> VerifyReport:
     report = VerifyReport()
-    if reader.capture is not None:
-        reader.require("teacher.vocab_size")
     if not reader.complete:
-        report.problems.append(f"status is {reader.header.get('status')!r}, not 'complete': run teacher-dump again to finish it")
+        report.problems.append(f"status is {reader.header.status!r}, not 'complete': run teacher-dump again to finish it")
     if not reader.checksummed:
         report.notes.append("written before chunk checksums existed: a shard moved within the store or an edited codec "
                             "cannot be detected; re-create the store to get them")
@@ -52,7 +50,7 @@ def verify_store(reader: CacheReader) -> VerifyReport:
         if not reader.has_domain(domain):
             report.problems.append(f"{domain}: group missing")
             continue
-        if reader.capture is not None and reader.domain_info(domain).get("teacher_valid_loss") is None:
+        if reader.capture is not None and reader.domain_info(domain).teacher_valid_loss is None:
             report.problems.append(f"{domain}: teacher validation loss not recorded")
         for split in SPLITS:
             _verify_split(reader, domain, split, report)
@@ -61,7 +59,11 @@ def verify_store(reader: CacheReader) -> VerifyReport:
 
 def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyReport) -> None:
     where = f"{domain}/{split}"
-    n_windows = int(reader.domain_info(domain)[split]["windows"])
+    recorded = reader.domain_info(domain).split(split)
+    if recorded is None:
+        report.problems.append(f"{where}: not packed yet (its size is not recorded): run `ddk-cache pack` again to finish it")
+        return
+    n_windows = recorded.windows
     packed_only = reader.capture is None  # `ddk-cache pack` output: windows, no markers or targets yet
     shard_windows = reader.array(domain, split, reader.data_arrays[0]).shards[0]
     done = None if packed_only else reader.array(domain, split, SHARD_DONE)[:]
@@ -120,7 +122,7 @@ def _form_problems(reader: CacheReader, domain: str, split: str, start: int, sto
     problems = []
     if np.any(block.target_logprobs > 1e-3):
         problems.append("actual-token log-probs above 0")
-    vocab = int(reader.header["teacher"]["vocab_size"])
+    vocab = reader.header.teacher.vocab_size
     valid = np.ones(block.ids.shape, dtype=bool) if block.valid is None else block.valid
     if np.any(valid & ((block.ids < 0) | (block.ids >= vocab))):
         problems.append(f"entry ids outside the teacher's vocabulary ({vocab})")

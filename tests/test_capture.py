@@ -14,6 +14,7 @@ from ddk_cache.capture import Capture, distinct_counts, encode_targets, rest_log
 from ddk_cache.engines.base import TopKResult
 from ddk_cache.engines.hf import HFTeacherEngine
 from ddk_cache.losses import bucket_logprobs
+from ddk_cache.store_header import bare_header
 
 
 def test_distinct_counts_byte_for_byte():
@@ -63,8 +64,7 @@ def _store_round_trip(tmp_path, result: TopKResult, capture: Capture, vocab: int
     windows = np.zeros((result.target_logprobs.shape[0], result.target_logprobs.shape[1] + 1), dtype=np.int32)
     layout = StoreLayout.choose(windows.shape[1] - 1, capture, vocab, chunk_windows=2, shard_windows=4)
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
-    root.attrs["ddk_cache"] = {"format": "ddk-cache", "format_version": 2, "status": "complete", "domains": ["d"],
-                               "capture": capture.to_attrs(), "layout": layout.to_attrs()}
+    root.attrs["ddk_cache"] = bare_header(["d"], layout.seq_len, capture, vocab, layout.chunk_windows, layout.shard_windows).to_dict()
     create_split_arrays(root.create_group("d").create_group("train"), len(windows), layout)
     writer = CacheWriter(root, str(tmp_path / "s.zarr"), layout)
     encoded = encode_targets(result, capture)

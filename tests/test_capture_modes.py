@@ -34,7 +34,7 @@ def sampled_store(tiny_teacher, tmp_path_factory) -> Path:
 
 def test_sampled_store_holds_distinct_ids_and_counts(sampled_store):
     reader = CacheReader(str(sampled_store))
-    assert reader.header["capture"]["mode"] == "sampled" and reader.header["capture"]["draws"] == 16
+    assert reader.header.capture.capture.mode == "sampled" and reader.header.capture.capture.draws == 16
     group = zarr.open_group(str(sampled_store), mode="r")["code/train"]
     assert set(group.array_keys()) == {"tokens", "ids", "counts", "n_entries", "target_logprobs", "shard_done"}
     counts, n = group["counts"][:], group["n_entries"][:]

@@ -267,7 +267,7 @@ def test_eval_reports_model_and_teacher_per_domain(tiny_store, tiny_teacher, tmp
     for row in rows:
         # the teacher itself, evaluated live, reproduces the cached teacher loss on the same windows
         assert row["student_loss"] == pytest.approx(row["teacher_loss"], abs=1e-4)
-        assert row["teacher_ppl"] == pytest.approx(reader.domain_info(row["domain"])["teacher_valid_ppl"], rel=1e-6)
+        assert row["teacher_ppl"] == pytest.approx(reader.domain_info(row["domain"]).teacher_valid_ppl, rel=1e-6)
         assert f"{row['teacher_ppl']:.3f}" in result.output
 
 

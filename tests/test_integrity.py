@@ -97,7 +97,7 @@ def read_everything(store: Path) -> None:
 
 def test_an_intact_store_reads_and_its_checksums_are_declared(store):
     read_everything(store)
-    assert "integrity" in CacheReader(str(store)).header
+    assert CacheReader(str(store)).header.integrity is not None
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])

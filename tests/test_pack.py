@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
+from ddk_cache.store_header import StoreHeader
 from test_resume import assert_same_store
 
 
@@ -75,7 +76,7 @@ def test_pack_writes_windows_only_and_scoring_adds_the_teacher(packed, reference
     result = score(tiny_teacher, scored)
     assert result.returncode == 0, result.stderr
     reader = CacheReader(str(scored))
-    assert reader.complete and reader.header["packing"] == header["packing"] and reader.header["teacher"]["vocab_size"] > 0
+    assert reader.complete and reader.header.packing.to_dict() == header["packing"] and reader.header.teacher.vocab_size > 0
     verified = CliRunner().invoke(app, ["verify", str(scored)])
     assert verified.exit_code == 0, verified.output
     for domain in reader.domains:
@@ -116,7 +117,7 @@ def test_the_same_windows_rescored_by_another_teacher_and_a_foreign_tokenizer_re
         result = score(teacher, copy)
         assert result.returncode == 0, result.stderr
     a, b = CacheReader(str(first)), CacheReader(str(second))
-    assert a.header["identity"]["teacher"] != b.header["identity"]["teacher"]
+    assert a.header.identity["teacher"] != b.header.identity["teacher"]
     for domain in a.domains:
         block_a, block_b = a.read(domain, "train"), b.read(domain, "train")
         np.testing.assert_array_equal(block_a.tokens, block_b.tokens)  # the same windows ...
@@ -149,3 +150,10 @@ def test_bad_pack_and_score_inputs_are_one_line(reference_store, tiny_teacher, t
     result = pack(manifest, tmp_path / "notes.txt", tiny_teacher)
     assert result.returncode == 2 and other_file.read_text() == "keep me"
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_packed_header_round_trips_and_is_not_scored(packed):
+    raw = dict(zarr.open_group(str(packed), mode="r").attrs["ddk_cache"])
+    header = StoreHeader.from_dict(raw)
+    assert header.to_dict() == raw and not header.scored and header.teacher is None and header.status == "packed"
+    assert header.split_rule == "document-hash-v1" and header.layout.vocab_size is None and header.packed_at is not None

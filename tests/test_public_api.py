@@ -20,13 +20,13 @@ def test_open_store_describes_the_store(tiny_store):
     reader = CacheReader(str(tiny_store))
     assert store.format_version == 2 and store.capture.mode == "topk" and store.capture.k == 8
     assert store.domains == reader.domains and set(store.splits) == {"train", "valid"}
-    assert store.seq_len == reader.header["capture"]["seq_len"] and store.vocab_size == reader.header["teacher"]["vocab_size"]
-    assert store.tokenizer["fingerprint"].startswith("sha256:")
+    assert store.seq_len == reader.header.capture.seq_len and store.vocab_size == reader.header.teacher.vocab_size
+    assert store.tokenizer.fingerprint.startswith("sha256:")
     for domain in store.domains:
         info = reader.domain_info(domain)
         train = store.split(domain, "train")
-        assert (train.windows, train.tokens) == (info["train"]["windows"], info["train"]["tokens"]) and train.tokens == train.windows * store.seq_len
-        assert store.teacher_valid_loss(domain) == pytest.approx(info["teacher_valid_loss"])
+        assert (train.windows, train.tokens) == (info.train.windows, info.train.tokens) and train.tokens == train.windows * store.seq_len
+        assert store.teacher_valid_loss(domain) == pytest.approx(info.teacher_valid_loss)
         assert store.bytes_stored(domain, "train") > 0
     summary = store.summary()
     assert set(summary["domains"]) == set(store.domains) and summary["capture"]["mode"] == "topk"

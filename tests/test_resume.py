@@ -114,7 +114,7 @@ def test_data_parallel_workers_write_the_uninterrupted_store(tmp_path, tiny_teac
     result = run_dump(tiny_teacher, manifest, out, extra=("--data-parallel", "2"))
     assert result.returncode == 0, result.stderr
     assert_same_store(out, reference)
-    assert CacheReader(str(out)).header["engine"]["data_parallel"] == 2
+    assert CacheReader(str(out)).header.engine.data_parallel == 2
 
 
 def test_data_parallel_resumes_a_killed_single_process_dump(tmp_path, tiny_teacher, reference_store):

@@ -80,9 +80,9 @@ def test_stored_values_equal_the_teacher_on_the_same_windows(store, corpus_manif
             np.testing.assert_allclose(block.target_logprobs, expected.target_logprobs, atol=0.5 / 1024 + 1e-6)
         info = reader.domain_info(spec.name)
         valid_loss = -reader.read(spec.name, "valid").target_logprobs.astype(np.float64).mean()
-        assert info["teacher_valid_loss"] == pytest.approx(valid_loss)
-        assert info["teacher_valid_ppl"] == pytest.approx(math.exp(valid_loss))
-    assert reader.domain_info("code")["train"]["windows"] == 320 // 16  # the token budget
+        assert info.teacher_valid_loss == pytest.approx(valid_loss)
+        assert info.teacher_valid_ppl == pytest.approx(math.exp(valid_loss))
+    assert reader.domain_info("code").train.windows == 320 // 16  # the token budget
 
 
 def test_inspect_shows_domains_sizes_perplexity_and_provenance(store):
@@ -91,10 +91,10 @@ def test_inspect_shows_domains_sizes_perplexity_and_provenance(store):
     reader = CacheReader(str(store))
     for domain in ("prose", "code", "math"):
         info = reader.domain_info(domain)
-        assert f"{info['teacher_valid_ppl']:.3f}" in result.output
-    for text in ("B/token", "teacher", "tokenizer fingerprint", reader.header["tokenizer"]["fingerprint"], "complete"):
+        assert f"{info.teacher_valid_ppl:.3f}" in result.output
+    for text in ("B/token", "teacher", "tokenizer fingerprint", reader.header.tokenizer.fingerprint, "complete"):
         assert text in result.output
-    per_token = reader.bytes_stored("prose", "train") / reader.domain_info("prose")["train"]["tokens"]
+    per_token = reader.bytes_stored("prose", "train") / reader.domain_info("prose").train.tokens
     assert 0 < per_token < 6 * K + 8  # compressed below raw int32 ids + float16 values + target
 
 
@@ -117,7 +117,7 @@ def test_store_from_other_settings_is_refused_unless_overwrite(store, tiny_teach
 
     result = CliRunner().invoke(app, [*args, "--k", "4", "--shard-windows", "8", "--chunk-windows", "4", "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert CacheReader(str(store)).header["capture"]["k"] == 4
+    assert CacheReader(str(store)).header.capture.capture.k == 4
 
 
 def test_changed_manifest_or_teacher_is_refused(store, tiny_teacher, corpus_manifest, tmp_path):
