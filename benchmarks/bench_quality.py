@@ -137,7 +137,7 @@ def main() -> None:
                 ddk_temperature=args.ddk_temperature if spec.get("tempered") else 1.0,
                 update_every=k_steps if spec["sampler"] == "ddk" or arm == "kd_uniform" or args.evaluate_fixed_arms else args.steps,
                 eval_windows=args.eval_windows or args.valid,
-                seed=seed, online_teacher=args.teacher if spec.get("online") else None, show_progress=False,
+                seed=seed, online_teacher=args.teacher if spec.get("online") else None, progress=False,
             ))
             evals = run_eval(str(out), str(store))  # every arm on the same (top-64 store's) valid windows
             runs[f"{arm}/{seed}"] = {
@@ -230,7 +230,7 @@ def dump(args: argparse.Namespace, manifest: Path, name: str) -> Path:
         return store
     started = time.perf_counter()
     run_teacher_dump(TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(store), capture=CACHES[name](args.k), engine="hf",
-                                       engine_options=EngineOptions(batch_size=4), show_progress=False))
+                                       engine_options=EngineOptions(batch_size=4), progress=False))
     print(f"{name} dump ready ({time.perf_counter() - started:.0f} s)", flush=True)
     return store
 
@@ -249,7 +249,7 @@ def starting_student(args: argparse.Namespace, store: Path) -> tuple[Path, dict 
         started = time.perf_counter()
         run_distill(DistillConfig(store=str(store), student=str(pruned), out=healed, steps=args.heal_steps, batch_size=args.batch_size,
                                   lr=args.heal_lr, kd=KDConfig(), sampler="uniform", update_every=args.heal_steps,
-                                  eval_windows=args.eval_windows or args.valid, seed=1000, show_progress=False))
+                                  eval_windows=args.eval_windows or args.valid, seed=1000, progress=False))
         print(f"healed ({time.perf_counter() - started:.0f} s)", flush=True)
     before = {e.domain: round(e.student_loss, 4) for e in run_eval(str(pruned), str(store))}
     after = run_eval(str(healed), str(store))

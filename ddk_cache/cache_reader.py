@@ -24,6 +24,8 @@ from ddk_cache.cache_format import (
     IDS,
     LOGPROBS,
     N_ENTRIES,
+    BEHAVIOUR_LOGPROBS,
+    RESPONSE_MASK,
     REST_LOGPROBS,
     SHARD_DONE,
     TARGET_LOGPROBS,
@@ -32,6 +34,7 @@ from ddk_cache.cache_format import (
     V1_TOPK_IDS,
     V1_TOPK_LOGPROBS,
     StoreLayout,
+    rollout_specs,
     zarr_store,
     token_spec,
 )
@@ -57,6 +60,8 @@ class WindowBlock:
     valid: np.ndarray | None
     rest_logprobs: np.ndarray | None
     target_logprobs: np.ndarray
+    response_mask: np.ndarray | None = None  # rollout stores `[n, L]`: 1 where the next token is a sampled response token
+    behaviour_logprobs: np.ndarray | None = None  # rollout stores `[n, L]`: the sampling student's log-prob of it
 
 
 class CacheReader:
@@ -86,6 +91,8 @@ class CacheReader:
             self.data_arrays = V1_DATA_ARRAYS
         else:
             self.data_arrays = tuple(self._layout().array_specs())
+        if header.rollout is not None:  # a rollout store (MiniLLM rounds): the sampled responses' mask and behaviour log-probs
+            self.data_arrays += tuple(rollout_specs(header.seq_len))
 
     @property
     def complete(self) -> bool:
@@ -147,6 +154,7 @@ class CacheReader:
         if (domain, split) in self._checked or self.format_version == 1:
             return
         expected = {TOKENS: token_spec(self.header.seq_len)} if self.capture is None else self._layout().array_specs()
+        expected.update(rollout_specs(self.header.seq_len))
         layout = self.header.layout
         for name in self.data_arrays:
             array, spec = self.array(domain, split, name), expected[name]
@@ -228,16 +236,20 @@ class CacheReader:
         fetched = self.read_arrays(domain, split, self.data_arrays, start, stop)
         read = fetched.__getitem__
         tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)
+        rollout = {}
+        if RESPONSE_MASK in fetched:
+            rollout = {"response_mask": read(RESPONSE_MASK), "behaviour_logprobs": read(BEHAVIOUR_LOGPROBS).astype(np.float32)}
         if self.format_version == 1:
-            return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target)
+            return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target, **rollout)
         ids, n_entries = read(IDS).astype(np.int32), read(N_ENTRIES)
         width = ids.shape[-1]
         valid = None if self.capture.mode == "topk" else np.arange(width, dtype=n_entries.dtype) < n_entries[..., None]
         if self.capture.mode == "sampled":
             logprobs = sampled_logprobs(read(COUNTS), int(self.capture.draws))
             logprobs[~valid] = 0.0
-            return WindowBlock(tokens, ids, logprobs, valid, None, target)
-        return WindowBlock(tokens, ids, read(LOGPROBS).astype(np.float32), valid, read(REST_LOGPROBS).astype(np.float32), target)
+            return WindowBlock(tokens, ids, logprobs, valid, None, target, **rollout)
+        return WindowBlock(tokens, ids, read(LOGPROBS).astype(np.float32), valid, read(REST_LOGPROBS).astype(np.float32), target,
+                           **rollout)
 
     def mean_entries(self, domain: str, split: str) -> float:
         """Mean number of entries per position (variable in topp and sampled stores)."""

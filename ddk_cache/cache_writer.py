@@ -27,6 +27,8 @@ from ddk_cache.cache_format import (
     IDS,
     LOGPROBS,
     N_ENTRIES,
+    BEHAVIOUR_LOGPROBS,
+    RESPONSE_MASK,
     REST_LOGPROBS,
     SHARD_DONE,
     SPLITS,
@@ -46,6 +48,7 @@ from ddk_cache.store_header import DomainInfo, HeaderError, SplitInfo, StoreHead
 from ddk_cache.integrity import CHECKSUM_GROUP, decoded_like_zarr, has_checksums, resize_checksums, write_checksums
 from ddk_cache.packing import PackedDomain, PackedSplit
 
+PACKED_ARRAYS = (TOKENS, RESPONSE_MASK, BEHAVIOUR_LOGPROBS)  # what a store holds before a teacher scores it
 PACK_PROGRESS_ATTR = "packing_progress"  # a domain's committed packing progress (stream_packing.PackProgress)
 
 
@@ -194,10 +197,10 @@ class CacheWriter:
         for domain in domains:
             for split in SPLITS:
                 group = root[f"{domain.name}/{split}"]
-                for name in [n for n in group.array_keys() if n != TOKENS]:  # half-added arrays, or an earlier teacher's
+                for name in [n for n in group.array_keys() if n not in PACKED_ARRAYS]:  # half-added arrays, or an earlier teacher's
                     del group[name]
                 if CHECKSUM_GROUP in group:
-                    for name in [n for n in group[CHECKSUM_GROUP].array_keys() if n != TOKENS]:
+                    for name in [n for n in group[CHECKSUM_GROUP].array_keys() if n not in PACKED_ARRAYS]:
                         del group[CHECKSUM_GROUP][name]
                 create_target_arrays(group, getattr(domain, split).n_windows, layout)
             writer.set_domain_info(dataclasses.replace(writer.domain_info(domain.name), teacher_valid_loss=None, teacher_valid_ppl=None))
@@ -278,8 +281,13 @@ class CacheWriter:
         return arrays
 
     def finish_domain(self, domain: str) -> DomainInfo:
-        """Record the teacher's validation loss, read back from the stored actual-token log-probs."""
-        loss, ppl = teacher_loss(self.split_group(domain, "valid")[TARGET_LOGPROBS][:])
+        """Record the teacher's validation loss, read back from the stored actual-token log-probs.
+
+        In a rollout store only response positions count: prompts and padding are not the student's text.
+        """
+        group = self.split_group(domain, "valid")
+        target = group[TARGET_LOGPROBS][:]
+        loss, ppl = teacher_loss(target[group[RESPONSE_MASK][:] > 0] if RESPONSE_MASK in group else target)
         info = dataclasses.replace(self.domain_info(domain), teacher_valid_loss=loss, teacher_valid_ppl=ppl)
         self.set_domain_info(info)
         return info

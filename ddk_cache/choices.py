@@ -44,6 +44,16 @@ class Tail(str, Enum):
     renorm = "renorm"
 
 
+class Objective(str, Enum):
+    kd = "kd"  # CE + KD on a cache of fixed text
+    minillm = "minillm"  # MiniLLM's update on a scored rollout store
+
+
+class Responses(str, Enum):
+    sampled = "sampled"  # the student's own answers (MiniLLM)
+    references = "references"  # the prompt manifest's reference answers (SFT, word-level KD)
+
+
 class SamplerName(str, Enum):
     ddk = "ddk"
     static = "static"

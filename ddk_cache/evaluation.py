@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddk_cache.cache_format import TARGET_LOGPROBS, TOKENS
+from ddk_cache.cache_format import RESPONSE_MASK, TARGET_LOGPROBS, TOKENS
 from ddk_cache.cache_reader import CacheReader
 from ddk_cache.distributed import ParallelContext, all_reduce_sum
 
@@ -57,6 +57,9 @@ def evaluate_domains(
 ) -> list[DomainEval]:
     """Mean next-token CE (nats) of `model` and of the teacher on the first `max_windows` valid windows.
 
+    In a rollout store (MiniLLM rounds) only response positions count: the prompts and the padding are not
+    the text either model is judged on.
+
     Under torchrun the windows of each domain are split into contiguous per-rank slices, and the
     per-domain sums (losses, counts, calibration bins) are all-reduced once at the end: every
     rank returns the same numbers, equal (up to float summation order) to a single process's.
@@ -74,8 +77,10 @@ def evaluate_domains(
         n = min(n, max_windows) if max_windows else n
         windows.append(n)
         start, stop = _share(n, ctx.rank, ctx.world_size)
-        valid = reader.read_arrays(domain, "valid", (TOKENS, TARGET_LOGPROBS), start, stop)  # checked against the chunk checksums
+        names = (TOKENS, TARGET_LOGPROBS) + ((RESPONSE_MASK,) if reader.header.rollout is not None else ())
+        valid = reader.read_arrays(domain, "valid", names, start, stop)  # checked against the chunk checksums
         tokens, teacher = valid[TOKENS], valid[TARGET_LOGPROBS]
+        counted = valid[RESPONSE_MASK] > 0 if RESPONSE_MASK in valid else np.ones(teacher.shape, dtype=bool)
         calibration = CalibrationBins()
         student_total = 0.0
         for begin in range(0, _share_size(n, ctx.world_size), batch_size):
@@ -89,10 +94,11 @@ def evaluate_domains(
                 logits = model(input_ids=batch[:, :-1], use_cache=False).logits
             if real == 0:
                 continue
-            flat_logits, flat_targets = logits.float().flatten(0, 1), batch[:, 1:].flatten()
+            keep = torch.as_tensor(counted[begin : begin + batch_size], device=ctx.device).flatten()
+            flat_logits, flat_targets = logits.float().flatten(0, 1)[keep], batch[:, 1:].flatten()[keep]
             student_total += float(F.cross_entropy(flat_logits, flat_targets, reduction="sum"))
             calibration.add(flat_logits, flat_targets)
-        sums[d, :3] = torch.tensor([student_total, float(-np.sum(teacher, dtype=np.float64)), teacher.size], dtype=torch.float64)
+        sums[d, :3] = torch.tensor([student_total, float(-np.sum(teacher[counted], dtype=np.float64)), counted.sum()], dtype=torch.float64)
         sums[d, 3:] = calibration.as_tensor()
     sums = all_reduce_sum(ctx, sums)
     model.train(was_training)

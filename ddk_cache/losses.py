@@ -247,31 +247,41 @@ def distillation_loss(
     teacher: TeacherTargets | None,
     config: KDConfig,
     teacher_vocab: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> LossParts:
     """CE on the true next token plus the KD term on the cached entries, mixed as `config.form` says.
 
     Shapes: logits `[..., V]`, targets `[...]`, entries `[..., W]`. With `teacher=None` (or
     gamma = 0 in the "add" form) the KD term is skipped: plain language-model training.
-    One log_softmax serves both terms at T = 1.
+    One log_softmax serves both terms at T = 1. `mask` `[...]` (1 = counts): both terms are means over
+    the masked positions only (a store of prompts and reference answers trains on the answers).
     """
     vocab = student_logits.shape[-1]
     flat_logits = student_logits.reshape(-1, vocab)
     logprobs = torch.log_softmax(flat_logits.float(), dim=-1)
     flat_targets = targets.reshape(-1, 1).long()
     kd_weight = config.gamma if config.form == "add" else config.mix
+    weights = None if mask is None else mask.reshape(-1).float()
     if teacher is None or kd_weight == 0:
-        ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
+        ce = _mean(F.nll_loss(logprobs, flat_targets.squeeze(-1), reduction="none"), weights)
         return LossParts(total=ce, ce=ce, kd=None)
     ids, valid = _entries(teacher, vocab)
     if config.temperature == 1.0:
         # one gather serves CE and KD: a single sparse gradient instead of two dense ones
         gathered = logprobs.gather(-1, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1))
-        ce, s_top = -gathered[:, 0].mean(), gathered[:, 1:]
+        ce, s_top = _mean(-gathered[:, 0], weights), gathered[:, 1:]
     else:
-        ce = F.nll_loss(logprobs, flat_targets.squeeze(-1))
+        ce = _mean(F.nll_loss(logprobs, flat_targets.squeeze(-1), reduction="none"), weights)
         s_top = torch.log_softmax(flat_logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
-    kd = _kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab).mean()
+    kd = _mean(_kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab), weights)
     return _combine(ce, kd, config)
+
+
+def _mean(per_position: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean over positions, or over the masked ones (`weights` 1 = counts)."""
+    if weights is None:
+        return per_position.mean()
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _entries(teacher: TeacherTargets, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,10 +360,7 @@ def kd_loss(
     flat = student_logits.reshape(-1, vocab).float()
     s_top = torch.log_softmax(flat if temperature == 1.0 else flat / temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
     per_position = _kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab)
-    if mask is None:
-        return per_position.mean()
-    weights = mask.reshape(-1).to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+    return _mean(per_position, None if mask is None else mask.reshape(-1).to(per_position.dtype))
 
 
 def _combine(ce: torch.Tensor, kd: torch.Tensor, config: KDConfig) -> LossParts:

@@ -105,8 +105,8 @@ def parse_manifest(document: Any, base_dir: Path, source_path: Path | None = Non
     where = str(source_path) if source_path else "manifest"
     if not isinstance(document, dict):
         raise ManifestError(f"{where}: expected a mapping with 'seq_len', 'seed' and 'domains'")
-    _reject_unknown(document, _TOP_KEYS, where)
-    seq_len = _positive_int(document, "seq_len", where, required=True)
+    reject_unknown(document, _TOP_KEYS, where)
+    seq_len = positive_int(document, "seq_len", where, required=True)
     seed = document.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ManifestError(f"{where}: 'seed' must be an integer, got {seed!r}")
@@ -138,7 +138,7 @@ def _parse_domain(doc: Any, where: str, base_dir: Path) -> DomainSpec:
             f"{where}: domain name {name!r} is not allowed: use letters, digits, '_', '-' or '.' (it names a Zarr group)"
         )
     where = f"{where} ({name!r})"
-    _reject_unknown(doc, _DOMAIN_KEYS, where)
+    reject_unknown(doc, _DOMAIN_KEYS, where)
     sources_doc = doc.get("sources")
     if sources_doc is None:
         raise ManifestError(f"{where}: missing required field 'sources'")
@@ -146,25 +146,25 @@ def _parse_domain(doc: Any, where: str, base_dir: Path) -> DomainSpec:
         sources_doc = [sources_doc]
     if not isinstance(sources_doc, list) or not sources_doc:
         raise ManifestError(f"{where}: 'sources' must be a non-empty list of sources")
-    sources = tuple(_parse_source(s, f"{where}.sources[{i}]", base_dir) for i, s in enumerate(sources_doc))
+    sources = tuple(parse_source(s, f"{where}.sources[{i}]", base_dir) for i, s in enumerate(sources_doc))
     weight = doc.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise ManifestError(f"{where}: 'weight' must be a positive number, got {weight!r}")
     return DomainSpec(
         name=name,
         sources=sources,
-        token_budget=_positive_int(doc, "token_budget", where, required=False),
-        valid_sequences=_positive_int(doc, "valid_sequences", where, required=False) or DEFAULT_VALID_SEQUENCES,
+        token_budget=positive_int(doc, "token_budget", where, required=False),
+        valid_sequences=positive_int(doc, "valid_sequences", where, required=False) or DEFAULT_VALID_SEQUENCES,
         weight=float(weight),
     )
 
 
-def _parse_source(doc: Any, where: str, base_dir: Path) -> SourceSpec:
+def parse_source(doc: Any, where: str, base_dir: Path) -> SourceSpec:
     if isinstance(doc, str):
         doc = {"path": doc}
     if not isinstance(doc, dict):
         raise ManifestError(f"{where}: a source must be a mapping with at least 'path'")
-    _reject_unknown(doc, _SOURCE_KEYS, where)
+    reject_unknown(doc, _SOURCE_KEYS, where)
     path = doc.get("path")
     if not isinstance(path, str) or not path:
         raise ManifestError(f"{where}: missing required field 'path' (a hub dataset id or one of {sorted(LOCAL_BUILDERS)})")
@@ -223,13 +223,13 @@ def _resolve_data_files(value: Any, where: str, base_dir: Path, local: bool) -> 
     return tuple(resolved)
 
 
-def _reject_unknown(doc: dict, allowed: set[str], where: str) -> None:
+def reject_unknown(doc: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise ManifestError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
-def _positive_int(doc: dict, key: str, where: str, required: bool) -> int | None:
+def positive_int(doc: dict, key: str, where: str, required: bool) -> int | None:
     if key not in doc:
         if required:
             raise ManifestError(f"{where}: missing required field {key!r}")

@@ -229,6 +229,41 @@ class PackingInfo:
         return _drop_none(dataclasses.asdict(self))
 
 
+@dataclass(frozen=True)
+class RolloutInfo:
+    """A rollout store's origin (`ddk-cache rollout`): which student sampled, in which MiniLLM round, how.
+
+    `student_weights_sha256` identifies the policy whose behaviour log-probs are stored: an update must
+    start from exactly these weights for its importance ratios to mean anything.
+    """
+
+    student: str
+    student_weights_sha256: str | None
+    round: int
+    seed: int
+    temperature: float
+    max_prompt_tokens: int
+    max_new_tokens: int
+    generator: str  # "hf" (transformers' generate), "vllm", or "references" (the manifest's answers, not samples)
+    train_prompts: int
+    test_prompts: int
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the responses are the student's samples (MiniLLM's policy gradient needs them), not the references."""
+        return self.generator != "references"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "rollout") -> "RolloutInfo":
+        return cls(take(raw, "student", str, where), take(raw, "student_weights_sha256", str, where, optional=True),
+                   take(raw, "round", int, where), take(raw, "seed", int, where), take(raw, "temperature", float, where),
+                   take(raw, "max_prompt_tokens", int, where), take(raw, "max_new_tokens", int, where), take(raw, "generator", str, where),
+                   take(raw, "train_prompts", int, where), take(raw, "test_prompts", int, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # -- the root header ---------------------------------------------------------------------------------------------
 
 
@@ -260,6 +295,7 @@ class StoreHeader:
     teacher: TeacherInfo | None = None
     engine: EngineRecord | None = None
     capture: CaptureInfo | None = None
+    rollout: RolloutInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict, metadata={"key": None})
 
     @property
@@ -310,6 +346,7 @@ class StoreHeader:
             raise HeaderError("the store header's 'domains' must be a list of domain names")
         packing, teacher = take_object(raw, "packing", "", optional=True), take_object(raw, "teacher", "", optional=not scored)
         capture, engine = take_object(raw, "capture", "", optional=not scored), take_object(raw, "engine", "", optional=not scored)
+        rollout = take_object(raw, "rollout", "", optional=True)
         return cls(
             format_version=version, status=status, created_by=take(raw, "created_by", str, ""), created_at=take(raw, "created_at", str, ""),
             tokenizer=TokenizerInfo.from_dict(take_object(raw, "tokenizer", "")),
@@ -323,6 +360,7 @@ class StoreHeader:
             teacher=TeacherInfo.from_dict(teacher) if teacher is not None else None,
             engine=EngineRecord.from_dict(engine) if engine is not None else None,
             capture=CaptureInfo.from_dict(capture) if capture is not None else None,
+            rollout=RolloutInfo.from_dict(rollout) if rollout is not None else None,
             extra=unknown({key: value for key, value in raw.items() if key != "format"}, cls),
         )
 
@@ -337,6 +375,7 @@ class StoreHeader:
             "identity": self.identity, "teacher": self.teacher.to_dict() if self.teacher else None,
             "engine": self.engine.to_dict() if self.engine else None,
             "capture": self.capture.to_dict() if self.capture else None,
+            "rollout": self.rollout.to_dict() if self.rollout else None,
             "status": self.status, "packed_at": self.packed_at, "completed_at": self.completed_at, **self.extra,
         })
 

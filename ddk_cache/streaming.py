@@ -33,11 +33,24 @@ class Batch:
     targets: torch.Tensor  # int64 [B, L]
     teacher: TeacherTargets  # sparse teacher entries [B, L, W] (+ validity, rest)
     domains: torch.Tensor  # int64 [B], index into the store's domain list
+    rollout: "RolloutTensors | None" = None  # rollout stores (MiniLLM): what the policy gradient needs
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda")  # noqa: E731
         teacher = TeacherTargets(*(move(t) for t in (self.teacher.ids, self.teacher.logprobs, self.teacher.valid, self.teacher.rest)))
-        return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains))
+        rollout = None if self.rollout is None else RolloutTensors(*(move(t) for t in (self.rollout.teacher_logprobs, self.rollout.behaviour_logprobs,
+                                                                                         self.rollout.response_mask)))
+        return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains), rollout)
+
+
+@dataclass
+class RolloutTensors:
+    """Per position `[B, L]`, about the token after it: the teacher's log-prob of it, the sampling student's, and
+    whether it is a sampled response token (1) or prompt / padding (0)."""
+
+    teacher_logprobs: torch.Tensor
+    behaviour_logprobs: torch.Tensor
+    response_mask: torch.Tensor
 
 
 def domain_orders(reader: CacheReader, domains: list[str], seed: int, split: str = "train") -> list[DomainOrder]:
@@ -82,7 +95,10 @@ class WindowLoader:
 
         tokens = stack("tokens", np.int64)
         teacher = TeacherTargets(stack("ids", np.int64), stack("logprobs"), stack("valid"), stack("rest_logprobs"))
-        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long))
+        rollout = None
+        if rows[0][0].response_mask is not None:
+            rollout = RolloutTensors(stack("target_logprobs"), stack("behaviour_logprobs"), stack("response_mask", np.float32))
+        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long), rollout)
 
     def _decode(self, domain: int, chunk: int) -> WindowBlock:
         order = self.orders[domain]

@@ -49,7 +49,21 @@ def _iter_source_documents(source: SourceSpec, where: str, streaming: bool = Fal
         yield from _read_source(source, where, streaming, cache)
 
 
+def iter_source_rows(source: SourceSpec, where: str, required_fields: tuple[str, ...]) -> Iterator[dict]:
+    """The rows of one source (dicts of its columns), in file order, checked to have `required_fields`.
+
+    For sources whose rows are not documents: prompt manifests take a prompt and a reference from each row.
+    """
+    with tempfile.TemporaryDirectory(prefix="ddk-datasets-") as cache:
+        yield from _read_rows(source, where, False, None if os.environ.get("HF_DATASETS_CACHE") else cache, required_fields)
+
+
 def _read_source(source: SourceSpec, where: str, streaming: bool, cache_dir: str | None) -> Iterator[str]:
+    for row in _read_rows(source, where, streaming, cache_dir, source.required_fields):
+        yield from _document(source, row)
+
+
+def _read_rows(source: SourceSpec, where: str, streaming: bool, cache_dir: str | None, required_fields: tuple[str, ...]) -> Iterator[dict]:
     import datasets  # deferred: importing datasets costs a second, and --help should not pay it
 
     datasets.disable_progress_bars()  # one progress bar (ours) is enough
@@ -72,16 +86,15 @@ def _read_source(source: SourceSpec, where: str, streaming: bool, cache_dir: str
                                 "or give its encoding in the source's load_kwargs (e.g. {encoding: latin-1})") from None
         raise ManifestError(f"{where}: cannot load dataset: {first_line(exc)}") from None
     columns = list(first) if first is not None else list(dataset.column_names or [])
-    missing = [f for f in source.required_fields if f not in columns]
+    missing = [f for f in required_fields if f not in columns]
     if missing and first is not None:
         raise ManifestError(
             f"{where}: text field {missing[0]!r} is not a column (columns: {', '.join(columns)}); fix 'text_field' or 'template'"
         )
-    for row in ([first] if first is not None else []):
-        yield from _document(source, row)
+    if first is not None:
+        yield first
     try:
-        for row in rows:
-            yield from _document(source, row)
+        yield from rows
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{where}: the file is not UTF-8 text ({first_line(exc)}): convert it to UTF-8, "
                             "or give its encoding in the source's load_kwargs (e.g. {encoding: latin-1})") from None

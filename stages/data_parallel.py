@@ -68,7 +68,7 @@ def run_data_parallel(
             jobs_queue.put(job)
         for _ in workers:
             jobs_queue.put(None)
-        with progress_bar(jobs, layout, config.show_progress) as bar:
+        with progress_bar(jobs, layout, config.progress) as bar:
             _collect(workers, events, bar.update)
         summary.seconds = time.perf_counter() - start
         return writer

@@ -31,7 +31,9 @@ from ddk_cache.data_order import GlobalBatchPlanner, WindowRef, micro_batches, r
 from ddk_cache.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.evaluation import DomainEval, evaluate_domains
+from ddk_cache.fingerprints import weights_sha256
 from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
+from ddk_cache.minillm import MiniLLMConfig, MiniLLMParts, minillm_loss
 from ddk_cache.metrics_log import METRICS_NAME, REPORT_TARGETS, MetricsLog
 from ddk_cache.optim import build_optimizer, build_scheduler
 from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
@@ -45,7 +47,7 @@ from ddk_cache.student import check_compatible, load_student
 # Settings that may differ between a run and its resumption: how the work is spread over
 # devices (world size, micro-batch, accumulation, DDP/FSDP) and how it is shown. The global
 # batch, the data, the model and the optimisation must match.
-RESUMABLE_CHANGES = ("out", "resume", "show_progress", "storage_options", "batch_size", "grad_accum", "global_batch_size",
+RESUMABLE_CHANGES = ("out", "resume", "progress", "storage_options", "batch_size", "grad_accum", "global_batch_size",
                      "parallel", "device", "dist_timeout", "reader_threads", "report_to")
 
 
@@ -65,6 +67,8 @@ class DistillConfig:
     weight_decay: float = 0.1
     clip: float = 1.0
     kd: KDConfig = field(default_factory=KDConfig)
+    objective: str = "kd"  # "kd": CE + KD on a cache; "minillm": MiniLLM's update on a scored rollout store (minillm.py)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     sampler: str = "ddk"
     ddk_alpha: float = 0.5
     ddk_smooth: bool = True
@@ -82,7 +86,7 @@ class DistillConfig:
     resume: bool | str = False  # True: continue the run in `out`; "auto": continue it if it has a checkpoint, else start
     online_teacher: str | None = None  # reference mode: dense KD from the live teacher, not the cache
     storage_options: dict[str, Any] | None = None
-    show_progress: bool = True
+    progress: bool = True
     report_to: tuple[str, ...] = ()  # beside metrics.jsonl: "tensorboard" (OUT/tensorboard)
 
     @property
@@ -191,6 +195,7 @@ class Trainer:
             except ValueError as exc:
                 raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
         _check_out(config)
+        _check_objective(config, self.reader)
         torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank
         self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer)
         check_compatible(self.model, self.tokenizer, self.reader.header)
@@ -230,7 +235,7 @@ class Trainer:
         config = self.config
         self.load_checkpoint()
         bar = tqdm(total=config.steps, initial=self.state.step, desc="distill", unit="step",
-                   disable=not (config.show_progress and self.ctx.is_main))
+                   disable=not (config.progress and self.ctx.is_main))
         try:
             while self.state.step < config.steps:
                 record: dict[str, Any] = {"step": self.state.step}
@@ -273,27 +278,28 @@ class Trainer:
         started = time.perf_counter()
         mine = rank_slice(self.planner.plan(step, self.sampler), self.ctx.rank, self.ctx.world_size)
         self._read_ahead(mine)
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums: dict[str, float] = {}
         micro = micro_batches(mine, shape.micro)
         for index, refs in enumerate(micro):
             batch = self.loader.batch(refs).to(self.ctx.device)
             with gradient_sync(self.model, last_micro_batch=index == len(micro) - 1):
                 parts = self.forward_loss(batch)
                 (parts.total / shape.accum).backward()
-            sums += torch.tensor([float(parts.total.detach()), float(parts.ce.detach()),
-                                  float(parts.kd.detach()) if parts.kd is not None else 0.0], dtype=torch.float64) / shape.accum
+            for name, value in logged_parts(parts).items():
+                sums[name] = sums.get(name, 0.0) + value / shape.accum
         record: dict[str, float] = {}
         if self.config.clip > 0:
             record["grad_norm"] = clip_grad_norm(self.model, self.config.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, kd = (float(v) for v in all_reduce_sum(self.ctx, sums) / self.ctx.world_size)
+        reduced = all_reduce_sum(self.ctx, torch.tensor(list(sums.values()), dtype=torch.float64)) / self.ctx.world_size
         elapsed = time.perf_counter() - started
         self.train_seconds += elapsed
-        return {"loss": loss, "ce": ce, "kd": kd, **record, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_step / elapsed}
+        return {**dict(zip(sums, (float(v) for v in reduced))), **record, "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": self.tokens_per_step / elapsed}
 
-    def forward_loss(self, batch: Batch) -> LossParts:
+    def forward_loss(self, batch: Batch) -> LossParts | MiniLLMParts:
         autocast = torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with autocast:
             logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
@@ -302,7 +308,12 @@ class Trainer:
                     teacher_logits = self.online_teacher(input_ids=batch.input_ids, use_cache=False).logits
         if self.online_teacher is not None:
             return dense_distillation_loss(logits, batch.targets, teacher_logits, self.config.kd)
-        return distillation_loss(logits, batch.targets, batch.teacher, self.config.kd, teacher_vocab=self.teacher_vocab)
+        if self.config.objective == "minillm":
+            rollout = batch.rollout
+            return minillm_loss(logits, batch.targets, batch.teacher, rollout.teacher_logprobs, rollout.behaviour_logprobs,
+                                rollout.response_mask, self.config.minillm, teacher_vocab=self.teacher_vocab)
+        mask = batch.rollout.response_mask if batch.rollout is not None else None  # a store of reference answers: train on the answers
+        return distillation_loss(logits, batch.targets, batch.teacher, self.config.kd, teacher_vocab=self.teacher_vocab, mask=mask)
 
     def validate(self) -> dict[str, Any]:
         """DDK's update: evaluate every domain, reweight the sampler (identically on every rank)."""
@@ -328,7 +339,7 @@ class Trainer:
         """`save_pretrained` by rank 0, with the full weights gathered from every rank under FSDP."""
         weights = full_state_dict(self.model) if self.mode == "fsdp" else None
         if self.ctx.is_main:
-            if not self.config.show_progress:  # transformers draws its own "Writing model shards" bar otherwise
+            if not self.config.progress:  # transformers draws its own "Writing model shards" bar otherwise
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.disable_progress_bar()
@@ -387,6 +398,45 @@ def _validate(config: DistillConfig) -> None:
         raise DDKCacheError(f"unknown --ddk-score {config.ddk_score!r}: choose {' or '.join(DDK_SCORES)} (the paper's rule)")
     if config.warmup is not None and config.warmup > config.steps:
         raise DDKCacheError(f"--warmup {config.warmup} is longer than the run (--steps {config.steps}): lower it")
+
+
+def logged_parts(parts: LossParts | MiniLLMParts) -> dict[str, float]:
+    """The named scalars a step logs (metrics.jsonl): the loss and its parts."""
+    if isinstance(parts, MiniLLMParts):
+        return {"loss": float(parts.total.detach()), "policy_gradient": float(parts.policy_gradient.detach()),
+                "single_step": float(parts.single_step.detach()), "reward": float(parts.reward), "reverse_kl": float(parts.reverse_kl),
+                "clipped_fraction": float(parts.clipped_fraction)}
+    return {"loss": float(parts.total.detach()), "ce": float(parts.ce.detach()), "kd": float(parts.kd.detach()) if parts.kd is not None else 0.0}
+
+
+OBJECTIVES = ("kd", "minillm")
+
+
+def _check_objective(config: DistillConfig, reader: CacheReader) -> None:
+    """A rollout store only trains MiniLLM's update, and MiniLLM only trains on one, from the policy that sampled it."""
+    rollout = reader.header.rollout
+    if config.objective not in OBJECTIVES:
+        raise DDKCacheError(f"unknown --objective {config.objective!r}: choose {' or '.join(OBJECTIVES)}")
+    if config.objective == "kd" and rollout is not None and rollout.sampled:
+        raise DDKCacheError(f"{config.store} is a rollout store (MiniLLM round {rollout.round}): train on it with --objective minillm")
+    if config.objective == "kd" and rollout is not None and config.online_teacher is not None:
+        raise DDKCacheError("--online-teacher is the dense KD reference on fixed text; a store of reference answers trains with the cache")
+    if config.objective == "minillm":
+        if rollout is not None and not rollout.sampled:
+            raise DDKCacheError(f"{config.store} holds the reference answers, not the student's samples: MiniLLM's policy gradient needs "
+                                "`ddk-cache rollout` without --responses references (train on this one with --objective kd)")
+        if rollout is None:
+            raise DDKCacheError(f"--objective minillm trains on the student's own scored samples; {config.store} is a cache of fixed text: "
+                                "make one with `ddk-cache rollout`, then score it with teacher-dump")
+        if config.online_teacher is not None:
+            raise DDKCacheError("--online-teacher is the dense KD reference; it does not apply to --objective minillm")
+        if reader.capture.mode == "sampled":
+            raise DDKCacheError(f"{config.store} holds sampled teacher targets: MiniLLM's single-step reverse KL needs the teacher's "
+                                "probabilities; score the rollouts with --mode topk or topp")
+        student = weights_sha256(config.student) if Path(config.student).is_dir() else None
+        if rollout.student_weights_sha256 and student and student != rollout.student_weights_sha256 and not config.resume:
+            raise DDKCacheError(f"{config.student} is not the student that sampled {config.store} (round {rollout.round}, "
+                                f"{rollout.student}): update the weights that sampled, or roll out again with this student")
 
 
 def _check_out(config: DistillConfig) -> None:

@@ -53,7 +53,7 @@ class PackConfig:
     valid_fraction: float = 0.05  # share of documents hashed to validation (until it holds valid_sequences windows)
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
-    show_progress: bool = True
+    progress: bool = True
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
         return PackSummary(config.out, [DomainInfo.from_dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
-    bar = tqdm(desc="pack", unit="window", disable=not config.show_progress)
+    bar = tqdm(desc="pack", unit="window", disable=not config.progress)
     for domain in manifest.domains:
         progress = writer.pack_progress(domain.name)
         packer = StreamPacker(domain, tokenizer, manifest.seq_len, manifest.seed, layout.shard_windows, config.valid_fraction)

@@ -43,7 +43,7 @@ class QuickstartConfig:
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
-    show_progress: bool = True
+    progress: bool = True
 
 
 @dataclass
@@ -82,7 +82,7 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
     log(f"3/5 teacher-dump: top-{config.k} of every position into {paths['store']}")
     dump = run_teacher_dump(TeacherDumpConfig(
         teacher=str(paths["teacher"]), manifest=paths["manifest"], out=str(paths["store"]), capture=Capture(k=config.k),
-        engine="hf", engine_options=EngineOptions(batch_size=4), show_progress=config.show_progress,
+        engine="hf", engine_options=EngineOptions(batch_size=4), progress=config.progress,
     ))
 
     log(f"4/5 distill: a {_student_shape()} student, DDK sampler, CE + 0.2 KD, {config.steps} steps")
@@ -92,7 +92,7 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
     summary = run_distill(DistillConfig(
         store=str(paths["store"]), student=str(paths["student_init"]), out=paths["student"], steps=config.steps,
         batch_size=config.batch_size, lr=config.lr, kd=KDConfig(), sampler="ddk", update_every=max(1, config.steps // 10),
-        eval_windows=config.valid_windows, seed=config.seed, show_progress=config.show_progress,
+        eval_windows=config.valid_windows, seed=config.seed, progress=config.progress,
     ))
 
     log(f"5/5 eval: {paths['student']} on the store's valid/ windows")

@@ -54,7 +54,7 @@ class TeacherDumpConfig:
     tokenizer: str | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
-    show_progress: bool = True
+    progress: bool = True
     num_nodes: int | None = None  # several nodes scoring one store (default: from RANK/WORLD_SIZE or SLURM_*; else 1)
     node_rank: int | None = None
     create_timeout: float = 600.0  # seconds a node other than 0 waits for node 0 to create the store
@@ -184,7 +184,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
         writer = open_writer(EngineInfo.of(engine))
         jobs = pending_jobs(writer, domains, layout, summary)
         start = time.perf_counter()  # scoring and writing only: model loading is not throughput
-        with progress_bar(jobs, layout, config.show_progress) as bar:
+        with progress_bar(jobs, layout, config.progress) as bar:
             score_jobs(engine, writer, jobs, capture, bar.update, config.writer_threads or default_writer_threads())
         summary.seconds = time.perf_counter() - start
     # whichever node sees every shard marked completes the store (idempotent: same values from any node)

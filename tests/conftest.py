@@ -81,7 +81,7 @@ def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny_store")
     out = tmp / "cache.zarr"
     run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out), capture=Capture(k=8),
-                                       engine_options=EngineOptions(device="cpu"), shard_windows=8, chunk_windows=4, show_progress=False))
+                                       engine_options=EngineOptions(device="cpu"), shard_windows=8, chunk_windows=4, progress=False))
     return out
 
 

@@ -25,7 +25,7 @@ def test_inspect_at_80_columns_keeps_domain_names_and_headers_whole(tiny_teacher
     manifest.write_text(yaml.safe_dump(document, sort_keys=False))
     store = tmp_path / "long.zarr"
     run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=manifest, out=str(store), capture=Capture(k=4),
-                                       engine_options=EngineOptions(device="cpu"), show_progress=False))
+                                       engine_options=EngineOptions(device="cpu"), progress=False))
     result = CliRunner().invoke(app, ["inspect", str(store)], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

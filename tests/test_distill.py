@@ -59,7 +59,7 @@ def specialist_store(tiny_teacher, tmp_path_factory) -> Path:
     model.save_pretrained(teacher_dir)
     out = tmp / "specialist.zarr"
     run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), capture=Capture(k=8), engine_options=EngineOptions(device="cpu"),
-                                       shard_windows=8, chunk_windows=4, show_progress=False))
+                                       shard_windows=8, chunk_windows=4, progress=False))
     return out
 
 

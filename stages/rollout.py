@@ -1,0 +1,130 @@
+"""`ddk-cache rollout`: the current student answers the prompt manifest's prompts into a rollout store.
+
+Step one of a MiniLLM round (`minillm.py` has the objective): sample -> score with the teacher
+(`teacher-dump --out STORE`) -> update (`distill --objective minillm`). This job needs the student only;
+the teacher never meets the training nodes. The store records the student's weight hash and the round,
+so an update can check it starts from the policy that sampled (its importance ratios depend on it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ddk_cache import __version__
+from ddk_cache.capture import Capture
+from ddk_cache.choices import Responses, values
+from ddk_cache.cache_format import StoreLayout
+from ddk_cache.distributed import resolve_training_device
+from ddk_cache.errors import DDKCacheError
+from ddk_cache.fingerprints import tokenizer_description, weights_sha256
+from ddk_cache.integrity import INTEGRITY
+from ddk_cache.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.provenance import package_versions
+from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, check_ranges
+from ddk_cache.rollout_store import ROLLOUT_RULE, write_rollout_store
+from ddk_cache.sampling import reference_rollouts, sample_rollouts
+from ddk_cache.store_header import FORMAT_VERSION, LayoutInfo, PackingInfo, RolloutInfo, StoreHeader, TokenizerInfo, now
+from ddk_cache.student import load_student
+
+
+@dataclass
+class RolloutConfig:
+    student: str
+    prompts: Path
+    out: str
+    round: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    shard_windows: int | None = None
+    responses: str = "sampled"  # "sampled": the student's answers (MiniLLM); "references": the manifest's (SFT, word-level KD)
+    overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
+    progress: bool = True
+
+
+@dataclass
+class RolloutSummary:
+    url: str
+    responses: dict[str, int] = field(default_factory=dict)  # per split
+    mean_response_tokens: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+REFERENCES = "references"  # RolloutInfo.generator of a store whose responses are the references, not samples
+RESPONSE_KINDS = values(Responses)
+ROLLOUT_RANGES = {"round": NON_NEGATIVE, "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
+
+
+def run_rollout(config: RolloutConfig) -> RolloutSummary:
+    check_ranges({name: getattr(config, name) for name in ROLLOUT_RANGES}, ROLLOUT_RANGES)
+    if config.responses not in RESPONSE_KINDS:
+        raise DDKCacheError(f"unknown --responses {config.responses!r}: choose {' or '.join(RESPONSE_KINDS)}")
+    manifest = load_prompt_manifest(config.prompts)
+    if config.responses == "references" and manifest.reference_field is None:
+        raise DDKCacheError("--responses references needs reference answers: set 'reference_field' in the prompt manifest")
+    if not config.overwrite and store_exists(config.out, config.storage_options):
+        raise DDKCacheError(f"{config.out} already exists: pass --overwrite to replace it, or choose another --out")
+    model, tokenizer, from_config = load_student(config.student, None)
+    if from_config:
+        raise DDKCacheError(f"{config.student} holds a config without weights: a round must update the weights that sampled, "
+                            "so roll out from a saved student (distill writes one; or save_pretrained)")
+    if tokenizer.eos_token_id is None:
+        raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
+    device = resolve_training_device(config.device)
+    model.to(device)
+    prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
+    layout = StoreLayout.choose(manifest.seq_len, Capture(), None, None, config.shard_windows)
+    start = time.perf_counter()
+    splits = {}
+    with tqdm(total=sum(map(len, prompts.values())), unit="response", desc="rollout", disable=not config.progress) as bar:
+        for index, (split, chosen) in enumerate(prompts.items()):
+            seed = config.seed * 1_000_003 + config.round * 2 + index  # distinct draws per round and split
+            if config.responses == "references":
+                splits[split] = reference_rollouts(model, tokenizer, chosen, manifest.max_prompt_tokens, manifest.max_new_tokens,
+                                                   config.batch_size)
+                bar.update(len(chosen))
+            else:
+                splits[split] = sample_rollouts(model, tokenizer, chosen, manifest.max_prompt_tokens, manifest.max_new_tokens, seed,
+                                                config.batch_size, progress=bar.update)
+    header = StoreHeader(
+        format_version=FORMAT_VERSION, status="packing", created_by=f"ddk-cache {__version__}", created_at=now(),
+        tokenizer=TokenizerInfo.from_dict(tokenizer_description(tokenizer)),
+        layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows),
+        manifest=manifest.raw, manifest_sha256=manifest.sha256(), seed=manifest.seed, domains=(manifest.name,),
+        versions=package_versions(), packing=PackingInfo(ROLLOUT_RULE), integrity=INTEGRITY,
+        rollout=RolloutInfo(student=str(Path(config.student).resolve()) if Path(config.student).exists() else config.student,
+                            student_weights_sha256=weights_sha256(config.student), round=config.round,
+                            seed=config.seed, temperature=1.0, max_prompt_tokens=manifest.max_prompt_tokens,
+                            max_new_tokens=manifest.max_new_tokens, generator="hf" if config.responses == "sampled" else REFERENCES,
+                            train_prompts=len(prompts["train"]),
+                            test_prompts=len(prompts["valid"])),
+    )
+    write_rollout_store(config.out, header, splits, layout, {split: len(chosen) for split, chosen in prompts.items()}, config.storage_options)
+    summary = RolloutSummary(config.out, seconds=time.perf_counter() - start)
+    for split, rollouts in splits.items():
+        summary.responses[split] = len(rollouts.tokens)
+        summary.mean_response_tokens[split] = float(rollouts.response_lengths.mean()) if len(rollouts.tokens) else 0.0
+    return summary
+
+
+
+def store_exists(url: str, storage_options: dict | None) -> bool:
+    """Whether anything is at `url` already (a local folder with files, or a Zarr group in a bucket)."""
+    import zarr
+
+    from ddk_cache.cache_format import zarr_store
+
+    if "://" not in url:
+        path = Path(url)
+        return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    try:
+        zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False

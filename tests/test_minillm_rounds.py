@@ -1,0 +1,68 @@
+"""MiniLLM in rounds end to end (tiny models): rollout -> score -> update, resumed between rounds; the evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_rollout import scored_rollouts, rollout_store, tiny_student, write_prompt_manifest  # noqa: F401  (fixtures)
+from typer.testing import CliRunner
+
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cli.main import app
+from ddk_cache.response_eval import rouge_l
+
+
+def rounds(student, teacher, prompts, out, n: int):
+    return CliRunner().invoke(app, ["minillm", "--student", str(student), "--teacher", str(teacher), "--prompts", str(prompts),
+                                    "--out", str(out), "--rounds", str(n), "--epochs", "1", "--batch-size", "3", "--lr", "1e-3",
+                                    "--k", "8", "--device", "cpu", "--no-progress"])
+
+
+def test_rounds_run_resume_and_log_every_student(tiny_student, tiny_teacher, tmp_path):  # noqa: F811
+    prompts = write_prompt_manifest(tmp_path)
+    out = tmp_path / "rounds"
+    first = rounds(tiny_student, tiny_teacher, prompts, out, 1)
+    assert first.exit_code == 0, first.output
+    assert (out / "round-0" / "student" / "model.safetensors").exists() and CacheReader(str(out / "round-1" / "rollouts.zarr")).complete
+    round_0, round_1 = ((out / f"round-{r}" / "rollouts.zarr" / "zarr.json").read_text() for r in (0, 1))
+    second = rounds(tiny_student, tiny_teacher, prompts, out, 2)  # one more round: round 0 is reused, not redone
+    assert second.exit_code == 0, second.output
+    assert (out / "round-0" / "rollouts.zarr" / "zarr.json").read_text() == round_0
+    assert (out / "round-1" / "rollouts.zarr" / "zarr.json").read_text() == round_1  # the first run's final rollouts are round 1's
+    assert "round 0: MiniLLM update" not in second.output and "round 1: MiniLLM update" in second.output
+    logged = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    students = {entry["round"]: entry for entry in logged if "reverse_kl" in entry}
+    assert set(students) == {0, 1, 2} and len(students) == len([e for e in logged if "reverse_kl" in e])  # none evaluated twice
+    for entry in students.values():
+        assert entry["reverse_kl"] > 0 and 0 <= entry["rouge_l"] <= 100
+    scored = CacheReader(str(out / "round-1" / "rollouts.zarr"))
+    assert scored.header.rollout.round == 1 and scored.header.rollout.student.endswith("round-0/student")
+    assert "reverse KL" in second.output and "ROUGE-L" in second.output
+
+
+def test_eval_responses_reports_rouge_and_the_reverse_kl_estimate(scored_rollouts, tiny_student, tmp_path):  # noqa: F811
+    prompts = write_prompt_manifest(tmp_path)
+    result = CliRunner().invoke(app, ["eval-responses", "--student", str(tiny_student), "--prompts", str(prompts),
+                                      "--scored", str(scored_rollouts), "--device", "cpu", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    values = json.loads(result.stdout)
+    reader = CacheReader(str(scored_rollouts))
+    block = reader.read("math", "valid")
+    mask = block.response_mask.astype(np.float64)
+    per_sequence = ((block.behaviour_logprobs - block.target_logprobs) * mask).sum(-1) / mask.sum(-1)
+    assert values["reverse_kl"] == pytest.approx(per_sequence.mean(), rel=1e-5)
+    assert values["responses"] == 3 and 0 <= values["rouge_l"] <= 100
+
+
+def test_rouge_l_against_known_values():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert rouge_l(["the cat sat on the mat"], ["a cat sat on a mat"]) == pytest.approx(100 * 4 / 6)  # LCS 4 of 6 tokens each side
+    assert rouge_l(["dogs"], ["cats"]) == 0.0
+
+
+def test_rounds_refuse_a_manifest_without_references_unless_rouge_is_off(tiny_student, tiny_teacher, tmp_path):  # noqa: F811
+    prompts = write_prompt_manifest(tmp_path, reference_field=None)
+    result = rounds(tiny_student, tiny_teacher, prompts, tmp_path / "r", 1)
+    assert result.exit_code == 2 and "ROUGE-L needs reference answers" in result.stderr and result.stderr.count("\n") == 1
