@@ -369,6 +369,9 @@ def distill(
     ppo_clip: Annotated[float, typer.Option(help="minillm: PPO clip epsilon of the importance ratios.", rich_help_panel="MiniLLM")] = 0.2,
     single_step: Annotated[bool, typer.Option(help="minillm: add the single-step reverse KL term (MiniLLM's default).", rich_help_panel="MiniLLM")] = True,
     whiten: Annotated[bool, typer.Option(help="minillm: whiten the advantages over the batch (MiniLLM's default).", rich_help_panel="MiniLLM")] = True,
+    pt_store: Annotated[Optional[str], typer.Option(
+        help="minillm: a cache of fixed text whose next-token CE is added to every update (MiniLLM's L_PT).", rich_help_panel="MiniLLM")] = None,
+    pt_weight: Annotated[float, typer.Option(help="minillm: the weight of the --pt-store term.", rich_help_panel="MiniLLM")] = 1.0,
     sampler: Annotated[SamplerName, typer.Option(help="ddk, static (the manifest's weights) or uniform.", rich_help_panel="DDK domain sampler")] = SamplerName.ddk,
     ddk_alpha: Annotated[float, typer.Option(help="DDK smoothing alpha.", rich_help_panel="DDK domain sampler")] = 0.5,
     ddk_smooth: Annotated[bool, typer.Option(help="DDK factor smooth updating (off = the paper's ablation).", rich_help_panel="DDK domain sampler")] = True,
@@ -412,7 +415,7 @@ def distill(
             minillm = MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step)
         except ValueError as exc:
             raise DDKCacheError(str(exc)) from None
-        config = DistillConfig(objective=objective.value, minillm=minillm,
+        config = DistillConfig(objective=objective.value, minillm=minillm, pt_store=pt_store, pt_weight=pt_weight,
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
             global_batch_size=global_batch_size, parallel=parallel.value, dist_timeout=dist_timeout, reader_threads=reader_threads,
             lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler.value,
@@ -543,6 +546,8 @@ def minillm(
     k: Annotated[int, typer.Option(help="Teacher entries kept per response position.")] = 64,
     ppo_clip: Annotated[float, typer.Option(help="PPO clip epsilon of the importance ratios.")] = 0.2,
     single_step: Annotated[bool, typer.Option(help="Add the single-step reverse KL term.")] = True,
+    pt_store: Annotated[Optional[str], typer.Option(help="A cache of fixed text whose next-token CE is added to every update (L_PT).")] = None,
+    pt_weight: Annotated[float, typer.Option(help="The weight of the --pt-store term.")] = 1.0,
     rouge: Annotated[bool, typer.Option(help="ROUGE-L of every student's greedy answers to the test prompts (needs references).")] = True,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
@@ -559,6 +564,7 @@ def minillm(
             raise DDKCacheError(str(exc)) from None
         records = run_minillm_rounds(MiniLLMRoundsConfig(student=student, teacher=teacher, prompts=prompts, out=out, rounds=rounds, epochs=epochs,
                                                          batch_size=batch_size, lr=lr, k=k, minillm=settings, seed=seed, device=device,
+                                                         pt_store=pt_store, pt_weight=pt_weight,
                                                          rouge=rouge, progress=progress),
                                      log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     table = name_table(f"MiniLLM rounds: {out}", ("student", "reverse KL", "teacher CE", "ROUGE-L", "tokens"))

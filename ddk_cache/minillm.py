@@ -57,6 +57,7 @@ class MiniLLMParts:
     reward: torch.Tensor  # mean per-token reward log p(y_t) - log q_old(y_t)
     reverse_kl: torch.Tensor  # mean over sequences of the length-normalised sum of log q_old - log p: the sampled estimate
     clipped_fraction: torch.Tensor  # share of response tokens whose ratio left [1 - eps, 1 + eps]
+    pretraining: torch.Tensor | None = None  # L_PT, when the trainer adds it (`pretraining_data.py`)
 
 
 def token_rewards(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

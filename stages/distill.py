@@ -36,6 +36,7 @@ from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_di
 from ddk_cache.minillm import MiniLLMConfig, MiniLLMParts, minillm_loss
 from ddk_cache.metrics_log import METRICS_NAME, REPORT_TARGETS, MetricsLog
 from ddk_cache.optim import build_optimizer, build_scheduler
+from ddk_cache.pretraining_data import PretrainingData
 from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
                                    uses_autocast)
 from ddk_cache.samplers import DDK_SCORES, SAMPLER_NAMES, DomainSampler, create_sampler
@@ -69,6 +70,8 @@ class DistillConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     objective: str = "kd"  # "kd": CE + KD on a cache; "minillm": MiniLLM's update on a scored rollout store (minillm.py)
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    pt_store: str | None = None  # minillm: a store of fixed text whose next-token CE is added (MiniLLM's L_PT)
+    pt_weight: float = 1.0  # minillm: loss = policy gradient + single step + pt_weight * L_PT
     sampler: str = "ddk"
     ddk_alpha: float = 0.5
     ddk_smooth: bool = True
@@ -196,9 +199,18 @@ class Trainer:
                 raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
         _check_out(config)
         _check_objective(config, self.reader)
+        self.pt_reader = None
+        if config.pt_store is not None:
+            if config.objective != "minillm":
+                raise DDKCacheError("--pt-store is MiniLLM's pretraining term: it belongs to --objective minillm")
+            self.pt_reader = CacheReader(config.pt_store, storage_options=config.storage_options)
+            if self.pt_reader.header.rollout is not None:
+                raise DDKCacheError(f"--pt-store {config.pt_store} is a rollout store: give a cache of fixed text (teacher-dump or pack)")
         torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank
         self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer)
         check_compatible(self.model, self.tokenizer, self.reader.header)
+        if self.pt_reader is not None:
+            check_compatible(self.model, self.tokenizer, self.pt_reader.header)
         self.online_teacher = _load_online_teacher(config.online_teacher, self.reader.header, self.ctx.device) if config.online_teacher else None
         config.out.mkdir(parents=True, exist_ok=True)  # only once everything was checked: a refused run writes nothing
 
@@ -219,10 +231,14 @@ class Trainer:
         self.state = TrainState()
         self.teacher_vocab = reader.header.teacher.vocab_size
         self.tokens_per_step = self.shape.global_size * reader.header.seq_len
+        self.pretraining = None if self.pt_reader is None else PretrainingData(self.pt_reader, self.shape.global_size, config.seed + 1)
+        states = {"model_and_optimizer": ModelAndOptimizer(self.model, self.optimizer), "lr_scheduler": self.scheduler,
+                  "sampler": self.sampler, "data": self.planner, "train_state": self.state}
+        if self.pretraining is not None:
+            states["pretraining_data"] = self.pretraining
         self.checkpointer = Checkpointer(
             config.out,
-            {"model_and_optimizer": ModelAndOptimizer(self.model, self.optimizer), "lr_scheduler": self.scheduler,
-             "sampler": self.sampler, "data": self.planner, "train_state": self.state},
+            states,
             config.run_settings(self.shape.global_size),
             self.ctx,
         )
@@ -252,6 +268,8 @@ class Trainer:
         finally:
             bar.close()
             self.loader.close()
+            if self.pretraining is not None:
+                self.pretraining.close()
             self.metrics.close()
         self.save_student()
         self.checkpointer.remove_all()
@@ -280,10 +298,13 @@ class Trainer:
         self._read_ahead(mine)
         sums: dict[str, float] = {}
         micro = micro_batches(mine, shape.micro)
+        pretraining = self.pretraining.micro_batches(step, self.ctx, shape.micro) if self.pretraining is not None else None
         for index, refs in enumerate(micro):
             batch = self.loader.batch(refs).to(self.ctx.device)
             with gradient_sync(self.model, last_micro_batch=index == len(micro) - 1):
                 parts = self.forward_loss(batch)
+                if pretraining is not None:
+                    parts = self.add_pretraining(parts, self.pretraining.batch(pretraining[index]).to(self.ctx.device))
                 (parts.total / shape.accum).backward()
             for name, value in logged_parts(parts).items():
                 sums[name] = sums.get(name, 0.0) + value / shape.accum
@@ -314,6 +335,14 @@ class Trainer:
                                 rollout.response_mask, self.config.minillm, teacher_vocab=self.teacher_vocab)
         mask = batch.rollout.response_mask if batch.rollout is not None else None  # a store of reference answers: train on the answers
         return distillation_loss(logits, batch.targets, batch.teacher, self.config.kd, teacher_vocab=self.teacher_vocab, mask=mask)
+
+    def add_pretraining(self, parts: MiniLLMParts, batch: Batch) -> MiniLLMParts:
+        """MiniLLM's L_PT: the student's next-token CE on a pretraining batch, weighted by `pt_weight`."""
+        autocast = torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with autocast:
+            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
+        lm = distillation_loss(logits, batch.targets, None, self.config.kd).ce
+        return dataclasses.replace(parts, total=parts.total + self.config.pt_weight * lm, pretraining=lm)
 
     def validate(self) -> dict[str, Any]:
         """DDK's update: evaluate every domain, reweight the sampler (identically on every rank)."""
@@ -383,6 +412,7 @@ DISTILL_RANGES = {
     "lr": Range(0, 1, open_low=True), "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE, "weight_decay": Range(0, 1), "clip": NON_NEGATIVE,
     "ddk_alpha": FRACTION, "ddk_temperature": Range(0, 1000, open_low=True), "update_every": AT_LEAST_ONE, "eval_windows": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
     "checkpoint_every": NON_NEGATIVE, "seed": NON_NEGATIVE, "dist_timeout": POSITIVE, "reader_threads": Range(1, 64),
+    "pt_weight": NON_NEGATIVE,
 }
 
 
@@ -405,7 +435,8 @@ def logged_parts(parts: LossParts | MiniLLMParts) -> dict[str, float]:
     if isinstance(parts, MiniLLMParts):
         return {"loss": float(parts.total.detach()), "policy_gradient": float(parts.policy_gradient.detach()),
                 "single_step": float(parts.single_step.detach()), "reward": float(parts.reward), "reverse_kl": float(parts.reverse_kl),
-                "clipped_fraction": float(parts.clipped_fraction)}
+                "clipped_fraction": float(parts.clipped_fraction),
+                **({"pretraining_lm": float(parts.pretraining.detach())} if parts.pretraining is not None else {})}
     return {"loss": float(parts.total.detach()), "ce": float(parts.ce.detach()), "kd": float(parts.kd.detach()) if parts.kd is not None else 0.0}
 
 

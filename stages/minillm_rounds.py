@@ -29,7 +29,7 @@ from ddk_cache.errors import DDKCacheError, StoreError
 from ddk_cache.losses import KDConfig
 from ddk_cache.minillm import MiniLLMConfig
 from ddk_cache.prompts import load_prompt_manifest, load_prompts
-from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_ranges
+from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.response_eval import evaluate_responses, reverse_kl_estimate
 from ddk_cache.stages.distill import DistillConfig, run_distill
 from ddk_cache.stages.rollout import RolloutConfig, run_rollout
@@ -50,6 +50,8 @@ class MiniLLMRoundsConfig:
     lr: float = 1e-5
     k: int = 64  # teacher entries per response position
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    pt_store: str | None = None  # MiniLLM's L_PT on this cache of fixed text (distill --pt-store)
+    pt_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
     rouge: bool = True  # ROUGE-L of each student's greedy answers (needs references)
@@ -70,8 +72,8 @@ class RoundRecord:
         return {key: value for key, value in self.__dict__.items()}
 
 
-ROUNDS_RANGES = {"rounds": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE, "k": AT_LEAST_ONE,
-                 "seed": NON_NEGATIVE}
+ROUNDS_RANGES = {"rounds": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": Range(0, 1, open_low=True), "k": AT_LEAST_ONE,
+                 "seed": NON_NEGATIVE, "pt_weight": NON_NEGATIVE}
 
 
 def run_minillm_rounds(config: MiniLLMRoundsConfig, log: Callable[[str], None] = print) -> list[RoundRecord]:
@@ -116,6 +118,7 @@ def run_minillm_rounds(config: MiniLLMRoundsConfig, log: Callable[[str], None] =
             log(f"round {r}: MiniLLM update, {config.epochs} epochs = {steps} steps")
             started = time.perf_counter()
             run_distill(DistillConfig(store=str(store), student=student, out=update, objective="minillm", minillm=config.minillm,
+                                      pt_store=config.pt_store, pt_weight=config.pt_weight,
                                       steps=steps, batch_size=config.batch_size, lr=config.lr, warmup=0, min_lr_ratio=1.0,
                                       weight_decay=0.0, kd=KDConfig(), sampler="uniform", update_every=steps, seed=config.seed + r,
                                       device=config.device, resume="auto", progress=config.progress))

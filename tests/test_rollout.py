@@ -237,3 +237,21 @@ def test_masked_distillation_loss_counts_the_masked_positions_only():
     masked = distillation_loss(logits, targets, teacher, KDConfig(), mask=torch.tensor([[0.0, 1.0, 1.0]]))
     alone = distillation_loss(logits[:, 1:], targets[:, 1:], TeacherTargets(teacher.ids[:, 1:], teacher.logprobs[:, 1:]), KDConfig())
     assert masked.ce.item() == pytest.approx(alone.ce.item()) and masked.kd.item() == pytest.approx(alone.kd.item())
+
+
+def test_the_pretraining_term_adds_lm_loss_on_a_cache_of_fixed_text(scored_rollouts, tiny_store, tiny_student, tmp_path):
+    result = update(scored_rollouts, tiny_student, tmp_path / "run", "--pt-store", str(tiny_store), "--pt-weight", "0.5")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "policy_gradient" in r]
+    assert len(steps) == 4
+    for record in steps:
+        assert record["pretraining_lm"] > 0
+        assert record["loss"] == pytest.approx(record["policy_gradient"] + record["single_step"] + 0.5 * record["pretraining_lm"], abs=1e-4)
+    refused = update(scored_rollouts, tiny_student, tmp_path / "a", "--pt-store", str(scored_rollouts))
+    assert refused.exit_code == 2 and "is a rollout store: give a cache of fixed text" in refused.stderr
+    refused = CliRunner().invoke(app, ["distill", "--store", str(tiny_store), "--student", str(tiny_student), "--out", str(tmp_path / "b"),
+                                       "--pt-store", str(tiny_store), "--steps", "2", "--device", "cpu", "--no-progress"])
+    assert refused.exit_code == 2 and "--pt-store is MiniLLM's pretraining term" in refused.stderr
+    refused = update(scored_rollouts, tiny_student, tmp_path / "c", "--pt-store", str(tiny_store), "--pt-weight", "-1")
+    assert refused.exit_code == 2 and "--pt-weight must be >= 0" in refused.stderr

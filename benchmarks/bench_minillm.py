@@ -1,0 +1,194 @@
+"""MiniLLM rounds from caches vs SFT and word-level KD, at equal student updates (RESULTS.md "MiniLLM rounds").
+
+The real teacher (SmolLM2-135M-Instruct) and a student pruned from it and healed (`bench_quality.py --student
+pruned --heal-only`); prompts and references from ../shared/corpora/math_gsm8k (question -> answer: train rows for
+rollouts and the baselines, test rows held out). Three arms start from the same healed student, each with the
+same number of optimizer steps of the same batch size, the same constant learning rate and a fresh AdamW:
+
+- `sft`: CE on the reference answers of the prompts MiniLLM's rounds see (`rollout --responses references`,
+  `distill --objective kd --gamma 0`);
+- `word_kd`: MiniLLM's word-level KD baseline on the same teacher-scored references: (1 - 0.5) CE + 0.5 forward KL
+  (`--mix 0.5`);
+- `minillm`: `--rounds` rounds of rollout -> score -> update (`ddk-cache minillm`), `--epochs` passes per round.
+
+Every final student is measured the same way on the held-out prompts: ROUGE-L of its greedy answers, and the
+reverse KL estimate from its own samples scored by the teacher (a rollout + teacher-dump of the student). The
+MiniLLM arm also spends inference on its rollouts and their scoring; the seconds of each part are reported.
+
+    python benchmarks/bench_quality.py --teacher /work/teacher-smollm2 --manifest data_manifests/shared_corpora.yaml \\
+        --out-dir /tmp/q --budget 16384 --valid 8 --seq-len 256 --student pruned --heal-steps 64 --heal-lr 1e-3 \\
+        --eval-windows 2 --heal-only                                   # the healed student: /tmp/q/student-healed10
+    python benchmarks/bench_minillm.py --teacher /work/teacher-smollm2 --student /tmp/q/student-healed10 \\
+        --corpus ../shared/corpora/math_gsm8k --out-dir /tmp/mini --seeds 0 1 --json benchmarks/results/minillm.json
+    python benchmarks/bench_minillm.py ... --json benchmarks/results/minillm.json --report    # the tables in RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ddk_cache.capture import Capture
+from ddk_cache.cache_reader import CacheReader
+from ddk_cache.distributed import resolve_training_device
+from ddk_cache.engines import EngineOptions, create_engine
+from ddk_cache.losses import KDConfig
+from ddk_cache.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.response_eval import evaluate_responses, reverse_kl_estimate
+from ddk_cache.stages.distill import DistillConfig, run_distill
+from ddk_cache.stages.minillm_rounds import MiniLLMRoundsConfig, run_minillm_rounds
+from ddk_cache.stages.rollout import RolloutConfig, run_rollout
+from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.student import load_student
+
+BASELINES = {"sft": KDConfig(gamma=0.0), "word_kd": KDConfig(form="mix", mix=0.5)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--student", required=True, help="the starting student (pruned and healed)")
+    parser.add_argument("--corpus", type=Path, required=True, help="a folder with train.jsonl / test.jsonl of {question, answer}")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--train-prompts", type=int, default=64, help="prompts per MiniLLM round (and the baselines' training set)")
+    parser.add_argument("--test-prompts", type=int, default=48)
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", default=["start", "sft", "word_kd", "minillm"])
+    parser.add_argument("--json", type=Path, help="results file (merged with what it already holds)")
+    parser.add_argument("--report", action="store_true", help="print the RESULTS.md tables from --json and stop")
+    args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(args.json.read_text())))
+        return
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompt_manifest(args)
+    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    results.update(setup=settings(args), runs=results.get("runs", {}))
+    engine = create_engine("hf", args.teacher, EngineOptions(device="cpu", batch_size=args.batch_size), max_k=args.k)
+    steps = args.rounds * args.epochs * math.ceil(args.train_prompts / args.batch_size)  # MiniLLM's total updates, every arm's
+    references = args.out_dir / "references.zarr"
+    if not references.exists():  # the prompts MiniLLM's rounds see (round r takes slice r of one seeded order), with their answers
+        every_round = write_prompt_manifest(args, "prompts-all-rounds.yaml", args.rounds * args.train_prompts)
+        run_rollout(RolloutConfig(student=args.student, prompts=every_round, out=str(references), responses="references",
+                                  batch_size=args.batch_size, device="cpu", progress=False))
+        score(args, engine, references)
+    for seed in args.seeds:
+        for arm in args.arms:
+            key = f"{arm}-seed{seed}"
+            if key in results["runs"] or (arm == "start" and seed != args.seeds[0]):
+                continue
+            started = time.perf_counter()
+            folder = args.out_dir / key
+            if arm == "start":
+                record = measure(args, engine, prompts, args.student, folder)
+            elif arm == "minillm":
+                rounds = run_minillm_rounds(MiniLLMRoundsConfig(student=args.student, teacher=args.teacher, prompts=prompts, out=folder,
+                                                                rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                                                k=args.k, seed=seed, device="cpu", progress=False))
+                record = {"rounds": [r.to_dict() for r in rounds], "reverse_kl": rounds[-1].reverse_kl, "rouge_l": rounds[-1].rouge_l,
+                          "teacher_response_loss": rounds[-1].teacher_response_loss, "response_tokens": rounds[-1].response_tokens,
+                          "round_seconds": round_seconds(folder)}
+            else:
+                run_distill(DistillConfig(store=str(references), student=args.student, out=folder / "student", kd=BASELINES[arm],
+                                          steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0,
+                                          sampler="uniform", update_every=steps, seed=seed, device="cpu", resume="auto", progress=False))
+                record = measure(args, engine, prompts, str(folder / "student"), folder)
+            record.update(seconds=round(time.perf_counter() - started, 1), steps=0 if arm == "start" else steps)
+            results["runs"][key] = record
+            print(key, json.dumps({k: v for k, v in record.items() if k != "rounds"}), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def write_prompt_manifest(args: argparse.Namespace, name: str = "prompts.yaml", train_prompts: int | None = None) -> Path:
+    document = {"seed": 1234, "name": "gsm8k", "prompt_template": "Question: {question}\nAnswer:", "reference_field": "answer",
+                "train": {"path": "json", "data_files": str((args.corpus / "train.jsonl").resolve())},
+                "test": {"path": "json", "data_files": str((args.corpus / "test.jsonl").resolve())},
+                "train_prompts": train_prompts or args.train_prompts, "test_prompts": args.test_prompts,
+                "max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens": args.max_new_tokens}
+    path = args.out_dir / name
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def score(args: argparse.Namespace, engine, store: Path) -> None:
+    run_teacher_dump(TeacherDumpConfig(teacher=args.teacher, manifest=None, out=str(store), capture=Capture(k=args.k), engine="hf",
+                                       engine_options=EngineOptions(device="cpu", batch_size=args.batch_size), progress=False), engine=engine)
+
+
+def measure(args: argparse.Namespace, engine, prompts: Path, student: str, folder: Path) -> dict:
+    """The held-out measures of one student: its own samples scored by the teacher, and its greedy answers' ROUGE-L."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = folder / "eval-rollouts.zarr"
+    if not (store.exists() and CacheReader(str(store), allow_incomplete=True).complete):
+        run_rollout(RolloutConfig(student=student, prompts=prompts, out=str(store), round=0, batch_size=args.batch_size, device="cpu",
+                                  overwrite=True, progress=False))
+        score(args, engine, store)
+    reader = CacheReader(str(store))
+    manifest = load_prompt_manifest(prompts)
+    model, tokenizer, _ = load_student(student, None)
+    model.to(resolve_training_device("cpu"))
+    greedy = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
+                                args.batch_size)
+    return {"reverse_kl": reverse_kl_estimate(reader), "teacher_response_loss": reader.domain_info(manifest.name).teacher_valid_loss,
+            "rouge_l": greedy.rouge_l, "response_tokens": greedy.mean_response_tokens}
+
+
+def round_seconds(folder: Path) -> list[dict]:
+    """Rollout, scoring, evaluation and update seconds of each round, from rounds.jsonl."""
+    rows = {}
+    for line in (folder / "rounds.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        rows.setdefault(entry["round"], {}).update(entry.get("seconds", {}), **entry.get("update_seconds", {}))
+    return [{"round": r, **{k: round(v, 1) for k, v in parts.items()}} for r, parts in sorted(rows.items())]
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
+            "teacher": args.teacher, "student": args.student, "corpus": str(args.corpus), "train_prompts": args.train_prompts,
+            "test_prompts": args.test_prompts, "max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
+            "rounds": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "k": args.k}
+
+
+def report(results: dict) -> str:
+    setup, runs = results["setup"], results["runs"]
+    arms = [a for a in ("start", "sft", "word_kd", "minillm") if any(k.startswith(f"{a}-") for k in runs)]
+    lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | greedy tokens |", "|---|---|---|---|---|---|"]
+    for arm in arms:
+        mine = [v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")]
+        mean = lambda key: statistics.mean(r[key] for r in mine)  # noqa: E731
+        per_seed = lambda key: ", ".join(f"{r[key]:.3f}" for r in mine)  # noqa: E731
+        lines.append(f"| {arm} | {len(mine)} | {mean('reverse_kl'):.4f} ({per_seed('reverse_kl')}) | {mean('rouge_l'):.2f} "
+                     f"({per_seed('rouge_l')}) | {mean('teacher_response_loss'):.4f} | {mean('response_tokens'):.1f} |")
+    minillm = [v for k, v in sorted(runs.items()) if k.startswith("minillm-")]
+    if minillm:
+        lines += ["", "| MiniLLM student | " + " | ".join(f"seed {i}" for i in range(len(minillm))) + " |",
+                  "|---|" + "---|" * len(minillm)]
+        for r in range(len(minillm[0]["rounds"])):
+            cells = [f"rev KL {m['rounds'][r]['reverse_kl']:.4f}, ROUGE-L {m['rounds'][r]['rouge_l']:.2f}" for m in minillm]
+            lines.append(f"| round {r} | " + " | ".join(cells) + " |")
+        seconds = minillm[0]["round_seconds"]
+        lines += ["", "Seconds per round (seed 0): " + "; ".join(
+            f"round {s['round']}: " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "round") for s in seconds)]
+    lines += ["", f"Setup: {json.dumps(setup)}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
