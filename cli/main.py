@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from rich.console import Console
 
 from ddk_cache.cli.boundary import REPORT, debug_requested, expected_failure
-from ddk_cache.choices import (CaptureMode, Criterion, DDKScore, Divergence, DType, EngineName, Objective, ParallelMode, ReportTarget,
+from ddk_cache.choices import (CaptureMode, Criterion, DDKScore, Divergence, DType, EngineName, Generator, Objective, ParallelMode, ReportTarget,
                                Responses, SamplerName, Tail)
 from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError
 from ddk_cache.tables import name_table
@@ -516,6 +516,7 @@ def rollout(
     responses: Annotated[Responses, typer.Option(
         help="sampled: the student answers (MiniLLM); references: the manifest's answers in the same windows (SFT and word-level "
              "KD train on them with distill --objective kd).")] = Responses.sampled,
+    generator: Annotated[Generator, typer.Option(help="Who samples: auto (vLLM where installed with a GPU, else hf), hf or vllm.")] = Generator.auto,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
     storage_options: StorageOptionsFlag = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -525,7 +526,7 @@ def rollout(
 
     with user_errors():
         summary = run_rollout(RolloutConfig(student=student, prompts=prompts, out=out, round=round_index, seed=seed, batch_size=batch_size,
-                                            device=device, shard_windows=shard_windows, responses=responses.value, overwrite=overwrite,
+                                            device=device, shard_windows=shard_windows, responses=responses.value, generator=generator.value, overwrite=overwrite,
                                             storage_options=parse_storage_options(storage_options), progress=progress))
     for split, count in summary.responses.items():
         console.print(f"{split}: {count} responses, {summary.mean_response_tokens[split]:.1f} tokens on average", highlight=False)

@@ -54,6 +54,12 @@ class Responses(str, Enum):
     references = "references"  # the prompt manifest's reference answers (SFT, word-level KD)
 
 
+class Generator(str, Enum):
+    auto = "auto"  # vLLM where installed with a GPU, else hf
+    hf = "hf"
+    vllm = "vllm"
+
+
 class SamplerName(str, Enum):
     ddk = "ddk"
     static = "static"

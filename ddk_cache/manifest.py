@@ -89,15 +89,19 @@ class Manifest:
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file; raises `ManifestError` with a one-line message."""
     path = Path(path)
+    return parse_manifest(read_yaml(path, "manifest file", "--manifest"), base_dir=path.parent, source_path=path)
+
+
+def read_yaml(path: Path, what: str, flag: str) -> Any:
+    """The YAML document at `path`; a missing file or bad syntax is one line naming `what` and the `flag` that gave it."""
     if not path.is_file():
-        raise ManifestError(f"manifest file {str(path)!r} does not exist: check the --manifest path")
+        raise ManifestError(f"{what} {str(path)!r} does not exist: check the {flag} path")
     try:
-        document = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ManifestError(f"{path}: not valid YAML{where}: fix the syntax") from None
-    return parse_manifest(document, base_dir=path.parent, source_path=path)
 
 
 def parse_manifest(document: Any, base_dir: Path, source_path: Path | None = None) -> Manifest:

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ddk_cache.errors import ManifestError
-from ddk_cache.manifest import DOMAIN_NAME_PATTERN, SourceSpec, parse_source, positive_int, reject_unknown
+from ddk_cache.manifest import DOMAIN_NAME_PATTERN, SourceSpec, parse_source, positive_int, read_yaml, reject_unknown
 
 _KEYS = {"seed", "name", "prompt_template", "reference_field", "train", "test", "train_prompts", "test_prompts",
          "max_prompt_tokens", "max_new_tokens", "description"}
@@ -73,13 +72,7 @@ class PromptManifest:
 
 def load_prompt_manifest(path: str | Path) -> PromptManifest:
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"prompt manifest {str(path)!r} does not exist: check the --prompts path")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise ManifestError(f"{path}: not valid YAML: fix the syntax") from None
-    return parse_prompt_manifest(document, path.parent.resolve(), str(path))
+    return parse_prompt_manifest(read_yaml(path, "prompt manifest", "--prompts"), path.parent.resolve(), str(path))
 
 
 def parse_prompt_manifest(document: Any, base_dir: Path, where: str = "prompt manifest") -> PromptManifest:

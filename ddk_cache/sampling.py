@@ -40,38 +40,60 @@ class Rollouts:
 
 
 def sample_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_tokens: int, max_new_tokens: int, seed: int,
-                    batch_size: int = 8, greedy: bool = False, progress: Callable[[int], None] | None = None) -> Rollouts:
-    """Generate one response per prompt (batches of `batch_size`, each seeded from `seed` and its index)."""
-    from transformers import GenerationConfig
-
+                    batch_size: int = 8, greedy: bool = False, progress: Callable[[int], None] | None = None,
+                    generate: "Callable[[list[list[int]]], list[list[int]]] | None" = None) -> Rollouts:
+    """One response per prompt; `generate` maps prompt ids to response ids (default: HF `generate` on `model`, batches of
+    `batch_size`, each seeded from `seed` and its index; `vllm_sampling.py` gives vLLM's). The behaviour log-probs
+    always come from `model`'s teacher-forced pass, whichever generator sampled."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the student's tokenizer has no end-of-sequence token: responses would never end")
+    prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos] for p in prompts]
+    if generate is None:
+        responses = hf_generate(model, tokenizer, prompt_ids, max_new_tokens, seed, batch_size, greedy, progress)
+    else:
+        responses = generate(prompt_ids)
+        if progress is not None:
+            progress(len(prompts))
+    return assemble(model, prompt_ids, responses, eos, max_prompt_tokens + max_new_tokens, batch_size)
+
+
+def hf_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, seed: int, batch_size: int, greedy: bool = False,
+                progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Responses from transformers' `generate`, left-padded batches, every warper off (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    length = max_prompt_tokens + max_new_tokens
+    # top_k=0 is "no top-k filter" (transformers warns it is "not valid" and builds no warper); None would take the model's default
     config = GenerationConfig(do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     device = next(model.parameters()).device
-    windows = np.full((len(prompts), length + 1), eos, dtype=np.int32)
-    mask = np.zeros((len(prompts), length), dtype=np.uint8)
     model.eval()
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first : first + batch_size]
-        encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos] for p in batch]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    responses = []
+    for first in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[first : first + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         torch.manual_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
         with torch.no_grad():
-            generated = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)[:, width:].tolist()
-        for row, (ids, response) in enumerate(zip(encoded, generated)):
-            if eos in response:
-                response = response[: response.index(eos) + 1]
-            sequence = ids + response
-            windows[first + row, : len(sequence)] = sequence
-            mask[first + row, len(ids) - 1 : len(ids) - 1 + len(response)] = 1
+            responses += model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)[:, width:].tolist()
         if progress is not None:
             progress(len(batch))
+    return responses
+
+
+def assemble(model, prompt_ids: list[list[int]], responses: list[list[int]], eos: int, length: int, batch_size: int) -> Rollouts:
+    """Windows `[prompt | response up to its end-of-sequence | end-of-sequence padding]`, the mask, the behaviour log-probs."""
+    windows = np.full((len(prompt_ids), length + 1), eos, dtype=np.int32)
+    mask = np.zeros((len(prompt_ids), length), dtype=np.uint8)
+    for row, (ids, response) in enumerate(zip(prompt_ids, responses)):
+        if eos in response:
+            response = response[: response.index(eos) + 1]
+        response = response[: length - len(ids)]
+        windows[row, : len(ids) + len(response)] = ids + response
+        mask[row, len(ids) - 1 : len(ids) - 1 + len(response)] = 1
     behaviour = sequence_logprobs(model, windows, batch_size) * mask
     return Rollouts(windows, mask, behaviour.astype(np.float32))
 
@@ -82,19 +104,14 @@ def reference_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_token
     text after the prompt (a space between them unless the prompt ends in whitespace), then end-of-sequence,
     cut at `max_new_tokens`. The behaviour log-probs are the model's own, for a like-for-like record."""
     eos = tokenizer.eos_token_id
-    length = max_prompt_tokens + max_new_tokens
-    windows = np.full((len(prompts), length + 1), eos, dtype=np.int32)
-    mask = np.zeros((len(prompts), length), dtype=np.uint8)
-    for row, prompt in enumerate(prompts):
+    prompt_ids, responses = [], []
+    for prompt in prompts:
         if prompt.reference is None:
             raise ValueError("reference responses need a 'reference_field' in the prompt manifest")
-        ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos]
+        prompt_ids.append(tokenizer(prompt.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos])
         separator = "" if prompt.text[-1:].isspace() else " "
-        response = (tokenizer(separator + prompt.reference, add_special_tokens=False)["input_ids"] + [eos])[:max_new_tokens]
-        windows[row, : len(ids) + len(response)] = ids + response
-        mask[row, len(ids) - 1 : len(ids) - 1 + len(response)] = 1
-    behaviour = sequence_logprobs(model, windows, batch_size) * mask
-    return Rollouts(windows, mask, behaviour.astype(np.float32))
+        responses.append((tokenizer(separator + prompt.reference, add_special_tokens=False)["input_ids"] + [eos])[:max_new_tokens])
+    return assemble(model, prompt_ids, responses, eos, max_prompt_tokens + max_new_tokens, batch_size)
 
 
 def sequence_logprobs(model, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ddk_cache import __version__
 from ddk_cache.capture import Capture
-from ddk_cache.choices import Responses, values
+from ddk_cache.choices import Generator, Responses, values
 from ddk_cache.cache_format import StoreLayout
 from ddk_cache.distributed import resolve_training_device
 from ddk_cache.errors import DDKCacheError
@@ -43,6 +43,7 @@ class RolloutConfig:
     device: str = "auto"
     shard_windows: int | None = None
     responses: str = "sampled"  # "sampled": the student's answers (MiniLLM); "references": the manifest's (SFT, word-level KD)
+    generator: str = "auto"  # who samples: "hf" (transformers' generate), "vllm" (GPU nodes); auto: vllm where installed with a GPU
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     progress: bool = True
@@ -78,6 +79,12 @@ def run_rollout(config: RolloutConfig) -> RolloutSummary:
         raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
     device = resolve_training_device(config.device)
     model.to(device)
+    generator = resolve_generator(config.generator) if config.responses == "sampled" else REFERENCES
+    generate = None
+    if generator == "vllm":
+        from ddk_cache.vllm_sampling import vllm_generator
+
+        generate = vllm_generator(config.student, manifest.max_new_tokens, tokenizer.eos_token_id)
     prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
     layout = StoreLayout.choose(manifest.seq_len, Capture(), None, None, config.shard_windows)
     start = time.perf_counter()
@@ -90,8 +97,9 @@ def run_rollout(config: RolloutConfig) -> RolloutSummary:
                                                    config.batch_size)
                 bar.update(len(chosen))
             else:
+                sample = None if generate is None else (lambda ids, seed=seed: generate(ids, seed))
                 splits[split] = sample_rollouts(model, tokenizer, chosen, manifest.max_prompt_tokens, manifest.max_new_tokens, seed,
-                                                config.batch_size, progress=bar.update)
+                                                config.batch_size, progress=bar.update, generate=sample)
     header = StoreHeader(
         format_version=FORMAT_VERSION, status="packing", created_by=f"ddk-cache {__version__}", created_at=now(),
         tokenizer=TokenizerInfo.from_dict(tokenizer_description(tokenizer)),
@@ -101,7 +109,7 @@ def run_rollout(config: RolloutConfig) -> RolloutSummary:
         rollout=RolloutInfo(student=str(Path(config.student).resolve()) if Path(config.student).exists() else config.student,
                             student_weights_sha256=weights_sha256(config.student), round=config.round,
                             seed=config.seed, temperature=1.0, max_prompt_tokens=manifest.max_prompt_tokens,
-                            max_new_tokens=manifest.max_new_tokens, generator="hf" if config.responses == "sampled" else REFERENCES,
+                            max_new_tokens=manifest.max_new_tokens, generator=generator,
                             train_prompts=len(prompts["train"]),
                             test_prompts=len(prompts["valid"])),
     )
@@ -112,6 +120,26 @@ def run_rollout(config: RolloutConfig) -> RolloutSummary:
         summary.mean_response_tokens[split] = float(rollouts.response_lengths.mean()) if len(rollouts.tokens) else 0.0
     return summary
 
+
+
+GENERATORS = values(Generator)
+
+
+def resolve_generator(name: str) -> str:
+    """`auto`: vLLM where it is installed and a GPU is present, else transformers' generate."""
+    import torch
+
+    from ddk_cache.engines.vllm_engine import vllm_version
+
+    if name not in GENERATORS:
+        raise DDKCacheError(f"unknown --generator {name!r}: choose {', '.join(GENERATORS)}")
+    if name == "vllm" and vllm_version() is None:
+        raise DDKCacheError('--generator vllm needs vLLM: pip install "ddk-cache[vllm]" on a GPU node, or use --generator hf')
+    if name == "vllm" and not torch.cuda.is_available():
+        raise DDKCacheError("--generator vllm needs a GPU: use --generator hf here")
+    if name == "auto":
+        return "vllm" if vllm_version() is not None and torch.cuda.is_available() else "hf"
+    return name
 
 
 def store_exists(url: str, storage_options: dict | None) -> bool:

@@ -255,3 +255,9 @@ def test_the_pretraining_term_adds_lm_loss_on_a_cache_of_fixed_text(scored_rollo
     assert refused.exit_code == 2 and "--pt-store is MiniLLM's pretraining term" in refused.stderr
     refused = update(scored_rollouts, tiny_student, tmp_path / "c", "--pt-store", str(tiny_store), "--pt-weight", "-1")
     assert refused.exit_code == 2 and "--pt-weight must be >= 0" in refused.stderr
+
+
+def test_the_vllm_generator_is_refused_in_one_line_where_it_cannot_run(tiny_student, tmp_path):
+    result = rollout(tiny_student, write_prompt_manifest(tmp_path), tmp_path / "x.zarr", "--generator", "vllm")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--generator vllm needs" in result.stderr and not (tmp_path / "x.zarr").exists()

@@ -159,3 +159,32 @@ def test_vllm_engine_without_a_gpu_is_a_one_line_cli_error(tmp_path, tiny_teache
     assert "Traceback" not in result.output
     assert "vLLM" in result.output and "--engine hf" in result.output
     assert not out.exists(), "nothing is written before the engine is up"
+
+
+def test_rollout_sampling_params_leave_the_students_distribution_untouched():
+    from ddk_cache.vllm_sampling import rollout_sampling_params
+
+    params = rollout_sampling_params(max_new_tokens=12, seed=5, eos=2)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
+    assert (params.presence_penalty, params.frequency_penalty, params.n) == (0.0, 0.0, 1)
+    assert params.max_tokens == 12 and params.seed == 5 and params.stop_token_ids == [2] and not params.ignore_eos
+
+
+def test_rollout_responses_from_vllm_outputs_end_like_hf_ones(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    from ddk_cache.sampling import assemble
+    from ddk_cache.vllm_sampling import responses_from_outputs
+
+    def output(ids: list[int], reason: str) -> RequestOutput:
+        completion = CompletionOutput(index=0, text="", token_ids=ids, cumulative_logprob=None, logprobs=None, finish_reason=reason)
+        return RequestOutput(request_id="r", prompt=None, prompt_token_ids=[5, 6], prompt_logprobs=None, outputs=[completion], finished=True)
+
+    eos = 2
+    responses = responses_from_outputs([output([7, 8, eos], "stop"), output([7, 8], "stop"), output([7, 8, 9], "length")], eos)
+    assert responses == [[7, 8, eos], [7, 8, eos], [7, 8, 9]]  # a stop without the token gets it back; a cut response has none
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert AutoTokenizer.from_pretrained(tiny_teacher).eos_token_id == eos
+    rollouts = assemble(model, [[5, 6]] * 3, responses, eos, length=6, batch_size=3)
+    assert rollouts.response_mask.tolist() == [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]]
+    assert rollouts.tokens[2].tolist() == [5, 6, 7, 8, 9, eos, eos]
