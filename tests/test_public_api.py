@@ -30,6 +30,8 @@ def test_open_store_describes_the_store(tiny_store):
         assert store.bytes_stored(domain, "train") > 0
     summary = store.summary()
     assert set(summary["domains"]) == set(store.domains) and summary["capture"]["mode"] == "topk"
+    assert isinstance(store.header, ddk_cache.StoreHeader) and store.header.to_dict()["format"] == "ddk-cache"
+    assert isinstance(reader.domain_info(store.domains[0]), ddk_cache.DomainInfo)
     with pytest.raises(StoreError, match="has no domain 'poetry': it has"):
         store.split("poetry", "train")
     with pytest.raises(StoreError, match="unknown split 'test'"):
