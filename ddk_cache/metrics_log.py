@@ -18,6 +18,9 @@ from ddk_cache.errors import DDKCacheError
 from ddk_cache.choices import ReportTarget, values
 
 METRICS_NAME = "metrics.jsonl"
+# what a training step logs: the loss and its parts (CE + KD, or MiniLLM's), and MiniLLM's per-step statistics
+LOSS_PARTS = ("loss", "ce", "kd", "policy_gradient", "single_step", "pretraining_lm")
+MINILLM_STATISTICS = ("reward", "reverse_kl", "clipped_fraction")
 TENSORBOARD_DIR = "tensorboard"
 REPORT_TARGETS = values(ReportTarget)
 
@@ -72,7 +75,7 @@ class MetricsLog:
 
     def _scalars(self, record: dict[str, Any]) -> None:
         step, add = record["step"], self._writer.add_scalar
-        for key in ("loss", "ce", "kd", "grad_norm", "lr", "tokens_per_s"):
+        for key in (*LOSS_PARTS, *MINILLM_STATISTICS, "grad_norm", "lr", "tokens_per_s"):
             if key in record:
                 add(f"train/{key}", record[key], step)
         for domain, scores in record.get("eval", {}).items():

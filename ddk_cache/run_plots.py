@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddk_cache.errors import DDKCacheError
-from ddk_cache.metrics_log import METRICS_NAME
+from ddk_cache.metrics_log import LOSS_PARTS, METRICS_NAME
 
 FIGURES = ("loss.png", "domain_weights.png", "domain_ppl.png")
 
@@ -54,7 +54,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
+    for key, style in zip(LOSS_PARTS, ("-", "--", ":", "--", ":", "-.")):
         if any(r.get(key) for r in steps):
             ax.plot([r["step"] for r in steps], [r[key] for r in steps], style, label=key)
     ax.set(title=f"{run_dir.name}: training loss", xlabel="step", ylabel="nats")

@@ -187,6 +187,9 @@ def test_a_minillm_update_trains_on_scored_rollouts_and_logs_its_parts(scored_ro
     assert steps[0]["clipped_fraction"] == 0  # the first step starts from the policy that sampled: every ratio is 1
     assert steps[-1]["single_step"] < steps[0]["single_step"]  # the student moves toward the teacher on its own samples
     assert (tmp_path / "run" / "model.safetensors").exists()
+    plotted = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])  # MiniLLM's loss parts are drawn like CE and KD
+    assert plotted.exit_code == 0, plotted.output
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
 def test_objectives_and_stores_must_match(scored_rollouts, tiny_store, tiny_student, tiny_teacher, tmp_path):
