@@ -86,6 +86,11 @@ def render_inspection(reader: CacheReader) -> Group:
             ("engine", f"{engine.name} {engine.version} {engine.settings}" if engine else "not recorded"),
             ("capture", f"{capture.capture.describe()}; seq_len={capture.seq_len} T={capture.temperature}"),
         ]
+    if header.rollout is not None:
+        rollout = header.rollout
+        rows.append(("rollout", f"round {rollout.round}: {rollout.generator} responses of {rollout.student} "
+                                f"({rollout.student_weights_sha256 or 'weights not hashed'}), seed {rollout.seed}, "
+                                f"{rollout.train_prompts} train / {rollout.test_prompts} test prompts"))
     rows += [
         ("layout", str(header.layout.to_dict())),
         ("packing", str((header.packing or PackingInfo()).to_dict())),

@@ -118,6 +118,8 @@ def test_a_teacher_scores_a_rollout_store_in_place(rollout_store, tiny_teacher, 
     assert reader.domain_info("math").teacher_valid_loss == pytest.approx(expected, rel=1e-5)
     verified = CliRunner().invoke(app, ["verify", str(scored)])
     assert verified.exit_code == 0, verified.output
+    inspected = CliRunner().invoke(app, ["inspect", str(scored)], env={"COLUMNS": "200"})
+    assert inspected.exit_code == 0 and "round 0: hf responses of" in inspected.output
 
 
 def test_a_damaged_rollout_array_is_caught_by_its_checksum(rollout_store, tmp_path):
