@@ -9,7 +9,9 @@ same number of optimizer steps of the same batch size, the same constant learnin
   `distill --objective kd --gamma 0`);
 - `word_kd`: MiniLLM's word-level KD baseline on the same teacher-scored references: (1 - 0.5) CE + 0.5 forward KL
   (`--mix 0.5`);
-- `minillm`: `--rounds` rounds of rollout -> score -> update (`ddk-cache minillm`), `--epochs` passes per round.
+- `minillm`: `--rounds` rounds of rollout -> score -> update (`ddk-cache minillm`), `--epochs` passes per round;
+- `minillm_low_lr`: the same at `--low-lr` (MiniLLM trains with small learning rates; at the shared `--lr` most
+  importance ratios leave the clip range within a round, which `clipped_fraction` in the runs' metrics shows).
 
 Every final student is measured the same way on the held-out prompts: ROUGE-L of its greedy answers, and the
 reverse KL estimate from its own samples scored by the teacher (a rollout + teacher-dump of the student). The
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--low-lr", type=float, default=2e-5, help="the minillm_low_lr arm's learning rate")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=["start", "sft", "word_kd", "minillm"])
@@ -87,6 +90,9 @@ def main() -> None:
         run_rollout(RolloutConfig(student=args.student, prompts=every_round, out=str(references), responses="references",
                                   batch_size=args.batch_size, device="cpu", progress=False))
         score(args, engine, references)
+    for key, record in results["runs"].items():  # runs recorded before these fields existed
+        if key.startswith("minillm") and "clipped_fraction" not in record and (args.out_dir / key).is_dir():
+            record.update(clipped_fraction=clipped_fraction(args.out_dir / key), lr=args.lr if key.startswith("minillm-") else args.low_lr)
     for seed in args.seeds:
         for arm in args.arms:
             key = f"{arm}-seed{seed}"
@@ -96,13 +102,14 @@ def main() -> None:
             folder = args.out_dir / key
             if arm == "start":
                 record = measure(args, engine, prompts, args.student, folder)
-            elif arm == "minillm":
+            elif arm in ("minillm", "minillm_low_lr"):
+                lr = args.lr if arm == "minillm" else args.low_lr
                 rounds = run_minillm_rounds(MiniLLMRoundsConfig(student=args.student, teacher=args.teacher, prompts=prompts, out=folder,
-                                                                rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                                                rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                                                                 k=args.k, seed=seed, device="cpu", progress=False))
                 record = {"rounds": [r.to_dict() for r in rounds], "reverse_kl": rounds[-1].reverse_kl, "rouge_l": rounds[-1].rouge_l,
                           "teacher_response_loss": rounds[-1].teacher_response_loss, "response_tokens": rounds[-1].response_tokens,
-                          "round_seconds": round_seconds(folder)}
+                          "round_seconds": round_seconds(folder), "lr": lr, "clipped_fraction": clipped_fraction(folder)}
             else:
                 run_distill(DistillConfig(store=str(references), student=args.student, out=folder / "student", kd=BASELINES[arm],
                                           steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0,
@@ -159,6 +166,16 @@ def round_seconds(folder: Path) -> list[dict]:
     return [{"round": r, **{k: round(v, 1) for k, v in parts.items()}} for r, parts in sorted(rows.items())]
 
 
+def clipped_fraction(folder: Path) -> list[float]:
+    """Per round, the mean share of response tokens whose importance ratio the clip held, over the update's steps."""
+    shares = []
+    for run in sorted(folder.glob("round-*/student"), key=lambda p: int(p.parent.name.split("-")[1])):
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        values = [s["clipped_fraction"] for s in steps if "clipped_fraction" in s]
+        shares.append(round(statistics.mean(values), 3) if values else float("nan"))
+    return shares
+
+
 def settings(args: argparse.Namespace) -> dict:
     return {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
             "teacher": args.teacher, "student": args.student, "corpus": str(args.corpus), "train_prompts": args.train_prompts,
@@ -168,7 +185,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def report(results: dict) -> str:
     setup, runs = results["setup"], results["runs"]
-    arms = [a for a in ("start", "sft", "word_kd", "minillm") if any(k.startswith(f"{a}-") for k in runs)]
+    arms = [a for a in ("start", "sft", "word_kd", "minillm", "minillm_low_lr") if any(k.startswith(f"{a}-") for k in runs)]
     lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | greedy tokens |", "|---|---|---|---|---|---|"]
     for arm in arms:
         mine = [v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")]
@@ -176,15 +193,18 @@ def report(results: dict) -> str:
         per_seed = lambda key: ", ".join(f"{r[key]:.3f}" for r in mine)  # noqa: E731
         lines.append(f"| {arm} | {len(mine)} | {mean('reverse_kl'):.4f} ({per_seed('reverse_kl')}) | {mean('rouge_l'):.2f} "
                      f"({per_seed('rouge_l')}) | {mean('teacher_response_loss'):.4f} | {mean('response_tokens'):.1f} |")
-    minillm = [v for k, v in sorted(runs.items()) if k.startswith("minillm-")]
-    if minillm:
-        lines += ["", "| MiniLLM student | " + " | ".join(f"seed {i}" for i in range(len(minillm))) + " |",
+    for arm in ("minillm", "minillm_low_lr"):
+        minillm = {k: v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")}
+        if not minillm:
+            continue
+        lines += ["", f"| {arm} (lr {next(iter(minillm.values())).get('lr')}) | " + " | ".join(minillm) + " |",
                   "|---|" + "---|" * len(minillm)]
-        for r in range(len(minillm[0]["rounds"])):
-            cells = [f"rev KL {m['rounds'][r]['reverse_kl']:.4f}, ROUGE-L {m['rounds'][r]['rouge_l']:.2f}" for m in minillm]
-            lines.append(f"| round {r} | " + " | ".join(cells) + " |")
-        seconds = minillm[0]["round_seconds"]
-        lines += ["", "Seconds per round (seed 0): " + "; ".join(
+        for r in range(len(next(iter(minillm.values()))["rounds"])):
+            cells = [f"rev KL {m['rounds'][r]['reverse_kl']:.4f}, ROUGE-L {m['rounds'][r]['rouge_l']:.2f}"
+                     + (f", clipped {m['clipped_fraction'][r]:.2f}" if r < len(m.get("clipped_fraction", [])) else "") for m in minillm.values()]
+            lines.append(f"| after {r} updates | " + " | ".join(cells) + " |")
+        seconds = next(iter(minillm.values()))["round_seconds"]
+        lines += ["", f"{arm}: seconds per round ({next(iter(minillm))}): " + "; ".join(
             f"round {s['round']}: " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "round") for s in seconds)]
     lines += ["", f"Setup: {json.dumps(setup)}"]
     return "\n".join(lines)
