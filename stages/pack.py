@@ -156,7 +156,8 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[StoreHeader, li
         raise (StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one") if "not a ddk-cache" in str(exc)
                else exc.at(url)) from None
     if header.status in ("packing", "creating"):
-        raise StoreError(f"{url} is not completely packed (status {header.status}): run `ddk-cache pack` again to finish it")
+        again = "rollout --overwrite" if header.rollout is not None else "pack"
+        raise StoreError(f"{url} is not completely packed (status {header.status}): run `ddk-cache {again}` again to finish it")
     if header.format_version != FORMAT_VERSION:
         raise StoreError(f"{url} is a format version {header.format_version} store; this ddk-cache scores version {FORMAT_VERSION} stores")
     domains = []
