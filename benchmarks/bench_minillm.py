@@ -91,8 +91,17 @@ def main() -> None:
                                   batch_size=args.batch_size, device="cpu", progress=False))
         score(args, engine, references)
     for key, record in results["runs"].items():  # runs recorded before these fields existed
-        if key.startswith("minillm") and "clipped_fraction" not in record and (args.out_dir / key).is_dir():
-            record.update(clipped_fraction=clipped_fraction(args.out_dir / key), lr=args.lr if key.startswith("minillm-") else args.low_lr)
+        folder = args.out_dir / key
+        if key.startswith("minillm") and "clipped_fraction" not in record and folder.is_dir():
+            record.update(clipped_fraction=clipped_fraction(folder), lr=args.lr if key.startswith("minillm-") else args.low_lr)
+        if "student_entropy" not in record and folder.is_dir():
+            stores = sorted(folder.glob("round-*/rollouts.zarr"), key=lambda p: int(p.parent.name.split("-")[1]))
+            if stores:  # a MiniLLM arm: every round's student, the last one as the arm's
+                for entry, store in zip(record["rounds"], stores):
+                    entry["student_entropy"] = sample_entropy(store)
+                record["student_entropy"] = record["rounds"][-1]["student_entropy"]
+            elif (folder / "eval-rollouts.zarr").exists():
+                record["student_entropy"] = sample_entropy(folder / "eval-rollouts.zarr")
     for seed in args.seeds:
         for arm in args.arms:
             key = f"{arm}-seed{seed}"
@@ -107,7 +116,9 @@ def main() -> None:
                 rounds = run_minillm_rounds(MiniLLMRoundsConfig(student=args.student, teacher=args.teacher, prompts=prompts, out=folder,
                                                                 rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                                                                 k=args.k, seed=seed, device="cpu", progress=False))
-                record = {"rounds": [r.to_dict() for r in rounds], "reverse_kl": rounds[-1].reverse_kl, "rouge_l": rounds[-1].rouge_l,
+                entropies = [sample_entropy(folder / f"round-{r.round}" / "rollouts.zarr") for r in rounds]
+                record = {"rounds": [{**r.to_dict(), "student_entropy": h} for r, h in zip(rounds, entropies)],
+                          "reverse_kl": rounds[-1].reverse_kl, "rouge_l": rounds[-1].rouge_l, "student_entropy": entropies[-1],
                           "teacher_response_loss": rounds[-1].teacher_response_loss, "response_tokens": rounds[-1].response_tokens,
                           "round_seconds": round_seconds(folder), "lr": lr, "clipped_fraction": clipped_fraction(folder)}
             else:
@@ -154,7 +165,16 @@ def measure(args: argparse.Namespace, engine, prompts: Path, student: str, folde
     greedy = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
                                 args.batch_size)
     return {"reverse_kl": reverse_kl_estimate(reader), "teacher_response_loss": reader.domain_info(manifest.name).teacher_valid_loss,
-            "rouge_l": greedy.rouge_l, "response_tokens": greedy.mean_response_tokens}
+            "student_entropy": sample_entropy(store), "rouge_l": greedy.rouge_l, "response_tokens": greedy.mean_response_tokens}
+
+
+def sample_entropy(store: Path) -> float:
+    """The student's mean -log q over its own sampled test responses: an estimate of its per-token entropy. With the
+    teacher's CE on the same tokens it splits the reverse KL: KL(q || p) = CE_p(samples) - H(q) (per token)."""
+    reader = CacheReader(str(store))
+    values = reader.read_arrays(reader.domains[0], "valid", ("behaviour_logprobs", "response_mask"))
+    mask = values["response_mask"] > 0
+    return float(-values["behaviour_logprobs"][mask].astype("float64").mean())
 
 
 def round_seconds(folder: Path) -> list[dict]:
@@ -186,13 +206,15 @@ def settings(args: argparse.Namespace) -> dict:
 def report(results: dict) -> str:
     setup, runs = results["setup"], results["runs"]
     arms = [a for a in ("start", "sft", "word_kd", "minillm", "minillm_low_lr") if any(k.startswith(f"{a}-") for k in runs)]
-    lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | greedy tokens |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | its own NLL (entropy) | greedy tokens |",
+             "|---|---|---|---|---|---|---|"]
     for arm in arms:
         mine = [v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")]
         mean = lambda key: statistics.mean(r[key] for r in mine)  # noqa: E731
         per_seed = lambda key: ", ".join(f"{r[key]:.3f}" for r in mine)  # noqa: E731
         lines.append(f"| {arm} | {len(mine)} | {mean('reverse_kl'):.4f} ({per_seed('reverse_kl')}) | {mean('rouge_l'):.2f} "
-                     f"({per_seed('rouge_l')}) | {mean('teacher_response_loss'):.4f} | {mean('response_tokens'):.1f} |")
+                     f"({per_seed('rouge_l')}) | {mean('teacher_response_loss'):.4f} | {mean('student_entropy'):.4f} | "
+                     f"{mean('response_tokens'):.1f} |")
     for arm in ("minillm", "minillm_low_lr"):
         minillm = {k: v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")}
         if not minillm:
@@ -200,7 +222,8 @@ def report(results: dict) -> str:
         lines += ["", f"| {arm} (lr {next(iter(minillm.values())).get('lr')}) | " + " | ".join(minillm) + " |",
                   "|---|" + "---|" * len(minillm)]
         for r in range(len(next(iter(minillm.values()))["rounds"])):
-            cells = [f"rev KL {m['rounds'][r]['reverse_kl']:.4f}, ROUGE-L {m['rounds'][r]['rouge_l']:.2f}"
+            cells = [f"rev KL {m['rounds'][r]['reverse_kl']:.4f}, ROUGE-L {m['rounds'][r]['rouge_l']:.2f}, "
+                     f"teacher CE {m['rounds'][r]['teacher_response_loss']:.3f}, entropy {m['rounds'][r].get('student_entropy', float('nan')):.3f}"
                      + (f", clipped {m['clipped_fraction'][r]:.2f}" if r < len(m.get("clipped_fraction", [])) else "") for m in minillm.values()]
             lines.append(f"| after {r} updates | " + " | ".join(cells) + " |")
         seconds = next(iter(minillm.values()))["round_seconds"]
