@@ -102,6 +102,7 @@ def main() -> None:
                 record["student_entropy"] = record["rounds"][-1]["student_entropy"]
             elif (folder / "eval-rollouts.zarr").exists():
                 record["student_entropy"] = sample_entropy(folder / "eval-rollouts.zarr")
+    save(args, results)
     for seed in args.seeds:
         for arm in args.arms:
             key = f"{arm}-seed{seed}"
@@ -129,9 +130,14 @@ def main() -> None:
             record.update(seconds=round(time.perf_counter() - started, 1), steps=0 if arm == "start" else steps)
             results["runs"][key] = record
             print(key, json.dumps({k: v for k, v in record.items() if k != "rounds"}), flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(results, indent=1) + "\n")
+            save(args, results)
+
+
+def save(args: argparse.Namespace, results: dict) -> None:
+    """Results are written after every run, so a long benchmark killed half-way keeps what it measured."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def write_prompt_manifest(args: argparse.Namespace, name: str = "prompts.yaml", train_prompts: int | None = None) -> Path:
