@@ -159,7 +159,11 @@ def test_readme_states_every_declared_range():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
-    for command, table in (("teacher-dump", {**DUMP_RANGES, **ENGINE_RANGES}), ("distill", DISTILL_RANGES)):
+    from ddk_cache.stages.minillm_rounds import ROUNDS_RANGES
+    from ddk_cache.stages.rollout import ROLLOUT_RANGES
+
+    for command, table in (("teacher-dump", {**DUMP_RANGES, **ENGINE_RANGES}), ("distill", DISTILL_RANGES), ("rollout", ROLLOUT_RANGES),
+                           ("minillm", ROUNDS_RANGES)):
         for name, allowed in table.items():
             assert f"`--{name.replace('_', '-')}` {allowed.describe()}" in rows[command], (command, name)
     for name in ("steps", "train_tokens", "seed"):
