@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -35,6 +35,9 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ddk_cache.capture import Capture
 from ddk_cache.store_header import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS  # noqa: F401  (the header's typed metadata)
+
+if TYPE_CHECKING:
+    from ddk_cache.store_header import DomainInfo, StoreHeader
 
 HEADER_ATTR = "ddk_cache"
 DOMAIN_ATTR = "ddk_cache_domain"
@@ -198,6 +201,27 @@ def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
     if "://" in url and not url.startswith("file://"):
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
+
+
+def read_header(root: zarr.Group, url: str) -> "StoreHeader":
+    """The typed header of an open store; a damaged one is refused in one line naming the key."""
+    from ddk_cache.store_header import HeaderError, StoreHeader
+
+    try:
+        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+    except HeaderError as exc:
+        raise exc.at(url) from None
+
+
+def read_domain_info(root: zarr.Group, domain: str, url: str) -> "DomainInfo":
+    """A domain group's typed info (KeyError if the group or its attribute is missing: callers say what that means)."""
+    from ddk_cache.store_header import DomainInfo, HeaderError
+
+    raw = root[domain].attrs[DOMAIN_ATTR]
+    try:
+        return DomainInfo.from_dict(raw, f"{domain}/{DOMAIN_ATTR}")
+    except HeaderError as exc:
+        raise exc.at(url) from None
 
 
 def create_split_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout) -> None:

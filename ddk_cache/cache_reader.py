@@ -20,7 +20,6 @@ from zarr.core.sync import sync
 from ddk_cache.cache_format import (
     COUNTS,
     DOMAIN_ATTR,
-    HEADER_ATTR,
     IDS,
     LOGPROBS,
     N_ENTRIES,
@@ -34,13 +33,15 @@ from ddk_cache.cache_format import (
     V1_TOPK_IDS,
     V1_TOPK_LOGPROBS,
     StoreLayout,
+    read_domain_info,
+    read_header,
     rollout_specs,
     zarr_store,
     token_spec,
 )
 from ddk_cache.capture import Capture, sampled_logprobs
 from ddk_cache.errors import StoreError, first_line
-from ddk_cache.store_header import DomainInfo, HeaderError, StoreHeader
+from ddk_cache.store_header import DomainInfo, StoreHeader
 from ddk_cache.integrity import aligned, checksum_array, filters_signature, has_checksums, mismatched_chunks
 
 
@@ -73,10 +74,7 @@ class CacheReader:
             raise StoreError(f"no ddk-cache store at {url}: check the path (run teacher-dump to create one)") from None
         except (OSError, ValueError) as exc:  # object stores: refused credentials, unreachable endpoint, bad URL
             raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
-        try:
-            header = StoreHeader.from_dict(self.root.attrs.get(HEADER_ATTR))
-        except HeaderError as exc:
-            raise exc.at(url) from None
+        header = read_header(self.root, url)
         if not header.complete and not allow_incomplete:
             raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
         self.header: StoreHeader = header
@@ -107,14 +105,10 @@ class CacheReader:
 
     def domain_info(self, domain: str) -> DomainInfo:
         try:
-            raw = self.root[domain].attrs[DOMAIN_ATTR]
+            return read_domain_info(self.root, domain, self.url)
         except KeyError:
             raise StoreError(f"{self.url}: domain {domain!r} (its group or its '{DOMAIN_ATTR}' attribute) is missing: the store is "
                              f"damaged; run `ddk-cache verify {self.url}`") from None
-        try:
-            return DomainInfo.from_dict(raw, f"{domain}/{DOMAIN_ATTR}")
-        except HeaderError as exc:
-            raise exc.at(self.url) from None
 
     def array(self, domain: str, split: str, name: str) -> zarr.Array:
         """A data array (its metadata read once: an object store would be asked on every chunk otherwise)."""

@@ -40,6 +40,8 @@ from ddk_cache.cache_format import (
     create_target_arrays,
     create_token_array,
     logprob_floor,
+    read_domain_info,
+    read_header,
     zarr_store,
     teacher_loss,
 )
@@ -221,10 +223,7 @@ class CacheWriter:
         return read_header(self.root, self.url)
 
     def domain_info(self, domain: str) -> DomainInfo:
-        try:
-            return DomainInfo.from_dict(self.root[domain].attrs[DOMAIN_ATTR], f"{domain}/{DOMAIN_ATTR}")
-        except HeaderError as exc:
-            raise exc.at(self.url) from None
+        return read_domain_info(self.root, domain, self.url)
 
     def set_domain_info(self, info: DomainInfo) -> None:
         self.root[info.name].attrs[DOMAIN_ATTR] = info.to_dict()
@@ -296,14 +295,6 @@ class CacheWriter:
         write_header(self.root, self.header().with_status("complete", completed_at=now()))
 
 
-def read_header(root: zarr.Group, url: str) -> StoreHeader:
-    """The typed header of an open store; a damaged one is refused in one line naming the key."""
-    try:
-        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
-    except HeaderError as exc:
-        raise exc.at(url) from None
-
-
 def write_header(root: zarr.Group, header: StoreHeader) -> None:
     root.attrs[HEADER_ATTR] = header.to_dict()
 
@@ -366,13 +357,9 @@ def _check_identity(old: dict, new: dict, url: str) -> None:
 
 def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
     try:
-        raw = root[domain.name].attrs[DOMAIN_ATTR]
+        info = read_domain_info(root, domain.name, url)
     except KeyError:
         raise StoreError(f"{url} lacks domain {domain.name!r} (a writer died while creating it): pass --overwrite to start again") from None
-    try:
-        info = DomainInfo.from_dict(raw, f"{domain.name}/{DOMAIN_ATTR}")
-    except HeaderError as exc:
-        raise exc.at(url) from None
     for split in SPLITS:
         packed: PackedSplit = getattr(domain, split)
         recorded = info.split(split)

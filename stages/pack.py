@@ -27,7 +27,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
-from ddk_cache.cache_format import DOMAIN_ATTR, FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
+from ddk_cache.cache_format import FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, read_domain_info, zarr_store
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture
 from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
@@ -97,7 +97,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
-        return PackSummary(config.out, [DomainInfo.from_dict(root[name].attrs[DOMAIN_ATTR]) for name in names], already_packed=True)
+        return PackSummary(config.out, [read_domain_info(root, name, config.out) for name in names], already_packed=True)
     bar = tqdm(desc="pack", unit="window", disable=not config.progress)
     for domain in manifest.domains:
         progress = writer.pack_progress(domain.name)
