@@ -22,7 +22,7 @@ from ddk_cache.cache_reader import CacheReader
 from ddk_cache.errors import DDKCacheError
 from ddk_cache.minillm import sequence_reverse_kl
 from ddk_cache.prompts import Prompt
-from ddk_cache.sampling import response_texts, sample_rollouts
+from ddk_cache.sampling import encode_prompts, hf_generate
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,13 @@ def evaluate_responses(model, tokenizer, prompts: list[Prompt], max_prompt_token
     """ROUGE-L of the greedy responses to `prompts` (which must carry references)."""
     if any(p.reference is None for p in prompts):
         raise DDKCacheError("ROUGE-L needs reference answers: set 'reference_field' in the prompt manifest")
-    greedy = sample_rollouts(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens, seed=0, batch_size=batch_size, greedy=True)
-    texts = response_texts(tokenizer, greedy)
-    return ResponseEval(rouge_l([t.strip() for t in texts], [p.reference.strip() for p in prompts]), len(prompts),
-                        float(greedy.response_lengths.mean()))
+    eos = tokenizer.eos_token_id
+    # generation only: greedy answers need no behaviour log-probs, so no windows and no second forward pass
+    answers = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts, max_prompt_tokens), max_new_tokens, seed=0,
+                          batch_size=batch_size, greedy=True)
+    answers = [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in answers]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+    return ResponseEval(rouge_l(texts, [p.reference.strip() for p in prompts]), len(prompts), float(np.mean([len(ids) for ids in answers])))
 
 
 def reverse_kl_estimate(reader: CacheReader, split: str = "valid") -> float:

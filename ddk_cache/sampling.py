@@ -40,7 +40,7 @@ class Rollouts:
 
 
 def sample_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_tokens: int, max_new_tokens: int, seed: int,
-                    batch_size: int = 8, greedy: bool = False, progress: Callable[[int], None] | None = None,
+                    batch_size: int = 8, progress: Callable[[int], None] | None = None,
                     generate: "Callable[[list[list[int]]], list[list[int]]] | None" = None) -> Rollouts:
     """One response per prompt; `generate` maps prompt ids to response ids (default: HF `generate` on `model`, batches of
     `batch_size`, each seeded from `seed` and its index; `vllm_sampling.py` gives vLLM's). The behaviour log-probs
@@ -48,14 +48,19 @@ def sample_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_tokens: 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the student's tokenizer has no end-of-sequence token: responses would never end")
-    prompt_ids = [tokenizer(p.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos] for p in prompts]
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     if generate is None:
-        responses = hf_generate(model, tokenizer, prompt_ids, max_new_tokens, seed, batch_size, greedy, progress)
+        responses = hf_generate(model, tokenizer, prompt_ids, max_new_tokens, seed, batch_size, progress=progress)
     else:
         responses = generate(prompt_ids)
         if progress is not None:
             progress(len(prompts))
     return assemble(model, prompt_ids, responses, eos, max_prompt_tokens + max_new_tokens, batch_size)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> list[list[int]]:
+    """Each prompt's last `max_prompt_tokens` token ids, without special tokens (as packing tokenizes); never empty."""
+    return [tokenizer(p.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [tokenizer.eos_token_id] for p in prompts]
 
 
 def hf_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, seed: int, batch_size: int, greedy: bool = False,
@@ -104,11 +109,10 @@ def reference_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_token
     text after the prompt (a space between them unless the prompt ends in whitespace), then end-of-sequence,
     cut at `max_new_tokens`. The behaviour log-probs are the model's own, for a like-for-like record."""
     eos = tokenizer.eos_token_id
-    prompt_ids, responses = [], []
+    if any(prompt.reference is None for prompt in prompts):
+        raise ValueError("reference responses need a 'reference_field' in the prompt manifest")
+    prompt_ids, responses = encode_prompts(tokenizer, prompts, max_prompt_tokens), []
     for prompt in prompts:
-        if prompt.reference is None:
-            raise ValueError("reference responses need a 'reference_field' in the prompt manifest")
-        prompt_ids.append(tokenizer(prompt.text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [eos])
         separator = "" if prompt.text[-1:].isspace() else " "
         responses.append((tokenizer(separator + prompt.reference, add_special_tokens=False)["input_ids"] + [eos])[:max_new_tokens])
     return assemble(model, prompt_ids, responses, eos, max_prompt_tokens + max_new_tokens, batch_size)
@@ -125,12 +129,3 @@ def sequence_logprobs(model, windows: np.ndarray, batch_size: int = 8) -> np.nda
             picked = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             out[first : first + len(tokens)] = picked.cpu().numpy()
     return out
-
-
-def response_texts(tokenizer, rollouts: Rollouts) -> list[str]:
-    """The decoded responses (end-of-sequence and padding dropped)."""
-    texts = []
-    for tokens, mask in zip(rollouts.tokens, rollouts.response_mask):
-        ids = tokens[1:][mask > 0].tolist()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
