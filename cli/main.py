@@ -162,18 +162,18 @@ def teacher_dump(
     draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.", rich_help_panel="Capture")] = None,
     logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.", rich_help_panel="Capture")] = 32,
     seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.", rich_help_panel="Capture")] = 0,
-    engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")] = EngineName.auto,
+    engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM where it imports and the job pays for its start-up, else hf; README 'Engines'), hf or vllm.")] = EngineName.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...", rich_help_panel="HF engine")] = "auto",
     dtype: Annotated[DType, typer.Option(help="auto: bf16 on GPU, float32 on CPU.")] = DType.auto,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="HF engine")] = 8,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per engine (tensor parallel).", rich_help_panel="vLLM engine")] = 1,
     data_parallel: Annotated[int, typer.Option(help="Engine processes on disjoint shards, one per GPU group (CPU: splits the cores).")] = 1,
     quantization: Annotated[Optional[str], typer.Option(help="Weight quantization method (awq, gptq, fp8 ...).", rich_help_panel="vLLM engine")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of each GPU's memory vLLM may take.", rich_help_panel="vLLM engine")] = 0.9,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of each GPU's memory vLLM may take (on a CPU: of the memory node; ddk-cache's CPU default is a 2 GiB KV cache, VLLM_CPU_KVCACHE_SPACE sets it).", rich_help_panel="vLLM engine")] = 0.9,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Tokens per scheduler step (prefill chunk).", rich_help_panel="vLLM engine")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length to reserve KV cache for (> seq_len: room for the forced token).", rich_help_panel="vLLM engine")] = None,
     windows_per_call: Annotated[int, typer.Option(help="Windows submitted per generate call (keeps the engine full).", rich_help_panel="vLLM engine")] = 1024,
-    enforce_eager: Annotated[bool, typer.Option(help="Disable CUDA graphs (less memory, slower).", rich_help_panel="vLLM engine")] = False,
+    enforce_eager: Annotated[bool, typer.Option(help="Disable CUDA graphs and torch.compile (less memory and a faster start, slower scoring).", rich_help_panel="vLLM engine")] = False,
     shard_windows: Annotated[Optional[int], typer.Option(help="Windows per shard (unit of writing and resume).", rich_help_panel="Store layout")] = None,
     chunk_windows: Annotated[Optional[int], typer.Option(help="Windows per inner chunk (unit of reading).", rich_help_panel="Store layout")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer, if not the teacher's folder.")] = None,
@@ -248,7 +248,7 @@ def teacher_dump(
     console.print(table)
     console.print(
         f"{node}scored {summary.tokens_scored:,} tokens in {summary.seconds:.1f} s "
-        f"({summary.tokens_per_second:,.0f} tokens/s); shards written {summary.shards_written}, "
+        f"({summary.tokens_per_second:,.0f} tokens/s, engine {summary.engine.name}); shards written {summary.shards_written}, "
         f"already done {summary.shards_skipped}",
         soft_wrap=True,
     )

@@ -203,12 +203,13 @@ class EngineRecord:
     torch_version: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     data_parallel: int | None = None
+    selected_by: str | None = None  # why this engine ran ("--engine vllm", "auto: ..."); absent in older stores
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "engine") -> "EngineRecord":
         return cls(take(raw, "name", str, where), take(raw, "version", str, where, optional=True),
                    take(raw, "torch_version", str, where, optional=True), take_object(raw, "settings", where, optional=True) or {},
-                   take(raw, "data_parallel", int, where, optional=True))
+                   take(raw, "data_parallel", int, where, optional=True), take(raw, "selected_by", str, where, optional=True))
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,7 +55,8 @@ def run_data_parallel(
         env = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
         args = (rank, engine_name, config, layout, jobs_queue, events)
         with _environment(env):  # a spawned child copies the parent's environment when it starts
-            process = context.Process(target=_worker_main, args=args, name=f"ddk-dump-{rank}", daemon=True)
+            # not daemonic: a worker's engine may start processes of its own (vLLM does); `finally` below ends them
+            process = context.Process(target=_worker_main, args=args, name=f"ddk-dump-{rank}")
             process.start()
         workers.append(process)
     try:
@@ -99,6 +102,9 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
     """Load the engine, report it, then score and write shards from the queue until a None."""
     from ddk_cache.stages.teacher_dump import default_writer_threads, score_jobs
 
+    # the parent ends a worker with SIGTERM when another fails: exit through `finally`, so the engine is closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    engine = None
     try:
         engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.capture.engine_k)
         events.put(("ready", rank, EngineInfo.of(engine)))
@@ -121,6 +127,9 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
         events.put(("error", rank, str(exc)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which owns the exit code
         events.put(("error", rank, f"{type(exc).__name__}: {first_line(exc)}"))
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def _wait_ready(workers: list, events: Any) -> list[EngineInfo]:

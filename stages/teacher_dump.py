@@ -10,6 +10,7 @@ writing of shard i (one writer thread), so the teacher never waits on I/O. With
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, TOKENS, StoreLayout
 from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.capture import Capture, encode_targets
-from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine, resolve_engine_name
+from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine
+from ddk_cache.engines.registry import EngineChoice, choose_engine
 from ddk_cache.engines.base import ProgressCallback, TopKResult
 from ddk_cache.engines.options import check_applicable
 from ddk_cache.errors import DDKCacheError, EngineError
@@ -75,6 +77,7 @@ class DumpSummary:
     seconds: float = 0.0
     node: NodePlace = field(default_factory=NodePlace)
     complete: bool = True  # False: this node's shards are done, other nodes' are not yet
+    engine: EngineChoice | None = None  # which engine scored, and why
 
     @property
     def tokens_per_second(self) -> float:
@@ -119,19 +122,20 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
     if node.count > 1 and config.overwrite:
         raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
                             "delete the store (or run node 0 alone with --overwrite) first")
-    # sampled capture needs the full distribution, which only the HF engine returns: `auto` picks it
-    engine_name = "hf" if capture.mode == "sampled" and config.engine == "auto" else resolve_engine_name(config.engine)
-    check_applicable(engine_name, config.engine_options)  # before the data is read: a wrong flag fails at once
+    # what the options and the capture mode decide, before the data is read: a wrong flag fails at once
+    # (`auto` may still take the hf engine once the job's size is known, in `_dump`)
+    engine_name = choose_engine(config.engine, config.engine_options, sampled=capture.mode == "sampled").name
+    check_applicable(engine_name, config.engine_options)
     if capture.mode == "sampled" and engine_name == "vllm":
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
 
         raise EngineError(SAMPLING_UNSUPPORTED)
     # this node's place in the store, held until the end: a second writer of it stops here, before touching anything
     with WriterLease(config.out, f"node-{node.rank}", "teacher-dump", config.storage_options):
-        return _dump(config, engine, engine_name, node)
+        return _dump(config, engine, node)
 
 
-def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: str, node: NodePlace) -> DumpSummary:
+def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePlace) -> DumpSummary:
     capture = config.capture
     if config.manifest is not None:  # pack in memory, then score: one command on one node
         manifest = load_manifest(config.manifest)
@@ -155,6 +159,10 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
         geometry = packed_header.layout
         layout = StoreLayout(geometry.seq_len, capture, None, geometry.chunk_windows, geometry.shard_windows)
 
+    choice = engine_choice(config, engine, domains, layout.seq_len, node)
+    if config.progress:
+        print(f"teacher-dump: engine {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
+
     def open_writer(info: EngineInfo) -> CacheWriter:
         """Called once the engine is up (its identity is part of the store's), before any scoring."""
         if info.context_length is not None and layout.seq_len > info.context_length:
@@ -165,7 +173,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
         if capture.mode != "sampled" and capture.k > info.vocab_size:
             raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
         sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
-        header = scoring_header(packed_header, config, info, sized)
+        header = scoring_header(packed_header, config, info, sized, choice)
         if node.creates_store:
             if config.manifest is None:
                 return CacheWriter.add_targets(config.out, header, domains, sized, config.overwrite, config.storage_options)
@@ -174,19 +182,24 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
         wait_for_store(config.out, header.identity, config.storage_options, config.create_timeout)
         return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 
-    summary = DumpSummary(url=config.out, node=node)
+    summary = DumpSummary(url=config.out, node=node, engine=choice)
     if config.data_parallel > 1:
         from ddk_cache.stages.data_parallel import run_data_parallel
 
-        writer = run_data_parallel(config, engine_name, domains, layout, open_writer, summary)
+        writer = run_data_parallel(config, choice.name, domains, layout, open_writer, summary)
     else:
-        engine = engine or create_engine(engine_name, config.teacher, config.engine_options, max_k=capture.engine_k)
-        writer = open_writer(EngineInfo.of(engine))
-        jobs = pending_jobs(writer, domains, layout, summary)
-        start = time.perf_counter()  # scoring and writing only: model loading is not throughput
-        with progress_bar(jobs, layout, config.progress) as bar:
-            score_jobs(engine, writer, jobs, capture, bar.update, config.writer_threads or default_writer_threads())
-        summary.seconds = time.perf_counter() - start
+        own = engine is None  # an engine passed in stays open for the caller's next store
+        engine = engine or create_engine(choice.name, config.teacher, config.engine_options, max_k=capture.engine_k)
+        try:
+            writer = open_writer(EngineInfo.of(engine))
+            jobs = pending_jobs(writer, domains, layout, summary)
+            start = time.perf_counter()  # scoring and writing only: model loading is not throughput
+            with progress_bar(jobs, layout, config.progress) as bar:
+                score_jobs(engine, writer, jobs, capture, bar.update, config.writer_threads or default_writer_threads())
+            summary.seconds = time.perf_counter() - start
+        finally:
+            if own:
+                engine.close()
     # whichever node sees every shard marked completes the store (idempotent: same values from any node)
     summary.complete = node.count == 1 or all_shards_done(writer, domains)
     if summary.complete:
@@ -195,7 +208,18 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, engine_name: 
     return summary
 
 
-def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout) -> StoreHeader:
+def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domains: list, seq_len: int, node: NodePlace) -> EngineChoice:
+    """The engine this node runs: a loaded one as given; `auto` decides knowing the tokens this node scores
+    (its share of every domain's windows; shards already done on a resume are counted too)."""
+    if engine is not None:
+        return EngineChoice(engine.name, "a loaded engine was passed to run_teacher_dump")
+    windows = sum(getattr(domain, split).n_windows for domain in domains for split in SPLITS)
+    tokens = windows * seq_len // node.count
+    return choose_engine(config.engine, config.engine_options, sampled=config.capture.mode == "sampled", tokens=tokens)
+
+
+def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout,
+                   choice: EngineChoice | None = None) -> StoreHeader:
     """The packed header with what scoring adds; `identity` is the part a resumed run must match exactly."""
     teacher = TeacherInfo.from_dict({**teacher_description(config.teacher, config.revision, engine),
                                      "dtype": engine.value_settings.get("dtype")})
@@ -214,7 +238,8 @@ def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: Engin
         status="writing",
         identity=identity,
         teacher=teacher,
-        engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.data_parallel}),
+        engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.data_parallel,
+                                       "selected_by": None if choice is None else choice.reason}),
         capture=CaptureInfo(config.capture, layout.seq_len),
         layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows, layout.capture, layout.vocab_size, layout.codec_profile),
         versions=package_versions(),

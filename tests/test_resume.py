@@ -57,9 +57,10 @@ KILLING_RUNNER = textwrap.dedent(
     cache_writer._create_domain = killing_create_domain
     cache_writer.CacheWriter.write_shard = killing_write_shard
     cache_writer.CacheWriter.finish = killing_finish
-    from ddk_cache.cli.main import main
-    sys.argv = ["ddk-cache", *sys.argv[1:]]
-    main()
+    if __name__ == "__main__":  # engines that spawn processes (vLLM) import this file again in the child
+        from ddk_cache.cli.main import main
+        sys.argv = ["ddk-cache", *sys.argv[1:]]
+        main()
     """
 )
 

@@ -86,6 +86,10 @@ class TeacherEngine(ABC):
         """The subset of `describe()` that must match to resume a store (numbers would differ otherwise)."""
         return {"name": self.name}
 
+    def close(self) -> None:
+        """Release what the engine started. Why it matters: vLLM runs its model in processes of its own, which a
+        data-parallel worker (a multiprocessing child, which exits without atexit hooks) would otherwise leave running."""
+
 
 @dataclass(frozen=True)
 class EngineInfo:

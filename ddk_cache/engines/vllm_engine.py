@@ -18,20 +18,12 @@ import numpy as np
 
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.engines.options import EngineOptions
+from ddk_cache.engines.vllm_cpu import cpu_preflight, cpu_settings, start_failure
+from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.engines.vllm_outputs import request_outputs_to_result
-from ddk_cache.errors import EngineError, first_line
+from ddk_cache.errors import EngineError, require_local_if_path
 
 MIN_VLLM = (0, 10, 2)  # V1 engine: raw log-probs taken before allowed_token_ids masks the logits
-
-
-def vllm_version() -> str | None:
-    """The installed vLLM's version, None if it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        return None
 
 
 def supports_flat_logprobs() -> bool:
@@ -66,27 +58,31 @@ class VLLMTeacherEngine(TeacherEngine):
     name = "vllm"
 
     def __init__(self, teacher: str, k: int, options: EngineOptions) -> None:
-        version = vllm_version()
-        if version is None:
-            raise EngineError('--engine vllm needs vLLM: pip install "ddk-cache[vllm]" on a GPU node, or use --engine hf')
+        install = find_vllm()
+        if not install.usable:
+            raise EngineError(install.refusal("--engine vllm", "--engine hf"))
+        version = install.version
         if _version_tuple(version) < MIN_VLLM:
             raise EngineError(f"vLLM {version} is too old: ddk-cache needs >= {'.'.join(map(str, MIN_VLLM))}")
         if options.windows_per_call <= 0:
             raise EngineError(f"--windows-per-call must be positive, got {options.windows_per_call}")
-        try:
-            from vllm import LLM
-        except Exception as exc:  # a CPU-only or partial install fails in many ways
-            raise EngineError(f"vLLM {version} is installed but cannot be imported ({first_line(exc)}): use --engine hf here") from None
+        from vllm import LLM
+
         self.k = k
         self.options = options
         self.preferred_windows = options.windows_per_call
         self.version = version
         self.flat = supports_flat_logprobs()
+        require_local_if_path(teacher, "teacher")
         self.settings = _llm_settings(teacher, k, options)
+        problem = cpu_preflight(teacher, self.settings, options.revision, options.trust_remote_code)
+        if problem:
+            raise EngineError(problem)
         try:
             self.llm = LLM(**self.settings)
-        except Exception as exc:
-            raise EngineError(f"vLLM could not start the teacher {teacher!r} ({first_line(exc)}): check the GPU and the vLLM options, or use --engine hf") from None
+        except Exception as exc:  # noqa: BLE001 - vLLM raises whatever its engine process reported
+            raise EngineError(f"vLLM could not start the teacher {teacher!r} ({start_failure(exc)}): check the vLLM options "
+                              "(its log above says more), or use --engine hf") from None
         self._config = self.llm.llm_engine.model_config.hf_config
 
     @property
@@ -106,6 +102,12 @@ class VLLMTeacherEngine(TeacherEngine):
 
     def value_settings(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "quantization": self.options.quantization}
+
+    def close(self) -> None:
+        """Stop vLLM's engine process (and its workers) now, not at interpreter exit."""
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def score(
         self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
@@ -143,7 +145,7 @@ def _llm_settings(teacher: str, k: int, options: EngineOptions) -> dict[str, Any
         "tokenizer": teacher,
         "skip_tokenizer_init": True,  # prompts are token ids; outputs are not detokenized
         "max_logprobs": k,
-        "dtype": options.dtype,
+        "dtype": options.dtype,  # auto: bf16 on GPUs (vLLM's own choice there), float32 on CPUs (vllm_cpu.py)
         "tensor_parallel_size": options.tensor_parallel_size,
         "gpu_memory_utilization": options.gpu_memory_utilization,
         "enable_prefix_caching": False,  # requests with prompt log-probs bypass it anyway
@@ -158,6 +160,7 @@ def _llm_settings(teacher: str, k: int, options: EngineOptions) -> dict[str, Any
         "max_model_len": options.max_model_len,
     }
     settings.update({key: value for key, value in optional.items() if value is not None})
+    settings.update(cpu_settings(options.dtype, options.gpu_memory_utilization != EngineOptions().gpu_memory_utilization))
     return settings
 
 
