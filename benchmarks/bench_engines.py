@@ -6,7 +6,8 @@ again), each dump into a fresh copy of one packed store, because the machines ar
 measured in the same minutes are the result. The bare pass sends exactly the dump's requests
 (`prompt_logprobs=k`, the forced last token) and throws the outputs away: the most a vLLM dump can reach.
 Start-up (loading each engine) is timed too, and from it and the two rates the number of tokens from which
-vLLM's start-up pays for itself: `registry.CPU_BREAK_EVEN_TOKENS` comes from this.
+vLLM's start-up pays for itself (null when vLLM is not faster per token); then one whole `teacher-dump` process
+per engine. `registry.CPU_VLLM_OVER_HF` and `--engine auto`'s rule on CPUs come from this.
 
     ddk-cache fetch-demo-teacher /tmp/teacher
     python benchmarks/bench_engines.py --teacher /tmp/teacher --manifest data_manifests/shared_corpora.yaml \

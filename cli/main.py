@@ -162,7 +162,7 @@ def teacher_dump(
     draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.", rich_help_panel="Capture")] = None,
     logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.", rich_help_panel="Capture")] = 32,
     seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.", rich_help_panel="Capture")] = 0,
-    engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM where it imports and the job pays for its start-up, else hf; README 'Engines'), hf or vllm.")] = EngineName.auto,
+    engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM with a GPU where it imports, else hf; README 'vLLM on a CPU'), hf or vllm.")] = EngineName.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...", rich_help_panel="HF engine")] = "auto",
     dtype: Annotated[DType, typer.Option(help="auto: bf16 on GPU, float32 on CPU.")] = DType.auto,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="HF engine")] = 8,

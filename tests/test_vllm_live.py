@@ -286,10 +286,20 @@ def test_auto_takes_vllm_for_a_long_job_and_hf_for_a_short_one():
     from ddk_cache.engines.registry import CPU_BREAK_EVEN_TOKENS, choose_engine
 
     if torch.cuda.is_available():
-        pytest.skip("on a GPU auto takes vLLM whatever the size")
+        assert choose_engine("auto", tokens=1).name == "vllm", "on a GPU auto takes vLLM whatever the size"
+        return
     short, long = choose_engine("auto", tokens=CPU_BREAK_EVEN_TOKENS - 1), choose_engine("auto", tokens=CPU_BREAK_EVEN_TOKENS)
     assert short.name == "hf" and "pays for itself" in short.reason
     assert long.name == "vllm" and install.version in long.reason
-    assert choose_engine("auto", EngineOptions(device="cpu"), tokens=10**9).name == "hf", "an hf option chooses the hf engine"
+    assert choose_engine("auto", EngineOptions(device="cpu"), tokens=10**9).reason == "auto: --device is an option of the hf engine"
     assert choose_engine("auto", EngineOptions(enforce_eager=True), tokens=1).name == "vllm", "a vLLM option chooses vLLM"
-    assert choose_engine("auto", sampled=True, tokens=10**9).name == "hf"
+    assert choose_engine("auto", sampled=True, tokens=10**9).name == "hf", "sampled capture needs the hf engine"
+
+
+def test_a_dump_with_auto_says_which_engine_ran_and_why(vllm_teacher, corpus, tmp_path):
+    result = cli("teacher-dump", "--teacher", str(vllm_teacher), "--manifest", str(corpus), "--out", str(tmp_path / "auto.zarr"),
+                 "--k", str(K), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "teacher-dump: engine hf (auto: " in result.stderr and "pays for itself" in result.stderr
+    assert "engine hf" in result.stdout
+    assert "pays for itself" in open_store(str(tmp_path / "auto.zarr")).header.engine.selected_by

@@ -7,13 +7,17 @@ Both stage-one scoring and `rollout --generator vllm` start vLLM; on a CPU three
   on a shared machine that is more than is free and vLLM refuses to start. ddk-cache reserves
   `CPU_KV_CACHE_GIB` unless `VLLM_CPU_KVCACHE_SPACE` (GiB, vLLM's own variable) or `--gpu-memory-utilization`
   says otherwise: scoring prompts needs little KV cache.
+- It reserves a core for an API server that offline scoring does not run (`cpu_environment`).
 - The CPU attention kernels exist for some head sizes only; another fails at the first forward pass, after the
-  start-up, with an opaque worker error. It is checked from the teacher's config before vLLM starts.
+  start-up, with an opaque worker error; a KV cache too small for one sequence fails after the start-up too.
+  Both are checked from the teacher's config before vLLM starts (`cpu_preflight`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 CPU_KV_CACHE_GIB = 2  # two engines (--data-parallel 2) fit beside each other and the HF stack on a 24 GiB machine
@@ -25,6 +29,27 @@ def runs_on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
+
+
+RESERVED_CPU_VARIABLE = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+@contextmanager
+def cpu_environment() -> Iterator[None]:
+    """While vLLM starts (its engine process copies the environment): on a CPU, no core reserved for its front end.
+
+    Why: vLLM's CPU build keeps a core for its API server by default; scoring and rollouts have none, and on 2 cores
+    that halves the compute (measured 0.60x the HF engine's speed with the reserve, 1.09x without; RESULTS.md,
+    "Engines"). A value the user set for `VLLM_CPU_NUM_OF_RESERVED_CPU` is left alone.
+    """
+    if not runs_on_cpu() or RESERVED_CPU_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[RESERVED_CPU_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(RESERVED_CPU_VARIABLE, None)
 
 
 def cpu_settings(dtype: str, memory_fraction_given: bool) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.engines.options import EngineOptions
-from ddk_cache.engines.vllm_cpu import cpu_preflight, cpu_settings, start_failure
+from ddk_cache.engines.vllm_cpu import cpu_environment, cpu_preflight, cpu_settings, start_failure
 from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.engines.vllm_outputs import request_outputs_to_result
 from ddk_cache.errors import EngineError, require_local_if_path
@@ -79,7 +79,8 @@ class VLLMTeacherEngine(TeacherEngine):
         if problem:
             raise EngineError(problem)
         try:
-            self.llm = LLM(**self.settings)
+            with cpu_environment():
+                self.llm = LLM(**self.settings)
         except Exception as exc:  # noqa: BLE001 - vLLM raises whatever its engine process reported
             raise EngineError(f"vLLM could not start the teacher {teacher!r} ({start_failure(exc)}): check the vLLM options "
                               "(its log above says more), or use --engine hf") from None
