@@ -122,9 +122,9 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
     if node.count > 1 and config.overwrite:
         raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
                             "delete the store (or run node 0 alone with --overwrite) first")
-    # what the options and the capture mode decide, before the data is read: a wrong flag fails at once
-    # (`auto` may still take the hf engine once the job's size is known, in `_dump`)
-    engine_name = choose_engine(config.engine, config.engine_options, sampled=capture.mode == "sampled").name
+    # what the options and the capture mode decide, before the data is read: a wrong flag fails at once. `auto` with
+    # no engine option decides in `_dump`, knowing the job's size (tokens=0 here: no vLLM import for this check)
+    engine_name = choose_engine(config.engine, config.engine_options, sampled=capture.mode == "sampled", tokens=0).name
     check_applicable(engine_name, config.engine_options)
     if capture.mode == "sampled" and engine_name == "vllm":
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED

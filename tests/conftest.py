@@ -61,6 +61,15 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return out
 
 
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """The tokenizer files of the model folder `source`, for another model built on the same vocabulary."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

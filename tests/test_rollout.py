@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_documents, write_jsonl
+from conftest import copy_tokenizer, make_documents, write_jsonl
 from typer.testing import CliRunner
 
 from ddk_cache.cache_reader import CacheReader
@@ -27,9 +27,7 @@ def tiny_student(tiny_teacher, tmp_path_factory) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("tiny_student")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_teacher / name).exists():
-            shutil.copy(tiny_teacher / name, out / name)
+    copy_tokenizer(tiny_teacher, out)
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_teacher)).save_pretrained(out)
     return out

@@ -30,7 +30,7 @@ from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.store import open_store
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
-from conftest import write_corpus_manifest
+from conftest import copy_tokenizer, write_corpus_manifest
 from test_resume import KILLING_RUNNER
 
 install = find_vllm()
@@ -48,9 +48,7 @@ def vllm_teacher(tiny_teacher, tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("vllm_teacher")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_teacher / name).exists():
-            shutil.copy(tiny_teacher / name, out / name)
+    copy_tokenizer(tiny_teacher, out)
     shared = LlamaConfig.from_pretrained(tiny_teacher)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=shared.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
