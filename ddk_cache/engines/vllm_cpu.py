@@ -40,7 +40,7 @@ def cpu_environment() -> Iterator[None]:
 
     Why: vLLM's CPU build keeps a core for its API server by default; scoring and rollouts have none, and on 2 cores
     that halves the compute (measured 0.60x the HF engine's speed with the reserve, 1.09x without; RESULTS.md,
-    "Engines"). A value the user set for `VLLM_CPU_NUM_OF_RESERVED_CPU` is left alone.
+    "Stage one's engines"). A value the user set for `VLLM_CPU_NUM_OF_RESERVED_CPU` is left alone.
     """
     if not runs_on_cpu() or RESERVED_CPU_VARIABLE in os.environ:
         yield
@@ -64,7 +64,8 @@ def cpu_settings(dtype: str, memory_fraction_given: bool) -> dict[str, Any]:
     return settings
 
 
-def cpu_preflight(model: str, settings: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False) -> str:
+def cpu_preflight(model: str, settings: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False,
+                  role: str = "teacher", fallback: str = "--engine hf") -> str:
     """Why vLLM's CPU build cannot run `model` with `settings`, said before its start-up; '' when it can (or on a GPU).
 
     Two failures that vLLM itself reports only after half a minute, from its engine process, as a traceback:
@@ -86,8 +87,8 @@ def cpu_preflight(model: str, settings: dict[str, Any], revision: str | None = N
     if not isinstance(head, int) and isinstance(getattr(config, "hidden_size", None), int) and heads:
         head = config.hidden_size // heads
     if isinstance(head, int) and head not in supported:
-        return (f"vLLM's CPU attention has no kernel for the teacher's head size {head} (it has {', '.join(map(str, supported))}): "
-                "use --engine hf for this teacher")
+        return (f"vLLM's CPU attention has no kernel for the {role}'s head size {head} (it has {', '.join(map(str, supported))}): "
+                f"use {fallback} for this {role}")
     layers, length = getattr(config, "num_hidden_layers", None), settings.get("max_model_len") or getattr(config, "max_position_embeddings", None)
     reserved = settings.get("kv_cache_memory_bytes")
     if reserved is None or not all(isinstance(v, int) for v in (head, layers, length)):
@@ -95,7 +96,7 @@ def cpu_preflight(model: str, settings: dict[str, Any], revision: str | None = N
     width = 2 if settings.get("dtype") in ("bfloat16", "float16") else 4
     needed = 2 * layers * (kv_heads or heads) * head * width * length  # keys and values of one max_model_len sequence
     if reserved < needed:
-        return (f"vLLM's KV cache of {_size(reserved)} cannot hold one {length}-token sequence of this teacher "
+        return (f"vLLM's KV cache of {_size(reserved)} cannot hold one {length}-token sequence of this {role} "
                 f"({_size(needed)}): raise {KV_CACHE_VARIABLE}=<GiB> or lower --max-model-len")
     return ""
 
