@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compression import teacher_pass  # noqa: E402
 from bench_teacher_dump import derived_manifest  # noqa: E402
 
-from ddk_cache.manifest import load_manifest  # noqa: E402
+from ddk_cache.data.manifest import load_manifest  # noqa: E402
 
 K = 64
 CODECS = {

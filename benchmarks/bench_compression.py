@@ -32,17 +32,17 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_teacher_dump import derived_manifest  # noqa: E402
 
-from ddk_cache.cache_format import HEADER_ATTR, StoreLayout, create_split_arrays, zarr_store  # noqa: E402
-from ddk_cache.store_header import bare_header  # noqa: E402
-from ddk_cache.cache_reader import CacheReader  # noqa: E402
-from ddk_cache.cache_writer import CacheWriter  # noqa: E402
-from ddk_cache.capture import Capture, EncodedTargets, encode_targets  # noqa: E402
+from ddk_cache.data.manifest import Manifest, load_manifest  # noqa: E402
+from ddk_cache.data.packing import pack_domain  # noqa: E402
+from ddk_cache.data.sources import load_domain_documents  # noqa: E402
 from ddk_cache.engines.base import TopKResult  # noqa: E402
 from ddk_cache.engines.hf import HFTeacherEngine  # noqa: E402
-from ddk_cache.manifest import Manifest, load_manifest  # noqa: E402
-from ddk_cache.packing import pack_domain  # noqa: E402
 from ddk_cache.stages.teacher_dump import load_tokenizer  # noqa: E402
-from ddk_cache.text_sources import load_domain_documents  # noqa: E402
+from ddk_cache.store.capture import Capture, EncodedTargets, encode_targets  # noqa: E402
+from ddk_cache.store.format import HEADER_ATTR, StoreLayout, create_split_arrays, zarr_store  # noqa: E402
+from ddk_cache.store.header import bare_header  # noqa: E402
+from ddk_cache.store.reader import CacheReader  # noqa: E402
+from ddk_cache.store.writer import CacheWriter  # noqa: E402
 
 MAX_K, DRAWS = 128, 64
 

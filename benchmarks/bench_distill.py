@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.data_order import GlobalBatchPlanner
-from ddk_cache.losses import KDConfig, distillation_loss
-from ddk_cache.optim import build_optimizer
-from ddk_cache.samplers import UniformSampler
-from ddk_cache.streaming import WindowLoader, domain_orders
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.data_order import GlobalBatchPlanner
+from ddk_cache.training.domain_samplers import UniformSampler
+from ddk_cache.training.losses import KDConfig, distillation_loss
+from ddk_cache.training.optimizer import build_optimizer
+from ddk_cache.training.window_loader import WindowLoader, domain_orders
 
 
 def build_student(tokenizer_dir: str, out: Path, hidden: int, layers: int) -> torch.nn.Module:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddk_cache.cache_format import SPLITS, TOKENS
-from ddk_cache.capture import Capture
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.format import SPLITS, TOKENS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_teacher_dump import derived_manifest  # noqa: E402

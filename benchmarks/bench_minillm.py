@@ -38,18 +38,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from ddk_cache.capture import Capture
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.distributed import resolve_training_device
+from ddk_cache.devices import resolve_device
 from ddk_cache.engines import EngineOptions, create_engine
-from ddk_cache.losses import KDConfig
-from ddk_cache.prompts import load_prompt_manifest, load_prompts
-from ddk_cache.response_eval import evaluate_responses, reverse_kl_estimate
+from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.stages.distill import DistillConfig, run_distill
 from ddk_cache.stages.minillm_rounds import MiniLLMRoundsConfig, run_minillm_rounds
 from ddk_cache.stages.rollout import RolloutConfig, run_rollout
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
-from ddk_cache.student import load_student
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.student import load_student
 
 BASELINES = {"sft": KDConfig(gamma=0.0), "word_kd": KDConfig(form="mix", mix=0.5)}
 
@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace, engine, prompts: Path, student: str, folde
     reader = CacheReader(str(store))
     manifest = load_prompt_manifest(prompts)
     model, tokenizer, _ = load_student(student, None)
-    model.to(resolve_training_device("cpu"))
+    model.to(resolve_device("cpu"))
     greedy = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
                                 args.batch_size)
     return {"reverse_kl": reverse_kl_estimate(reader), "teacher_response_loss": reader.domain_info(manifest.name).teacher_valid_loss,

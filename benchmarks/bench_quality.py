@@ -13,7 +13,7 @@ Arms (CE + 0.2 KD, forward KL with the rest bucket, unless named otherwise):
 
 - `ce`: CE only; `kd_uniform`, `kd_static`: uniform and manifest-weighted domain sampling;
 - `ddk`: the paper's rule; `ddk_ce_ratio`: `--ddk-score ce-ratio`; `ddk_temperature`: the paper's
-  score divided by `--ddk-temperature` (see samplers.py);
+  score divided by `--ddk-temperature` (see training/domain_samplers.py);
 - `kd_sampled32`, `kd_topp95`: uniform KD from a sampled cache (32 draws) and a top-p 0.95 cache
   (at most 64 entries) of the same windows; `kd_uniform` is the default top-64 cache;
 - `dense_online`: KD against the live teacher's full distribution (uniform sampling).
@@ -37,18 +37,18 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from bench_teacher_dump import derived_manifest
-from ddk_cache.capture import Capture
-from ddk_cache.cache_reader import CacheReader
+
 from ddk_cache.engines import EngineOptions
-from ddk_cache.losses import KDConfig
 from ddk_cache.stages.distill import DistillConfig, run_distill
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.inspect_store import domain_rows
 from ddk_cache.stages.prune_student import PruneConfig, run_prune
 from ddk_cache.stages.quickstart import write_student_config
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.losses import KDConfig
 
 CACHES = {  # store name -> capture settings, all of the same windows
     "top64": lambda k: Capture(k=k),

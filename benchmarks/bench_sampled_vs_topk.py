@@ -22,16 +22,16 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_teacher_dump import derived_manifest
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.capture import Capture
+
 from ddk_cache.engines import EngineOptions
-from ddk_cache.losses import KDConfig
 from ddk_cache.stages.distill import DistillConfig, run_distill
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.quickstart import write_student_config
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.losses import KDConfig
 
 
 def bytes_per_token(store: Path) -> float:

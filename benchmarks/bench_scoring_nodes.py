@@ -58,7 +58,7 @@ def main() -> None:
         commands = [[*cli, "teacher-dump", "--teacher", args.teacher, "--out", str(store), "--engine", "hf", "--device", "cpu",
                      "--batch-size", "4", "--no-progress", "--num-nodes", str(nodes), "--node-rank", str(rank)] for rank in range(nodes)]
         seconds[nodes] = run(commands, args.threads, args.out_dir)
-    from ddk_cache.cache_reader import CacheReader
+    from ddk_cache.store.reader import CacheReader
 
     reader = CacheReader(str(args.out_dir / "scored-1.zarr"))
     tokens = sum(reader.domain_info(d).split(s).tokens for d in reader.domains for s in ("train", "valid"))

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import yaml
 
-from ddk_cache.capture import Capture
-from ddk_cache.cache_format import SPLITS
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.engines.hf import HFTeacherEngine
 from ddk_cache.engines import EngineOptions
+from ddk_cache.engines.hf import HFTeacherEngine
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.format import SPLITS
+from ddk_cache.store.reader import CacheReader
 
 
 def derived_manifest(manifest: Path, out_dir: Path, budget: int | None, valid: int | None) -> Path:

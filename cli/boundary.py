@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import errno
 import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from ddk_cache.errors import DDKCacheError, first_line
+import typer
+
+from ddk_cache.cli.output import error_console
+from ddk_cache.devices import is_main_process
+from ddk_cache.errors import USER_ERROR_EXIT_CODE, DDKCacheError, first_line
 
 
 def debug_requested() -> bool:
@@ -58,3 +65,27 @@ def expected_failure(exc: BaseException) -> str | None:
 
 
 REPORT = "error: this is a defect in ddk-cache, not in your input: please report it with the traceback above"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """The boundary itself, around each command's work: a failure the user can fix becomes one line on stderr and exit 2.
+
+    Under torchrun every rank raises the same error; rank 0 alone prints it, every rank exits 2.
+    A defect keeps its traceback, followed by a line asking to report it.
+    """
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        message = expected_failure(exc)
+        if message is None or debug_requested():
+            if message is None and is_main_process():
+                traceback.print_exc()
+                error_console.print(REPORT, markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            raise
+        if is_main_process():
+            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR_EXIT_CODE) from None

@@ -17,22 +17,22 @@ __version__ = "0.1.0"
 __all__ = ["open_store", "Store", "CacheDataset", "CacheMixture", "collate", "kd_loss", "TeacherTargets", "StoreHeader", "DomainInfo"]
 
 _PUBLIC = {
-    "open_store": "ddk_cache.store", "Store": "ddk_cache.store",
-    "CacheDataset": "ddk_cache.torch_dataset", "CacheMixture": "ddk_cache.torch_dataset", "collate": "ddk_cache.torch_dataset",
-    "kd_loss": "ddk_cache.losses", "TeacherTargets": "ddk_cache.losses",
-    "StoreHeader": "ddk_cache.store_header", "DomainInfo": "ddk_cache.store_header",
+    "open_store": "ddk_cache.store.api", "Store": "ddk_cache.store.api",
+    "CacheDataset": "ddk_cache.training.cache_datasets", "CacheMixture": "ddk_cache.training.cache_datasets", "collate": "ddk_cache.training.cache_datasets",
+    "kd_loss": "ddk_cache.training.losses", "TeacherTargets": "ddk_cache.training.losses",
+    "StoreHeader": "ddk_cache.store.header", "DomainInfo": "ddk_cache.store.header",
 }
 
 if TYPE_CHECKING:
-    from ddk_cache.losses import TeacherTargets, kd_loss
-    from ddk_cache.store import Store, open_store
-    from ddk_cache.store_header import DomainInfo, StoreHeader
-    from ddk_cache.torch_dataset import CacheDataset, CacheMixture, collate
+    from ddk_cache.store.api import Store, open_store
+    from ddk_cache.store.header import DomainInfo, StoreHeader
+    from ddk_cache.training.cache_datasets import CacheDataset, CacheMixture, collate
+    from ddk_cache.training.losses import TeacherTargets, kd_loss
 
 
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
-        import importlib
+        import importlib  # the public API loads on first use: `import ddk_cache` stays light
 
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'ddk_cache' has no attribute {name!r}")

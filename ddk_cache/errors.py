@@ -5,6 +5,8 @@ teacher) raises a `DDKCacheError` whose message is one line naming the problem a
 the fix. The CLI prints it without a traceback and exits with `USER_ERROR_EXIT_CODE`.
 """
 
+from pathlib import Path
+
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -42,8 +44,6 @@ def require_local_if_path(name_or_path: str, what: str) -> None:
     `org/name`; a name that is absolute, starts with `.` or `~`, has more than one `/`, or whose first
     part is an existing local folder, is a path.
     """
-    from pathlib import Path
-
     path = Path(name_or_path).expanduser()
     first = Path(name_or_path.split("/", 1)[0]).expanduser()
     looks_local = (name_or_path.startswith((".", "~", "/")) or name_or_path.count("/") > 1

@@ -25,35 +25,35 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing.queues import Queue
 from typing import Any
 
-from ddk_cache.cache_format import StoreLayout
-from ddk_cache.cache_writer import CacheWriter
 from ddk_cache.engines import EngineInfo, create_engine
 from ddk_cache.errors import DDKCacheError, first_line
-from ddk_cache.packing import PackedDomain
+from ddk_cache.stages.scoring import ScoringPlan, ShardJob, progress_bar, score_jobs
+from ddk_cache.store.format import StoreLayout
+from ddk_cache.store.writer import CacheWriter
 
 POLL_SECONDS = 1.0
 
 
 def run_data_parallel(
-    config: Any,
+    plan: ScoringPlan,
     engine_name: str,
-    domains: list[PackedDomain],
     layout: StoreLayout,
     open_writer: Callable[[EngineInfo], CacheWriter],
-    summary: Any,
-) -> CacheWriter:
-    from ddk_cache.stages.teacher_dump import pending_jobs, progress_bar
-
-    n = config.data_parallel
-    device_groups = assign_devices(n, config.engine_options.tensor_parallel_size)
+    plan_jobs: Callable[[CacheWriter], list[ShardJob]],
+) -> tuple[CacheWriter, float]:
+    """Score the store with `plan.data_parallel` engine processes; the store opened by `open_writer` once they
+    are up, the shards `plan_jobs` names. Returns the writer and the seconds spent scoring."""
+    n = plan.data_parallel
+    device_groups = assign_devices(n, plan.engine_options.tensor_parallel_size)
     context = mp.get_context("spawn")
     jobs_queue, events = context.Queue(), context.Queue()
     workers = []
     for rank, devices in enumerate(device_groups):
         env = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
-        args = (rank, engine_name, config, layout, jobs_queue, events)
+        args = (rank, engine_name, plan, layout, jobs_queue, events)
         with _environment(env):  # a spawned child copies the parent's environment when it starts
             # not daemonic: a worker's engine may start processes of its own (vLLM does); `finally` below ends them
             process = context.Process(target=_worker_main, args=args, name=f"ddk-dump-{rank}")
@@ -65,16 +65,15 @@ def run_data_parallel(
         if len(settings) > 1:
             raise DDKCacheError(f"data-parallel workers run differently configured engines: {sorted(settings)}")
         writer = open_writer(infos[0])
-        jobs = pending_jobs(writer, domains, layout, summary)
+        jobs = plan_jobs(writer)
         start = time.perf_counter()
         for job in jobs:
             jobs_queue.put(job)
         for _ in workers:
             jobs_queue.put(None)
-        with progress_bar(jobs, layout, config.progress) as bar:
+        with progress_bar(jobs, layout, plan.progress) as bar:
             _collect(workers, events, bar.update)
-        summary.seconds = time.perf_counter() - start
-        return writer
+        return writer, time.perf_counter() - start
     finally:
         for process in workers:
             if process.is_alive():
@@ -84,7 +83,7 @@ def run_data_parallel(
 
 def assign_devices(n: int, tensor_parallel: int) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES for each worker: disjoint groups of `tensor_parallel` GPUs, or None on CPU."""
-    import torch
+    import torch  # heavy: torch only when this runs
 
     if not torch.cuda.is_available():
         return [None] * n
@@ -98,21 +97,19 @@ def assign_devices(n: int, tensor_parallel: int) -> list[str | None]:
     return [",".join(gpus[r * tensor_parallel : (r + 1) * tensor_parallel]) for r in range(n)]
 
 
-def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, jobs_queue: Any, events: Any) -> None:
+def _worker_main(rank: int, engine_name: str, plan: ScoringPlan, layout: StoreLayout, jobs_queue: Queue, events: Queue) -> None:
     """Load the engine, report it, then score and write shards from the queue until a None."""
-    from ddk_cache.stages.teacher_dump import default_writer_threads, score_jobs
-
     # the parent ends a worker with SIGTERM when another fails: exit through `finally`, so the engine is closed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     engine = None
     try:
-        engine = create_engine(engine_name, config.teacher, config.engine_options, max_k=config.capture.engine_k)
+        engine = create_engine(engine_name, plan.teacher, plan.engine_options, max_k=plan.capture.engine_k)
         events.put(("ready", rank, EngineInfo.of(engine)))
         first = jobs_queue.get()
         if first is None:
             events.put(("done", rank, None))
             return
-        writer = CacheWriter.open_existing(config.out, layout, config.storage_options)
+        writer = CacheWriter.open_existing(plan.out, layout, plan.storage_options)
 
         def jobs():
             job = first
@@ -120,8 +117,7 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
                 yield job
                 job = jobs_queue.get()
 
-        threads = config.writer_threads or max(1, default_writer_threads() // config.data_parallel)
-        score_jobs(engine, writer, jobs(), config.capture, lambda tokens: events.put(("tokens", rank, tokens)), threads)
+        score_jobs(engine, writer, jobs(), plan.capture, lambda tokens: events.put(("tokens", rank, tokens)), plan.threads_per_process())
         events.put(("done", rank, None))
     except DDKCacheError as exc:
         events.put(("error", rank, str(exc)))
@@ -132,7 +128,7 @@ def _worker_main(rank: int, engine_name: str, config: Any, layout: StoreLayout, 
             engine.close()
 
 
-def _wait_ready(workers: list, events: Any) -> list[EngineInfo]:
+def _wait_ready(workers: list, events: Queue) -> list[EngineInfo]:
     infos: dict[int, EngineInfo] = {}
     while len(infos) < len(workers):
         kind, rank, payload = _next_event(workers, events)
@@ -141,7 +137,7 @@ def _wait_ready(workers: list, events: Any) -> list[EngineInfo]:
     return [infos[rank] for rank in range(len(workers))]
 
 
-def _collect(workers: list, events: Any, progress: Callable[[int], None]) -> None:
+def _collect(workers: list, events: Queue, progress: Callable[[int], None]) -> None:
     done: set[int] = set()
     while len(done) < len(workers):
         kind, rank, payload = _next_event(workers, events)
@@ -151,7 +147,7 @@ def _collect(workers: list, events: Any, progress: Callable[[int], None]) -> Non
             done.add(rank)
 
 
-def _next_event(workers: list, events: Any) -> tuple[str, int, Any]:
+def _next_event(workers: list, events: Queue) -> tuple[str, int, Any]:
     """The next worker event; a reported error or a silently dead worker becomes a DDKCacheError."""
     while True:
         try:

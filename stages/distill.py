@@ -25,25 +25,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.checkpoint import CHECKPOINT_DIR, Checkpointer, ModelAndOptimizer, has_checkpoint
-from ddk_cache.data_order import GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
-from ddk_cache.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
-from ddk_cache.evaluation import DomainEval, evaluate_domains
-from ddk_cache.fingerprints import weights_sha256
-from ddk_cache.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
-from ddk_cache.minillm import MiniLLMConfig, MiniLLMParts, minillm_loss
-from ddk_cache.metrics_log import METRICS_NAME, REPORT_TARGETS, MetricsLog
-from ddk_cache.optim import build_optimizer, build_scheduler
-from ddk_cache.pretraining_data import PretrainingData
-from ddk_cache.parallelize import (clip_grad_norm, full_state_dict, gradient_sync, parallelize, reshard, resolve_parallel_mode, unwrap,
-                                   uses_autocast)
-from ddk_cache.samplers import DDK_SCORES, SAMPLER_NAMES, DomainSampler, create_sampler
+from ddk_cache.minillm.objective import MiniLLMConfig, MiniLLMParts, minillm_loss
+from ddk_cache.minillm.pretraining_data import PretrainingData
 from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
-from ddk_cache.store_header import StoreHeader
-from ddk_cache.streaming import Batch, WindowLoader, domain_orders
-from ddk_cache.student import check_compatible, load_student
+from ddk_cache.store.fingerprints import weights_sha256
+from ddk_cache.store.header import StoreHeader
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.checkpoint import CHECKPOINT_DIR, Checkpointer, ModelAndOptimizer, has_checkpoint
+from ddk_cache.training.data_order import GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
+from ddk_cache.training.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
+from ddk_cache.training.domain_samplers import DDK_SCORES, SAMPLER_NAMES, DomainSampler, create_sampler
+from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config, dense_distillation_loss, distillation_loss
+from ddk_cache.training.metrics_log import METRICS_NAME, REPORT_TARGETS, MetricsLog
+from ddk_cache.training.optimizer import build_optimizer, build_scheduler
+from ddk_cache.training.parallelize import (
+    clip_grad_norm,
+    full_state_dict,
+    gradient_sync,
+    parallelize,
+    reshard,
+    resolve_parallel_mode,
+    unwrap,
+    uses_autocast,
+)
+from ddk_cache.training.student import check_compatible, load_student
+from ddk_cache.training.validation_loss import DomainEval, evaluate_domains
+from ddk_cache.training.window_loader import Batch, WindowLoader, domain_orders
 
 # Settings that may differ between a run and its resumption: how the work is spread over
 # devices (world size, micro-batch, accumulation, DDP/FSDP) and how it is shown. The global
@@ -68,14 +76,14 @@ class DistillConfig:
     weight_decay: float = 0.1
     clip: float = 1.0
     kd: KDConfig = field(default_factory=KDConfig)
-    objective: str = "kd"  # "kd": CE + KD on a cache; "minillm": MiniLLM's update on a scored rollout store (minillm.py)
+    objective: str = "kd"  # "kd": CE + KD on a cache; "minillm": MiniLLM's update on a scored rollout store (minillm/objective.py)
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     pt_store: str | None = None  # minillm: a store of fixed text whose next-token CE is added (MiniLLM's L_PT)
     pt_weight: float = 1.0  # minillm: loss = policy gradient + single step + pt_weight * L_PT
     sampler: str = "ddk"
     ddk_alpha: float = 0.5
     ddk_smooth: bool = True
-    ddk_score: str = "ppl-ratio"  # the paper's rule; "ce-ratio": cross-entropy ratios (see samplers.py)
+    ddk_score: str = "ppl-ratio"  # the paper's rule; "ce-ratio": cross-entropy ratios (see training/domain_samplers.py)
     ddk_temperature: float = 1.0  # scores are divided by it before DDK's softmax
     update_every: int | None = None  # K; default: min(1000, max(1, steps // 10))
     eval_windows: int = 32
@@ -369,7 +377,7 @@ class Trainer:
         weights = full_state_dict(self.model) if self.mode == "fsdp" else None
         if self.ctx.is_main:
             if not self.config.progress:  # transformers draws its own "Writing model shards" bar otherwise
-                from transformers.utils import logging as hf_logging
+                from transformers.utils import logging as hf_logging  # heavy: transformers loads only when a model or tokenizer does
 
                 hf_logging.disable_progress_bar()
             unwrap(self.model).save_pretrained(self.config.out, state_dict=weights)
@@ -390,7 +398,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 def _load_online_teacher(path: str, header: StoreHeader, device: torch.device) -> torch.nn.Module:
     """The live teacher for the dense reference; it must be the teacher that made the cache."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers loads only when a model or tokenizer does
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     require_local_if_path(path, "online teacher")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.distributed import resolve_training_device
-from ddk_cache.evaluation import DomainEval, evaluate_domains
+from ddk_cache.devices import resolve_device
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
-from ddk_cache.student import check_compatible, load_student
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.student import check_compatible, load_student
+from ddk_cache.training.validation_loss import DomainEval, evaluate_domains
 
 
 def run_eval(model_path: str, store: str, tokenizer: str | None = None, max_windows: int | None = None,
              batch_size: int = 8, device: str = "auto", storage_options: dict | None = None) -> list[DomainEval]:
     check_ranges({"max_windows": max_windows, "batch_size": batch_size}, {"max_windows": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE})
-    target = resolve_training_device(device, local_rank=0)
+    target = resolve_device(device, local_rank=0)
     reader = CacheReader(store, storage_options=storage_options)
     model, tok, _ = load_student(model_path, tokenizer)
     check_compatible(model, tok, reader.header)

@@ -7,9 +7,9 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from ddk_cache.cache_format import SPLITS
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.store_header import FORMAT_NAME, PackingInfo
+from ddk_cache.store.format import SPLITS
+from ddk_cache.store.header import FORMAT_NAME, PackingInfo
+from ddk_cache.store.reader import CacheReader
 from ddk_cache.tables import name_table
 
 
@@ -103,3 +103,13 @@ def render_inspection(reader: CacheReader) -> Group:
     for field, value in rows:
         provenance.add_row(field, value)
     return Group(table, provenance)
+
+
+def open_for_inspection(url: str, storage_options: dict | None = None) -> CacheReader:
+    """A store opened as `inspect` reads it: incomplete stores too, since inspecting one is how you learn why."""
+    return CacheReader(url, storage_options=storage_options, allow_incomplete=True)
+
+
+def inspection_json(reader: CacheReader) -> dict[str, Any]:
+    """`inspect --json`: the header and the per-split sizes."""
+    return {"url": reader.url, "status": reader.header.status, "header": reader.header.to_dict(), "splits": domain_rows(reader)}

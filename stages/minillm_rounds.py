@@ -22,18 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.capture import Capture
+from ddk_cache.devices import resolve_device
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.errors import DDKCacheError, StoreError
-from ddk_cache.losses import KDConfig
-from ddk_cache.minillm import MiniLLMConfig
-from ddk_cache.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.objective import MiniLLMConfig
+from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
-from ddk_cache.response_eval import evaluate_responses, reverse_kl_estimate
 from ddk_cache.stages.distill import DistillConfig, run_distill
 from ddk_cache.stages.rollout import RolloutConfig, run_rollout
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.fingerprints import weights_sha256
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.checkpoint import has_checkpoint
+from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.student import load_student
 
 ROUNDS_LOG = "rounds.jsonl"
 
@@ -132,12 +136,10 @@ def _evaluate(config: MiniLLMRoundsConfig, manifest, r: int, student: str, store
     reader = CacheReader(str(store))
     rouge, tokens = None, float("nan")
     if config.rouge:
-        from ddk_cache.distributed import resolve_training_device
-        from ddk_cache.student import load_student
 
         with _timed(times, "rouge"):
             model, tokenizer, _ = load_student(student, None)
-            model.to(resolve_training_device(config.device))
+            model.to(resolve_device(config.device))
             result = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens,
                                         manifest.max_new_tokens, config.batch_size)
             rouge, tokens = result.rouge_l, result.mean_response_tokens
@@ -154,16 +156,12 @@ def _status(store: Path) -> str | None:
 
 def _sampled_by(store: Path, student: str) -> bool:
     """Whether the rollouts at `store` came from these weights (else they belong to an earlier, replaced student)."""
-    from ddk_cache.fingerprints import weights_sha256
-
     rollout = CacheReader(str(store), allow_incomplete=True).header.rollout
     return rollout is not None and rollout.student_weights_sha256 == weights_sha256(student)
 
 
 def _finished(run: Path) -> bool:
     """A distill run that saved its student and left no checkpoint behind."""
-    from ddk_cache.checkpoint import has_checkpoint
-
     return run.is_dir() and any(run.glob("*.safetensors")) and not has_checkpoint(run)
 
 

@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ddk_cache.cache_format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, zarr_store
-from ddk_cache.cache_writer import CacheWriter, check_domain_data, differing_keys
+from ddk_cache.data.packing import PackedDomain
 from ddk_cache.errors import DDKCacheError, StoreError
-from ddk_cache.packing import PackedDomain
-from ddk_cache.store_header import HeaderError, StoreHeader
+from ddk_cache.store.format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, zarr_store
+from ddk_cache.store.header import StoreHeader
+from ddk_cache.store.header_versions import parse_header
+from ddk_cache.store.metadata import HeaderError
+from ddk_cache.store.writer import CacheWriter, check_domain_data, differing_keys
 
 POLL_SECONDS = 2.0
 LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "torchrun"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM"))
@@ -120,6 +122,6 @@ def _header(url: str, storage_options: dict | None) -> StoreHeader | None:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, OSError, ValueError):
         return None
     try:
-        return StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+        return parse_header(root.attrs.get(HEADER_ATTR))
     except HeaderError:
         return None

@@ -10,7 +10,7 @@ hold only `tokens`, and whose `status` is "packed" ("packing" while it is writte
 `teacher-dump` without `--manifest` scores it in place: it adds the teacher's arrays and the
 shard markers to every split, and the header's teacher, engine, capture and identity.
 
-Packing streams (`stream_packing.py`): sources are read as a stream, documents go to valid or
+Packing streams (`data/streamed_packing.py`): sources are read as a stream, documents go to valid or
 train by a seeded hash of their text, windows are written shard by shard, memory does not grow
 with the corpus, and a killed `pack` resumes from its last committed shard. That split rule
 differs from the in-memory one that `teacher-dump --manifest` keeps for small corpora, so the
@@ -27,18 +27,20 @@ import zarr
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
-from ddk_cache.cache_format import FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, read_domain_info, zarr_store
-from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.capture import Capture
+from ddk_cache.data.manifest import Manifest, load_manifest
+from ddk_cache.data.streamed_packing import SPLIT_RULE, StreamPacker
 from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
-from ddk_cache.fingerprints import require_same_tokenizer, tokenizer_description
-from ddk_cache.integrity import INTEGRITY
-from ddk_cache.manifest import Manifest, load_manifest
-from ddk_cache.provenance import package_versions
 from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
-from ddk_cache.store_header import DomainInfo, HeaderError, LayoutInfo, PackingInfo, StoreHeader, TokenizerInfo, now
-from ddk_cache.stream_packing import SPLIT_RULE, StreamPacker
-from ddk_cache.writer_lease import WriterLease
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
+from ddk_cache.store.format import FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
+from ddk_cache.store.header import DomainInfo, LayoutInfo, PackingInfo, StoreHeader, TokenizerInfo, now
+from ddk_cache.store.header_versions import parse_header, read_domain_info
+from ddk_cache.store.integrity import INTEGRITY
+from ddk_cache.store.lease import WriterLease
+from ddk_cache.store.metadata import HeaderError
+from ddk_cache.store.provenance import package_versions
+from ddk_cache.store.writer import CacheWriter
 
 PACKED = "packed"
 
@@ -114,7 +116,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
 
 
 def load_tokenizer(name_or_path: str, revision: str | None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
 
     require_local_if_path(name_or_path, "tokenizer")
     try:
@@ -151,9 +153,9 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[StoreHeader, li
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
     try:
-        header = StoreHeader.from_dict(root.attrs.get(HEADER_ATTR))
+        header = parse_header(root.attrs.get(HEADER_ATTR))
     except HeaderError as exc:
-        raise (StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one") if "not a ddk-cache" in str(exc)
+        raise (StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one") if exc.not_ddk_cache
                else exc.at(url)) from None
     if header.status in ("packing", "creating"):
         again = "rollout --overwrite" if header.rollout is not None else "pack"

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddk_cache.cache_format import TOKENS
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
-from ddk_cache.pruning import CRITERIA, block_influence, decoder_layers, even_layers, influence_layers, prune
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
+from ddk_cache.store.format import TOKENS
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.pruning import CRITERIA, block_influence, decoder_layers, even_layers, influence_layers, prune
 
 RECORD_NAME = "ddk_prune.json"
 
@@ -44,8 +44,8 @@ class PruneSummary:
 
 
 def run_prune(config: PruneConfig) -> PruneSummary:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
+    from transformers.utils import logging as hf_logging  # heavy: transformers loads only when a model or tokenizer does
 
     hf_logging.disable_progress_bar()  # one line says where the student went; no "Writing model shards" bar
     check_ranges({"layers": config.layers, "windows": config.windows}, {"layers": AT_LEAST_ONE, "windows": AT_LEAST_ONE})

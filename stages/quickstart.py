@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ddk_cache.capture import Capture
-from ddk_cache.demo_corpus import write_demo_corpus
-from ddk_cache.demo_teacher import fetch_demo_teacher
+from ddk_cache.data.demo_corpus import write_demo_corpus
 from ddk_cache.engines import EngineOptions
-from ddk_cache.evaluation import DomainEval
-from ddk_cache.losses import KDConfig
+from ddk_cache.engines.demo_teacher import fetch_demo_teacher
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.stages.distill import DistillConfig, DistillSummary, run_distill
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.teacher_dump import DumpSummary, TeacherDumpConfig, load_tokenizer, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.validation_loss import DomainEval
 
 # Sized so the whole quickstart takes minutes on 2 CPU cores (measured time in the README).
 STUDENT_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -102,7 +102,7 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
 
 def _fitting_seq_len(teacher: Path, seq_len: int) -> int:
     """The demo's window length, shortened to a given teacher's context if that is shorter (teacher-dump refuses longer)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers loads only when a model or tokenizer does
 
     context = getattr(AutoConfig.from_pretrained(teacher), "max_position_embeddings", None)
     return min(seq_len, int(context)) if isinstance(context, int) else seq_len
@@ -110,7 +110,7 @@ def _fitting_seq_len(teacher: Path, seq_len: int) -> int:
 
 def write_student_config(teacher: Path, out: Path) -> None:
     """A config-only student folder (plus the teacher's tokenizer): `distill` builds it with seeded weights."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers loads only when a model or tokenizer does
 
     tokenizer = load_tokenizer(str(teacher), None)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True,

@@ -1,6 +1,6 @@
 """`ddk-cache rollout`: the current student answers the prompt manifest's prompts into a rollout store.
 
-Step one of a MiniLLM round (`minillm.py` has the objective): sample -> score with the teacher
+Step one of a MiniLLM round (`minillm/objective.py` has the objective): sample -> score with the teacher
 (`teacher-dump --out STORE`) -> update (`distill --objective minillm`). This job needs the student only;
 the teacher never meets the training nodes. The store records the student's weight hash and the round,
 so an update can check it starts from the policy that sampled (its importance ratios depend on it).
@@ -14,23 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zarr
 from tqdm.auto import tqdm
 
 from ddk_cache import __version__
-from ddk_cache.capture import Capture
 from ddk_cache.choices import Generator, Responses, values
-from ddk_cache.cache_format import StoreLayout
-from ddk_cache.distributed import resolve_training_device
+from ddk_cache.devices import resolve_device
+from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.errors import DDKCacheError
-from ddk_cache.fingerprints import tokenizer_description, weights_sha256
-from ddk_cache.integrity import INTEGRITY
-from ddk_cache.prompts import load_prompt_manifest, load_prompts
-from ddk_cache.provenance import package_versions
+from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.rollout_store import ROLLOUT_RULE, write_rollout_store
+from ddk_cache.minillm.rollouts import reference_rollouts, sample_rollouts
+from ddk_cache.minillm.vllm_rollouts import vllm_generator
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, check_ranges
-from ddk_cache.rollout_store import ROLLOUT_RULE, write_rollout_store
-from ddk_cache.sampling import reference_rollouts, sample_rollouts
-from ddk_cache.store_header import FORMAT_VERSION, LayoutInfo, PackingInfo, RolloutInfo, StoreHeader, TokenizerInfo, now
-from ddk_cache.student import load_student
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.fingerprints import tokenizer_description, weights_sha256
+from ddk_cache.store.format import StoreLayout, zarr_store
+from ddk_cache.store.header import FORMAT_VERSION, LayoutInfo, PackingInfo, RolloutInfo, StoreHeader, TokenizerInfo, now
+from ddk_cache.store.integrity import INTEGRITY
+from ddk_cache.store.provenance import package_versions
+from ddk_cache.training.student import load_student
 
 
 @dataclass
@@ -64,7 +67,7 @@ ROLLOUT_RANGES = {"round": NON_NEGATIVE, "seed": NON_NEGATIVE, "batch_size": AT_
 
 
 def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int], list[list[int]]] | None = None) -> RolloutSummary:
-    """`generate`: a sampler already loaded (`vllm_sampling.vllm_generator` of `config.student`, shared by several
+    """`generate`: a sampler already loaded (`vllm_rollouts.vllm_generator` of `config.student`, shared by several
     rollouts, as a notebook, a benchmark or a test does); by default the run starts its own for `--generator vllm`."""
     check_ranges({name: getattr(config, name) for name in ROLLOUT_RANGES}, ROLLOUT_RANGES)
     if config.responses not in RESPONSE_KINDS:
@@ -80,12 +83,10 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
                             "so roll out from a saved student (distill writes one; or save_pretrained)")
     if tokenizer.eos_token_id is None:
         raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
-    device = resolve_training_device(config.device)
+    device = resolve_device(config.device)
     model.to(device)
     generator = ("vllm" if generate is not None else resolve_generator(config.generator)) if config.responses == "sampled" else REFERENCES
     if generator == "vllm" and generate is None:
-        from ddk_cache.vllm_sampling import vllm_generator
-
         generate = vllm_generator(config.student, manifest.max_new_tokens, tokenizer.eos_token_id)
     prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
     layout = StoreLayout.choose(manifest.seq_len, Capture(), None, None, config.shard_windows)
@@ -134,9 +135,8 @@ def resolve_generator(name: str) -> str:
     `auto` does not take it on a CPU, where vLLM's CPU build measured slower than the HF engine and starts 90 s later
     (benchmarks/RESULTS.md, "Stage one's engines"; measured on scoring, which is the same forward pass).
     """
-    import torch
+    import torch  # heavy: torch only when this runs
 
-    from ddk_cache.engines.vllm_install import find_vllm
 
     if name not in GENERATORS:
         raise DDKCacheError(f"unknown --generator {name!r}: choose {', '.join(GENERATORS)}")
@@ -151,9 +151,6 @@ def resolve_generator(name: str) -> str:
 
 def store_exists(url: str, storage_options: dict | None) -> bool:
     """Whether anything is at `url` already (a local folder with files, or a Zarr group in a bucket)."""
-    import zarr
-
-    from ddk_cache.cache_format import zarr_store
 
     if "://" not in url:
         path = Path(url)

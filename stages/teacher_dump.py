@@ -9,37 +9,31 @@ writing of shard i (one writer thread), so the teacher never waits on I/O. With
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm.auto import tqdm
-
-from ddk_cache.cache_format import FORMAT_VERSION, SPLITS, TOKENS, StoreLayout
-from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.capture import Capture, encode_targets
+from ddk_cache.data.manifest import load_manifest
+from ddk_cache.data.packing import pack_domain
+from ddk_cache.data.sources import load_domain_documents
 from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_engine
-from ddk_cache.engines.registry import EngineChoice, choose_engine
-from ddk_cache.engines.base import ProgressCallback, TopKResult
 from ddk_cache.engines.options import check_applicable
+from ddk_cache.engines.registry import EngineChoice, choose_engine
 from ddk_cache.errors import DDKCacheError, EngineError
-from ddk_cache.fingerprints import teacher_description
-from ddk_cache.manifest import load_manifest
-from ddk_cache.packing import PackedDomain, pack_domain
-from ddk_cache.provenance import package_versions
 from ddk_cache.ranges import AT_LEAST_ONE, POSITIVE, Range, check_ranges
+from ddk_cache.stages.data_parallel import run_data_parallel
 from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
-from ddk_cache.store_header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
-from ddk_cache.text_sources import load_domain_documents
-from ddk_cache.writer_lease import WriterLease
+from ddk_cache.stages.scoring import ScoringPlan, ShardJob, pending_jobs, progress_bar, score_jobs
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.fingerprints import teacher_description
+from ddk_cache.store.format import FORMAT_VERSION, SPLITS, StoreLayout
+from ddk_cache.store.header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
+from ddk_cache.store.lease import WriterLease
+from ddk_cache.store.provenance import package_versions
+from ddk_cache.store.writer import CacheWriter
 
 
 @dataclass
@@ -84,28 +78,6 @@ class DumpSummary:
         return self.tokens_scored / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class ShardJob:
-    """One shard of one split to score and write: the unit of work, of resume and of data parallelism.
-
-    `windows` is None when the store already holds them (a packed store): they are read when the
-    shard is scored, by whichever process scores it, so no process holds more than a few shards.
-    """
-
-    domain: str
-    split: str
-    shard: int
-    region: slice
-    windows: np.ndarray | None = None
-
-    @property
-    def n_windows(self) -> int:
-        return self.region.stop - self.region.start
-
-    def load(self, writer: CacheWriter) -> np.ndarray:
-        return self.windows if self.windows is not None else writer.split_group(self.domain, self.split)[TOKENS][self.region]
-
-
 # Every numeric setting's range (ranges.py); the engine's and the capture's are checked by their own types
 DUMP_RANGES = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64), "create_timeout": POSITIVE,
                "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
@@ -127,7 +99,7 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
     engine_name = choose_engine(config.engine, config.engine_options, sampled=capture.mode == "sampled", tokens=0).name
     check_applicable(engine_name, config.engine_options)
     if capture.mode == "sampled" and engine_name == "vllm":
-        from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED
+        from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED  # the engine a run does not use is never imported (torch / vLLM)
 
         raise EngineError(SAMPLING_UNSUPPORTED)
     # this node's place in the store, held until the end: a second writer of it stops here, before touching anything
@@ -183,19 +155,25 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 
     summary = DumpSummary(url=config.out, node=node, engine=choice)
-    if config.data_parallel > 1:
-        from ddk_cache.stages.data_parallel import run_data_parallel
 
-        writer = run_data_parallel(config, choice.name, domains, layout, open_writer, summary)
+    def plan_jobs(writer: CacheWriter) -> list[ShardJob]:
+        """This node's pending shards, counted into the summary, once the store is open."""
+        jobs, summary.shards_skipped = pending_jobs(writer, domains, layout, node)
+        summary.shards_written, summary.tokens_scored = len(jobs), sum(job.n_windows for job in jobs) * layout.seq_len
+        return jobs
+
+    plan = scoring_plan(config)
+    if config.data_parallel > 1:
+        writer, summary.seconds = run_data_parallel(plan, choice.name, layout, open_writer, plan_jobs)
     else:
         own = engine is None  # an engine passed in stays open for the caller's next store
         engine = engine or create_engine(choice.name, config.teacher, config.engine_options, max_k=capture.engine_k)
         try:
             writer = open_writer(EngineInfo.of(engine))
-            jobs = pending_jobs(writer, domains, layout, summary)
+            jobs = plan_jobs(writer)
             start = time.perf_counter()  # scoring and writing only: model loading is not throughput
             with progress_bar(jobs, layout, config.progress) as bar:
-                score_jobs(engine, writer, jobs, capture, bar.update, config.writer_threads or default_writer_threads())
+                score_jobs(engine, writer, jobs, capture, bar.update, plan.threads_per_process())
             summary.seconds = time.perf_counter() - start
         finally:
             if own:
@@ -206,6 +184,11 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         summary.domains = [writer.finish_domain(d.name) for d in domains]
         writer.finish()
     return summary
+
+
+def scoring_plan(config: TeacherDumpConfig) -> ScoringPlan:
+    return ScoringPlan(config.teacher, config.engine_options, config.capture, config.out, config.storage_options,
+                       config.data_parallel, config.writer_threads, config.progress)
 
 
 def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domains: list, seq_len: int, node: NodePlace) -> EngineChoice:
@@ -246,91 +229,3 @@ def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: Engin
     )
 
 
-def default_writer_threads() -> int:
-    """Half the cores, at most 8: one writer keeps up with a CPU teacher, a GPU teacher needs several."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-def pending_jobs(writer: CacheWriter, domains: list[PackedDomain], layout: StoreLayout, summary: DumpSummary) -> list[ShardJob]:
-    """This node's shards not yet marked done, in store order; counts its skipped ones into `summary`.
-
-    Shards are numbered over the whole store (domain, split, shard); node r of N owns the numbers
-    i with i % N == r (`nodes.py`), whatever is pending when it looks.
-    """
-    jobs, number = [], 0
-    for domain in domains:
-        for split in SPLITS:
-            packed = getattr(domain, split)
-            pending = set(writer.pending_shards(domain.name, split))
-            for shard in range(layout.n_shards(packed.n_windows)):
-                if summary.node.owns(number + shard):
-                    if shard in pending:
-                        region = layout.shard_slice(shard, packed.n_windows)
-                        in_memory = packed.windows[region] if isinstance(packed.windows, np.ndarray) else None
-                        jobs.append(ShardJob(domain.name, split, shard, region, in_memory))
-                    else:
-                        summary.shards_skipped += 1
-            number += layout.n_shards(packed.n_windows)
-    summary.shards_written = len(jobs)
-    summary.tokens_scored = sum(job.n_windows for job in jobs) * layout.seq_len
-    return jobs
-
-
-def progress_bar(jobs: list[ShardJob], layout: StoreLayout, show: bool) -> tqdm:
-    total = sum(job.n_windows for job in jobs) * layout.seq_len
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher-dump", disable=not show)
-
-
-def score_jobs(
-    engine: TeacherEngine, writer: CacheWriter, jobs: Iterable[ShardJob], capture: Capture, progress: ProgressCallback, writer_threads: int = 1
-) -> None:
-    """Score shards and write them, overlapping the encoding and writing of earlier groups with scoring the next.
-
-    Consecutive shards are grouped until the engine's `preferred_windows` is reached, so an
-    engine that batches internally (vLLM) always has a deep queue; results are split back
-    into whole shards for the writer. In sampled mode each shard is scored alone, with draws
-    seeded by the shard's identity, so a resumed or data-parallel dump draws the same samples.
-
-    Why several writer threads: on a GPU the teacher outruns one CPU thread's encoding and zstd
-    compression (benchmarks/RESULTS.md); shards are separate objects, so `writer_threads` groups
-    are encoded and written at once. At most that many groups wait in memory, and the oldest is
-    waited for first, so an error surfaces within a few groups.
-    """
-    with ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="ddk-writer") as pool:
-        in_flight: deque[Future] = deque()
-        sampled = capture.mode == "sampled"
-        for group in group_jobs(jobs, 1 if sampled else engine.preferred_windows):
-            windows = np.concatenate([job.load(writer) for job in group]) if len(group) > 1 else group[0].load(writer)
-            if sampled:
-                seed = capture.shard_seed(group[0].domain, group[0].split, group[0].shard)
-                result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed)
-            else:
-                result = engine.score(windows, capture.engine_k, progress=progress)
-            if len(in_flight) >= writer_threads:
-                in_flight.popleft().result()  # bounded memory; errors surface promptly
-            in_flight.append(pool.submit(_write_group, writer, group, windows, result, capture))
-        while in_flight:
-            in_flight.popleft().result()
-
-
-def group_jobs(jobs: Iterable[ShardJob], min_windows: int) -> Iterator[list[ShardJob]]:
-    group: list[ShardJob] = []
-    windows = 0
-    for job in jobs:
-        group.append(job)
-        windows += job.n_windows
-        if windows >= min_windows:
-            yield group
-            group, windows = [], 0
-    if group:
-        yield group
-
-
-def _write_group(writer: CacheWriter, group: list[ShardJob], windows: np.ndarray, result: TopKResult, capture: Capture) -> None:
-    """Encode (sort by id, rest, quantize) and write: on the writer thread, so the teacher's next group is already running."""
-    targets = encode_targets(result, capture)
-    offset = 0
-    for job in group:
-        rows = slice(offset, offset + job.n_windows)
-        offset = rows.stop
-        writer.write_shard(job.domain, job.split, job.shard, windows[rows], targets.windows(rows))

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from zarr.core.sync import sync
 
-from ddk_cache.cache_format import COUNTS, N_ENTRIES, SHARD_DONE, SPLITS
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.errors import StoreError
+from ddk_cache.store.format import COUNTS, N_ENTRIES, SHARD_DONE, SPLITS
+from ddk_cache.store.reader import CacheReader
 
 
 @dataclass
@@ -37,6 +37,11 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def verify_url(url: str, storage_options: dict | None = None) -> VerifyReport:
+    """`ddk-cache verify URL`: the store opened as it is (incomplete ones too: what is missing is a finding)."""
+    return verify_store(CacheReader(url, storage_options=storage_options, allow_incomplete=True))
 
 
 def verify_store(reader: CacheReader) -> VerifyReport:

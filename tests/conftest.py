@@ -83,9 +83,9 @@ def corpus_manifest(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     """A complete k=8 store of the 3-domain corpus, dumped once for the stage-two tests."""
-    from ddk_cache.capture import Capture
     from ddk_cache.engines import EngineOptions
     from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+    from ddk_cache.store.capture import Capture
 
     tmp = tmp_path_factory.mktemp("tiny_store")
     out = tmp / "cache.zarr"

@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ddk_cache.samplers import DDKSampler
 from ddk_cache.stages.distill import Trainer
+from ddk_cache.training.domain_samplers import DDKSampler
 
 rank = int(os.environ.get("RANK", "0"))
 

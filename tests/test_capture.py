@@ -7,14 +7,14 @@ import pytest
 import torch
 import zarr
 
-from ddk_cache.cache_format import StoreLayout, create_split_arrays
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.cache_writer import CacheWriter
-from ddk_cache.capture import Capture, distinct_counts, encode_targets, rest_logprobs, top_p_entries
 from ddk_cache.engines.base import TopKResult
 from ddk_cache.engines.hf import HFTeacherEngine
-from ddk_cache.losses import bucket_logprobs
-from ddk_cache.store_header import bare_header
+from ddk_cache.store.capture import Capture, distinct_counts, encode_targets, rest_logprobs, top_p_entries
+from ddk_cache.store.format import StoreLayout, create_split_arrays
+from ddk_cache.store.header import bare_header
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.store.writer import CacheWriter
+from ddk_cache.training.losses import bucket_logprobs
 
 
 def test_distinct_counts_byte_for_byte():

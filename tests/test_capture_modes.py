@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_distill import distill, make_student
 from typer.testing import CliRunner
 
-from ddk_cache.cache_format import SPLITS
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
-from test_distill import distill, make_student
+from ddk_cache.store.format import SPLITS
+from ddk_cache.store.reader import CacheReader
 
 
 def dump(tiny_teacher, manifest, out, *extra: str):

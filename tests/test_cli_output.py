@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import yaml
+from conftest import write_corpus_manifest
+from test_distill import distill, make_student
 from typer.testing import CliRunner
 
-from ddk_cache.capture import Capture
 from ddk_cache.cli.main import app
 from ddk_cache.engines import EngineOptions
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
-from conftest import write_corpus_manifest
-from test_distill import distill, make_student
+from ddk_cache.store.capture import Capture
 
 LONG_NAMES = {"prose": "medicine_pubmed_abstracts", "code": "python_github_permissive", "math": "math_word_problems_gsm8k"}
 

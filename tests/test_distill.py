@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_corpus_manifest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
-from conftest import write_corpus_manifest
-from ddk_cache.capture import Capture
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
-from ddk_cache.losses import bucket_logprobs, divergence
-from ddk_cache.packing import pack_domain
+from ddk_cache.data.packing import pack_domain
 from ddk_cache.engines import EngineOptions
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.losses import bucket_logprobs, divergence
 
 
 def make_student(folder: Path, tokenizer_dir: Path, vocab_size: int | None = None) -> Path:
@@ -152,7 +152,7 @@ def test_kd_brings_the_student_closer_to_the_teacher_than_ce_alone(specialist_st
 KILLING_RUNNER = textwrap.dedent(
     """
     import os, signal, sys
-    from ddk_cache.checkpoint import Checkpointer
+    from ddk_cache.training.checkpoint import Checkpointer
 
     save, kill_at = Checkpointer.save, int(os.environ["KILL_AFTER_CHECKPOINT_STEP"])
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_distill import make_student
 
 RUNNER = Path(__file__).with_name("distributed_runner.py")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_corpus_manifest
 from typer.testing import CliRunner
 
-from conftest import write_corpus_manifest
 from ddk_cache.cli.boundary import expected_failure
 from ddk_cache.cli.main import app
 

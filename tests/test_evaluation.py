@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddk_cache.evaluation import CalibrationBins
+from ddk_cache.training.validation_loss import CalibrationBins
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_when_it_does_not():

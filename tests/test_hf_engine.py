@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ddk_cache.engines import hf as hf_engine
 from ddk_cache.engines import EngineOptions, create_engine
+from ddk_cache.engines import hf as hf_engine
 from ddk_cache.errors import DDKCacheError, EngineError
 
 K = 8

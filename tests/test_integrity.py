@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_distill import make_student
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
-from test_distill import make_student
+from ddk_cache.store.reader import CacheReader
 
 
 def shard_object(store: Path, path: str, shard: int) -> Path:

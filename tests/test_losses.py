@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddk_cache.losses import (
+from ddk_cache.training.losses import (
     DIVERGENCES,
     KDConfig,
     TeacherTargets,
@@ -148,7 +148,7 @@ def test_bad_config_is_refused():
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_cached_loss_at_k_equal_vocab_equals_dense_online_loss(logits, kind, temperature):
     """The whole training loss from a full-vocabulary 'cache' equals the live dense reference."""
-    from ddk_cache.losses import dense_distillation_loss
+    from ddk_cache.training.losses import dense_distillation_loss
 
     teacher_logits, student_logits = logits
     targets = torch.arange(N) % V

@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
+from ddk_cache.data.manifest import DEFAULT_VALID_SEQUENCES, load_manifest
+from ddk_cache.data.sources import load_domain_documents
 from ddk_cache.errors import ManifestError
-from ddk_cache.manifest import DEFAULT_VALID_SEQUENCES, load_manifest
-from ddk_cache.text_sources import load_domain_documents
 
 
 def write_manifest(tmp_path: Path, document) -> Path:

@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from ddk_cache.losses import TeacherTargets
-from ddk_cache.minillm import (MiniLLMConfig, clipped_policy_loss, minillm_loss, normalised_returns, sequence_reverse_kl,
-                               token_rewards, whiten)
+from ddk_cache.minillm.objective import (
+    MiniLLMConfig,
+    clipped_policy_loss,
+    minillm_loss,
+    normalised_returns,
+    sequence_reverse_kl,
+    token_rewards,
+    whiten,
+)
+from ddk_cache.training.losses import TeacherTargets
 
 
 def test_rewards_and_length_normalised_returns_by_hand():

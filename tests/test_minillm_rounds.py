@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from test_rollout import scored_rollouts, rollout_store, tiny_student, write_prompt_manifest  # noqa: F401  (fixtures)
+from test_rollout import rollout_store, scored_rollouts, tiny_student, write_prompt_manifest  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
-from ddk_cache.response_eval import rouge_l
+from ddk_cache.minillm.response_quality import rouge_l
+from ddk_cache.store.reader import CacheReader
 
 
 def rounds(student, teacher, prompts, out, n: int):

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import dump_command, run_dump
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.errors import StoreError
 from test_resume import KILLING_RUNNER, assert_same_store
+
+from ddk_cache.errors import StoreError
+from ddk_cache.store.reader import CacheReader
 
 SURVIVE = {"KILL_AT_SHARD": "-1", "KILL_MODE": "none"}  # the killing runner's settings for a node that lives
 

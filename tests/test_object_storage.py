@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from ddk_cache.cli.main import app
 from test_distill import make_student
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
+from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
+from ddk_cache.store.reader import CacheReader
 
 moto_server = pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (the test extra)")
 pytest.importorskip("s3fs", reason="the s3 tests need s3fs (the s3 extra)")

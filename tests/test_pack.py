@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_resume import assert_same_store
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
-from ddk_cache.store_header import StoreHeader
-from test_resume import assert_same_store
+from ddk_cache.store.header import StoreHeader
+from ddk_cache.store.reader import CacheReader
 
 
 def pack(manifest: Path, out: Path, tokenizer: Path, *extra: str, runner: Path | None = None, **env: str) -> subprocess.CompletedProcess:

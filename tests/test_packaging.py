@@ -17,3 +17,21 @@ def test_console_script_runs_and_namespaces_are_correct(tmp_path):
     assert script is not None, "console script 'ddk-cache' is not installed"
     result = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "teacher-dump" in result.stdout and "inspect" in result.stdout
+
+
+def test_every_sub_package_is_installed():
+    """A package folder missing from pyproject's list works in an editable install and is absent from the wheel."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    folders = {"ddk_cache": "ddk_cache", "stages": "ddk_cache.stages", "cli": "ddk_cache.cli"}
+    found = set()
+    for folder, package in folders.items():
+        for init in (repo / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(repo / folder)
+            found.add(".".join([package, *relative.parts]))
+    assert found == listed, f"not installed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+    assert all(tool["package-dir"].get(p) for p in ("ddk_cache.stages", "ddk_cache.cli", "ddk_cache.cli.commands"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_documents
 from transformers import AutoTokenizer
 
-from conftest import make_documents
+from ddk_cache.data.packing import document_order, pack_domain
 from ddk_cache.errors import ManifestError
-from ddk_cache.packing import document_order, pack_domain
 
 SEQ_LEN = 16
 

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
-from ddk_cache.pruning import block_influence, even_layers, influence_layers
+from ddk_cache.training.pruning import block_influence, even_layers, influence_layers
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from test_capture_modes import write_version_1_copy
 
 import ddk_cache
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.errors import StoreError
-from ddk_cache.losses import KDConfig, TeacherTargets, distillation_loss
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.losses import KDConfig, TeacherTargets, distillation_loss
 
 
 def test_open_store_describes_the_store(tiny_store):

@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
-from ddk_cache.demo_corpus import DOMAINS, write_demo_corpus
-from ddk_cache.manifest import load_manifest
+from ddk_cache.data.demo_corpus import DOMAINS, write_demo_corpus
+from ddk_cache.data.manifest import load_manifest
 
 
 def test_demo_corpus_has_three_real_nonempty_domains(tmp_path):

@@ -9,22 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
+from conftest import run_dump
 from typer.testing import CliRunner
 
-from ddk_cache.cache_format import SPLITS
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
-from conftest import run_dump
+from ddk_cache.store.format import SPLITS
+from ddk_cache.store.reader import CacheReader
 
 # Runs the real CLI in a child process that SIGKILLs itself at a chosen point of the write path.
 KILLING_RUNNER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from ddk_cache import cache_writer
-    from ddk_cache.cache_format import IDS, TOKENS
+    from ddk_cache.store import writer as cache_writer
+    from ddk_cache.store.format import IDS, TOKENS
 
     kill_at, mode = int(os.environ["KILL_AT_SHARD"]), os.environ["KILL_MODE"]
     write_shard, finish, written = cache_writer.CacheWriter.write_shard, cache_writer.CacheWriter.finish, [0]

@@ -13,10 +13,10 @@ import yaml
 from conftest import copy_tokenizer, make_documents, write_jsonl
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
-from ddk_cache.sampling import sequence_logprobs
+from ddk_cache.minillm.rollouts import sequence_logprobs
+from ddk_cache.store.reader import CacheReader
 
 MAX_PROMPT, MAX_NEW = 12, 10
 
@@ -232,7 +232,7 @@ def test_a_reference_store_trains_sft_and_word_level_kd_on_the_answers_only(tiny
 
 
 def test_masked_distillation_loss_counts_the_masked_positions_only():
-    from ddk_cache.losses import KDConfig, TeacherTargets, distillation_loss
+    from ddk_cache.training.losses import KDConfig, TeacherTargets, distillation_loss
 
     torch.manual_seed(0)
     logits, targets = torch.randn(1, 3, 5), torch.tensor([[1, 2, 3]])

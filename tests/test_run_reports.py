@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from test_distill import distill, make_student
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
-from test_distill import distill, make_student
 
 
 def test_plot_writes_the_three_figures_of_a_real_run(tiny_store, tiny_teacher, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddk_cache.samplers import DDKSampler, DomainSampler, UniformSampler, create_sampler
+from ddk_cache.training.domain_samplers import DDKSampler, DomainSampler, UniformSampler, create_sampler
 
 DOMAINS = ["a", "b", "c"]
 

@@ -12,10 +12,12 @@ from test_capture_modes import write_version_1_copy
 from test_error_boundary import one_line_error
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
-from ddk_cache.store_header import DomainInfo, HeaderError, StoreHeader
+from ddk_cache.store.header import DomainInfo, StoreHeader
+from ddk_cache.store.header_versions import parse_header
+from ddk_cache.store.metadata import HeaderError
+from ddk_cache.store.reader import CacheReader
 
 
 def raw_header(store) -> dict:
@@ -45,7 +47,7 @@ def test_keys_a_newer_writer_added_are_kept_when_the_header_is_rewritten(tiny_st
 def test_version_1_headers_read_through_the_adapter(tiny_store, tmp_path):
     old = tmp_path / "v1.zarr"
     write_version_1_copy(tiny_store, old)
-    header = StoreHeader.from_dict(raw_header(old))
+    header = parse_header(raw_header(old))
     assert header.format_version == 1 and header.capture.capture.mode == "topk" and header.capture.capture.logprob_scale == 0
     assert header.capture.capture.k == 8 and header.seq_len == StoreHeader.from_dict(raw_header(tiny_store)).seq_len
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_documents, write_jsonl
-from ddk_cache.errors import ManifestError
-from ddk_cache.manifest import load_manifest
-from ddk_cache.stages.pack import load_tokenizer
-from ddk_cache.stream_packing import PackProgress, StreamPacker, valid_share
 from test_pack import pack
 from test_resume import assert_same_store
+
+from ddk_cache.data.manifest import load_manifest
+from ddk_cache.data.streamed_packing import PackProgress, StreamPacker, valid_share
+from ddk_cache.errors import ManifestError
+from ddk_cache.stages.pack import load_tokenizer
 
 
 def corpus(tmp_path: Path, documents: list[str], valid_sequences: int = 3, budget: int | None = None) -> Path:
@@ -88,7 +88,7 @@ def test_progress_round_trips_and_resuming_from_it_continues_the_same_shards(tin
 KILLING_RUNNER = textwrap.dedent(
     """
     import os, signal, sys
-    from ddk_cache import cache_writer
+    from ddk_cache.store import writer as cache_writer
 
     kill_at, calls, write = int(os.environ["KILL_AT_WRITE"]), [0], cache_writer.CacheWriter.write_windows
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddk_cache.cache_reader import CacheReader
-from ddk_cache.data_order import DomainOrder, GlobalBatchPlanner, micro_batches, rank_slice
-from ddk_cache.samplers import DomainSampler
-from ddk_cache.streaming import WindowLoader, domain_orders
+from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.data_order import DomainOrder, GlobalBatchPlanner, micro_batches, rank_slice
+from ddk_cache.training.domain_samplers import DomainSampler
+from ddk_cache.training.window_loader import WindowLoader, domain_orders
 
 
 @pytest.fixture

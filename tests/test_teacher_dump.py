@@ -11,15 +11,15 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from ddk_cache.cache_reader import CacheReader
 from ddk_cache.cli.main import app
+from ddk_cache.data.manifest import load_manifest
+from ddk_cache.data.packing import pack_domain
+from ddk_cache.data.sources import load_domain_documents
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.errors import StoreError
-from ddk_cache.fingerprints import tokenizer_fingerprint
-from ddk_cache.manifest import load_manifest
-from ddk_cache.packing import pack_domain
 from ddk_cache.stages.teacher_dump import load_tokenizer
-from ddk_cache.text_sources import load_domain_documents
+from ddk_cache.store.fingerprints import tokenizer_fingerprint
+from ddk_cache.store.reader import CacheReader
 
 K = 8
 

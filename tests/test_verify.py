@@ -11,7 +11,7 @@ import zarr
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
-from ddk_cache.integrity import decoded_like_zarr, write_checksums
+from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ vllm = pytest.importorskip("vllm", reason='vLLM is not installed: the README\'s 
 from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs, create_sample_logprobs  # noqa: E402
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 
-
 K = 64  # of a 300-token vocabulary: the actual token is often, but not always, inside the top-k
 
 
@@ -117,7 +116,7 @@ def test_options_of_one_engine_are_refused_for_the_other(tiny_teacher):
 
 
 def test_rollout_sampling_params_leave_the_students_distribution_untouched():
-    from ddk_cache.vllm_sampling import rollout_sampling_params
+    from ddk_cache.minillm.vllm_rollouts import rollout_sampling_params
 
     params = rollout_sampling_params(max_new_tokens=12, seed=5, eos=2)
     assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
@@ -128,8 +127,8 @@ def test_rollout_sampling_params_leave_the_students_distribution_untouched():
 def test_rollout_responses_from_vllm_outputs_end_like_hf_ones(tiny_teacher):
     from transformers import AutoTokenizer
 
-    from ddk_cache.sampling import assemble
-    from ddk_cache.vllm_sampling import responses_from_outputs
+    from ddk_cache.minillm.rollouts import assemble
+    from ddk_cache.minillm.vllm_rollouts import responses_from_outputs
 
     def output(ids: list[int], reason: str) -> RequestOutput:
         completion = CompletionOutput(index=0, text="", token_ids=ids, cumulative_logprob=None, logprobs=None, finish_reason=reason)

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from ddk_cache.capture import Capture
-from ddk_cache.engines import EngineOptions, create_engine
-from ddk_cache.engines.vllm_install import find_vllm
-from ddk_cache.store import open_store
-from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 from conftest import copy_tokenizer, write_corpus_manifest
 from test_resume import KILLING_RUNNER
+
+from ddk_cache.engines import EngineOptions, create_engine
+from ddk_cache.engines.vllm_install import find_vllm
+from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.store.api import open_store
+from ddk_cache.store.capture import Capture
 
 install = find_vllm()
 pytestmark = pytest.mark.skipif(not install.usable, reason=f"vLLM does not run here: {install.refusal('--engine vllm', '--engine hf')}")
@@ -200,12 +200,12 @@ def test_two_nodes_score_one_store_with_vllm(vllm_teacher, corpus, engine, store
 def test_vllm_rollouts_repeat_and_their_behaviour_logprobs_are_the_students(tmp_path, vllm_teacher):
     """`rollout --generator vllm`: a seeded rollout repeats exactly; vLLM's own log-prob of every sampled token equals
     the behaviour log-prob the store holds (the student's teacher-forced transformers pass) within tolerance."""
+    from test_rollout import MAX_NEW, write_prompt_manifest
     from vllm.inputs import TokensPrompt
 
-    from ddk_cache.cache_reader import CacheReader
+    from ddk_cache.minillm.vllm_rollouts import request_params, vllm_generator
     from ddk_cache.stages.rollout import RolloutConfig, run_rollout
-    from ddk_cache.vllm_sampling import request_params, vllm_generator
-    from test_rollout import MAX_NEW, write_prompt_manifest
+    from ddk_cache.store.reader import CacheReader
 
     eos = 2  # the tiny tokenizer's end-of-sequence id (test_rollout checks it)
     manifest = write_prompt_manifest(tmp_path)

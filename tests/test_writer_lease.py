@@ -13,17 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import dump_command
-from ddk_cache.errors import StoreError
-from ddk_cache.writer_lease import LEASE_SUFFIX, WriterLease
 from test_resume import assert_same_store
+
+from ddk_cache.errors import StoreError
+from ddk_cache.store.lease import LEASE_SUFFIX, WriterLease
 
 # The real CLI, with every shard write slowed down: the first writer surely still holds the store when the other looks.
 SLOW_RUNNER = textwrap.dedent(
     """
     import sys, time
-    from ddk_cache import cache_writer
+    from ddk_cache.store import writer as cache_writer
 
     write_shard = cache_writer.CacheWriter.write_shard
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk_cache.distributed import resolve_training_device
+from ddk_cache.devices import resolve_device
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.errors import EngineError, first_line, require_local_if_path
 
@@ -42,14 +42,14 @@ class HFTeacherEngine(TeacherEngine):
         revision: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForCausalLM  # heavy: transformers loads only when a model or tokenizer does
+        from transformers.utils import logging as hf_logging  # heavy: transformers loads only when a model or tokenizer does
 
         hf_logging.disable_progress_bar()
 
         if batch_size <= 0:
             raise EngineError(f"batch size must be positive, got {batch_size}")
-        self.device = resolve_training_device(device)  # checked: an unknown name, or cuda without a GPU, is one line
+        self.device = resolve_device(device)  # checked: an unknown name, or cuda without a GPU, is one line
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         require_local_if_path(teacher, "teacher")
@@ -66,7 +66,7 @@ class HFTeacherEngine(TeacherEngine):
         return self.model.config
 
     def describe(self) -> dict[str, Any]:
-        import transformers
+        import transformers  # heavy: transformers loads only when a model or tokenizer does
 
         return {
             "name": self.name,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from ddk_cache.choices import EngineName, values
 from ddk_cache.engines.base import TeacherEngine
 from ddk_cache.engines.options import HF_ONLY, VLLM_ONLY, EngineOptions, check_applicable
+from ddk_cache.engines.vllm_cpu import runs_on_cpu
+from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.errors import EngineError
 
 ENGINE_NAMES = values(EngineName)
@@ -45,14 +47,12 @@ def choose_engine(requested: str, options: EngineOptions | None = None, *, sampl
         flags = sorted("--" + option.replace("_", "-") for option in given & set(own))
         if flags:
             return EngineChoice(name, f"auto: {', '.join(flags)} {'is an option' if len(flags) == 1 else 'are options'} of the {name} engine")
-    import torch
+    import torch  # heavy: torch only when this runs
 
     gpu = torch.cuda.is_available()
     if not gpu and tokens is not None and tokens < CPU_BREAK_EVEN_TOKENS:
         return EngineChoice("hf", f"auto: {tokens:,} tokens to score, fewer than the {CPU_BREAK_EVEN_TOKENS:,} from which "
                                   "vLLM's start-up pays for itself on a CPU")
-    from ddk_cache.engines.vllm_cpu import runs_on_cpu
-    from ddk_cache.engines.vllm_install import find_vllm
 
     install = find_vllm()
     if install.version is None:
@@ -78,7 +78,7 @@ def create_engine(name: str, teacher: str, options: EngineOptions | None = None,
     name = resolve_engine_name(name, options)
     check_applicable(name, options)
     if name == "hf":
-        from ddk_cache.engines.hf import HFTeacherEngine
+        from ddk_cache.engines.hf import HFTeacherEngine  # the engine a run does not use is never imported (torch / vLLM)
 
         return HFTeacherEngine(
             teacher,
@@ -88,6 +88,6 @@ def create_engine(name: str, teacher: str, options: EngineOptions | None = None,
             revision=options.revision,
             trust_remote_code=options.trust_remote_code,
         )
-    from ddk_cache.engines.vllm_engine import VLLMTeacherEngine
+    from ddk_cache.engines.vllm_engine import VLLMTeacherEngine  # the engine a run does not use is never imported (torch / vLLM)
 
     return VLLMTeacherEngine(teacher, max_k, options)

@@ -20,13 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ddk_cache.errors import first_line
+
 CPU_KV_CACHE_GIB = 2  # two engines (--data-parallel 2) fit beside each other and the HF stack on a 24 GiB machine
 KV_CACHE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
 
 
 def runs_on_cpu() -> bool:
     """Whether the importable vLLM is a CPU build (vLLM's own platform detection)."""
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # optional: vLLM (the vllm / vllm-cpu extra)
 
     return bool(current_platform.is_cpu())
 
@@ -74,8 +76,8 @@ def cpu_preflight(model: str, settings: dict[str, Any], revision: str | None = N
     if not runs_on_cpu():
         return ""
     try:
-        from transformers import AutoConfig
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        from transformers import AutoConfig  # heavy: transformers loads only when a model or tokenizer does
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # optional: vLLM (the vllm / vllm-cpu extra)
 
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
         supported = list(CPUAttentionBackend.get_supported_head_sizes())
@@ -108,8 +110,6 @@ def _size(n: int) -> str:
 def start_failure(exc: BaseException) -> str:
     """One short line for an exception `vllm.LLM(...)` raised: pydantic's first complaint rather than its count of
     them, without the list of every architecture vLLM supports."""
-    from ddk_cache.errors import first_line
-
     text = first_line(exc)
     errors = getattr(exc, "errors", None)
     if callable(errors):

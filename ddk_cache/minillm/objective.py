@@ -1,0 +1,140 @@
+"""MiniLLM's objective (Gu et al. 2023) on cached teacher targets: reverse KL on the student's own samples.
+
+MiniLLM minimises the sequence-level reverse KL, KL(q_theta || p), for responses y sampled from the
+student q given a prompt x. Its gradient (the paper's eq. 5-7, and `minillm/losses.py` in its code)
+has three named parts, computed here from what a scored rollout store holds: the sampled tokens y_t,
+the student's behaviour log-probs log q_old(y_t) recorded at sampling time, and the teacher's cached
+entries (+ rest bucket) and log-prob log p(y_t) of each sampled token.
+
+- **single-step term**: at every response position, the exact reverse KL of the next-token
+  distributions, sum_v q(v) (log q(v) - log p(v)). With a cache, p is known on the entries plus one
+  rest bucket, so this is `losses.py`'s bucketed reverse KL (tail `rest`): exact over the buckets,
+  and the student's mass outside the teacher's entries meets the teacher's rest.
+- **long-term term**: a policy gradient with per-token reward r_t = log p(y_t) - log q_old(y_t).
+  The return R_t = sum over t' >= t of r_t' (gamma = 1) is divided by the number of tokens it sums
+  (length normalisation, so long responses are not favoured), then whitened over the batch's response
+  tokens, as MiniLLM's code does.
+- **importance sampling with clipping**: one round's rollouts serve several optimizer epochs, so the
+  student moves away from the policy that sampled them; each token's term is weighted by
+  rho_t = q_theta(y_t) / q_old(y_t), and PPO's clipped surrogate max(-A rho, -A clip(rho, 1 - eps,
+  1 + eps)) (eps = 0.2) stops a round from pushing the policy far from where its samples came from.
+
+A language-modelling loss on a pretraining store is added by the trainer (`pt_weight`), as in the paper.
+Left out: teacher-mixed sampling (the paper samples from 0.8 q + 0.2 p), which needs the live teacher
+while the student generates; here generation and scoring are separate jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddk_cache.errors import SettingError
+from ddk_cache.training.losses import TeacherTargets, kd_loss
+
+
+@dataclass(frozen=True)
+class MiniLLMConfig:
+    """`clip`: PPO's epsilon; `whiten`: normalise the advantages over the batch (MiniLLM's default);
+    `single_step`: add the single-step term (MiniLLM's default; off leaves the policy gradient alone)."""
+
+    clip: float = 0.2
+    whiten: bool = True
+    single_step: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clip < 1:
+            raise SettingError(f"--ppo-clip must be in (0, 1), got {self.clip}")
+
+
+@dataclass
+class MiniLLMParts:
+    """The loss and its named parts; `reward` and `reverse_kl` are detached statistics of the batch."""
+
+    total: torch.Tensor
+    policy_gradient: torch.Tensor
+    single_step: torch.Tensor
+    reward: torch.Tensor  # mean per-token reward log p(y_t) - log q_old(y_t)
+    reverse_kl: torch.Tensor  # mean over sequences of the length-normalised sum of log q_old - log p: the sampled estimate
+    clipped_fraction: torch.Tensor  # share of response tokens whose ratio left [1 - eps, 1 + eps]
+    pretraining: torch.Tensor | None = None  # L_PT, when the trainer adds it (`pretraining_data.py`)
+
+
+def token_rewards(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """r_t = log p(y_t) - log q_old(y_t) at response positions, 0 elsewhere; `[B, L]`."""
+    return (teacher_logprobs.float() - behaviour_logprobs.float()) * mask
+
+
+def normalised_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R_t / n_t: the sum of rewards from t to the response's end over how many tokens that sum covers.
+
+    Masked positions carry reward 0, so a reverse cumulative sum gives R_t; n_t counts the response
+    tokens from t on (at least 1, so prompt and padding positions stay finite: they are masked later).
+    """
+    returns = rewards.flip(-1).cumsum(-1).flip(-1)
+    remaining = mask.flip(-1).cumsum(-1).flip(-1).clamp_min(1.0)
+    return returns / remaining
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries become 0."""
+    count = mask.sum().clamp_min(1.0)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) * mask) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, mean over response tokens, and the share of tokens the clip held.
+
+    ratio = exp(log q_theta(y_t) - log q_old(y_t)); per token max(-A ratio, -A clip(ratio)): the
+    pessimistic of the two, so the gradient vanishes once the ratio has moved past 1 +- eps in the
+    direction the advantage asks for.
+    """
+    ratio = torch.exp((logprobs - behaviour_logprobs.float()) * mask)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    count = mask.sum().clamp_min(1.0)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum() / count
+    held = (((ratio < 1.0 - clip) | (ratio > 1.0 + clip)).float() * mask).sum() / count
+    return loss, held.detach()
+
+
+def sequence_reverse_kl(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the mean over its response tokens of log q(y_t) - log p(y_t): a sampled estimate of the
+    reverse KL per token (the sequence's log-ratio, length-normalised), `[B]`."""
+    per_token = (behaviour_logprobs.float() - teacher_logprobs.float()) * mask
+    return per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def minillm_loss(
+    student_logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    teacher: TeacherTargets,
+    teacher_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    config: MiniLLMConfig = MiniLLMConfig(),
+    teacher_vocab: int | None = None,
+) -> MiniLLMParts:
+    """MiniLLM's loss on a batch of scored rollouts. All per-position tensors are `[B, L]` and describe the
+    token *after* each input position: `response_ids` the sampled token, `teacher_logprobs` log p of it
+    (the store's `target_logprobs`), `behaviour_logprobs` log q_old of it, `mask` 1 where it is a response
+    token. `student_logits` `[B, L, V]`, `teacher` the cached entries `[B, L, W]`."""
+    mask = mask.float()
+    logprobs = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        rewards = token_rewards(teacher_logprobs, behaviour_logprobs, mask)
+        advantages = normalised_returns(rewards, mask)
+        if config.whiten:
+            advantages = whiten(advantages, mask)
+    policy_gradient, held = clipped_policy_loss(logprobs, behaviour_logprobs, advantages, mask, config.clip)
+    single_step = kd_loss(student_logits, teacher, divergence="reverse_kl", tail="rest", mask=mask, teacher_vocab=teacher_vocab)
+    total = policy_gradient + single_step if config.single_step else policy_gradient
+    with torch.no_grad():
+        reward = rewards.sum() / mask.sum().clamp_min(1.0)
+        has_response = mask.sum(-1) > 0
+        reverse_kl = sequence_reverse_kl(teacher_logprobs, behaviour_logprobs, mask)[has_response].mean()
+    return MiniLLMParts(total, policy_gradient, single_step, reward, reverse_kl, held)

@@ -1,0 +1,68 @@
+"""Load (or build) the student and check that it can learn from a cache.
+
+The cache stores token ids. A student may use them only if its tokenizer maps every id to
+the same token as the teacher's tokenizer did: the fingerprints must match. Its embedding
+matrix may be larger than the tokenizer (vocabularies padded to a multiple of 64 or 128 are
+common); it must not be smaller than the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
+from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
+from ddk_cache.store.header import StoreHeader, TokenizerInfo
+
+
+def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
+    """A causal LM from a folder or hub id with weights, or built fresh from a folder holding only config.json.
+
+    Returns `(model, tokenizer, built_from_config)`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
+
+    require_local_if_path(student, "student")
+    if tokenizer_path is not None:
+        require_local_if_path(tokenizer_path, "tokenizer")
+    source = Path(student)
+    has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
+    try:
+        if has_weights:
+            model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(f"cannot load student {student!r}: {first_line(exc)}") from None
+    tokenizer_source = tokenizer_path or student
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as exc:
+        raise DDKCacheError(
+            f"cannot load the student's tokenizer from {tokenizer_source!r}: {first_line(exc)}; pass --tokenizer"
+        ) from None
+    if tokenizer_path is not None and source.is_dir() and any(source.glob("tokenizer*.json")):
+        # the student was trained with the tokenizer in its own folder: a --tokenizer that disagrees would feed it foreign ids
+        own = AutoTokenizer.from_pretrained(student)
+        require_same_tokenizer(tokenizer, TokenizerInfo.from_dict(tokenizer_description(own)), "--tokenizer", f"the student's own in {student}",
+                               "drop --tokenizer, or use a student made for that tokenizer")
+    return model, tokenizer, not has_weights
+
+
+def check_compatible(model, tokenizer, header: StoreHeader) -> None:
+    """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
+    cached = header.tokenizer
+    require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
+    seq_len = header.seq_len
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and context < seq_len:
+        raise DDKCacheError(f"the student's context ({context} positions) is shorter than the cache's windows ({seq_len} tokens): "
+                            "use a student with max_position_embeddings >= seq_len")
+    student_vocab = model.get_input_embeddings().weight.shape[0]
+    if student_vocab < cached.size:
+        raise DDKCacheError(
+            f"the student's vocabulary ({student_vocab} embeddings) is smaller than the cache's tokenizer ({cached.size} tokens): "
+            "resize the student's embeddings"
+        )
