@@ -42,7 +42,17 @@ from ddk_cache.devices import resolve_device
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
-from ddk_cache.stages.distill import DistillConfig, run_distill
+from ddk_cache.stages.distill import (
+    BatchSettings,
+    CheckpointSettings,
+    DistillConfig,
+    ObjectiveSettings,
+    OptimizerSettings,
+    ParallelSettings,
+    ReportingSettings,
+    SamplerSettings,
+    run_distill,
+)
 from ddk_cache.stages.minillm_rounds import MiniLLMRoundsConfig, run_minillm_rounds
 from ddk_cache.stages.rollout import RolloutConfig, run_rollout
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
@@ -123,9 +133,12 @@ def main() -> None:
                           "teacher_response_loss": rounds[-1].teacher_response_loss, "response_tokens": rounds[-1].response_tokens,
                           "round_seconds": round_seconds(folder), "lr": lr, "clipped_fraction": clipped_fraction(folder)}
             else:
-                run_distill(DistillConfig(store=str(references), student=args.student, out=folder / "student", kd=BASELINES[arm],
-                                          steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0,
-                                          sampler="uniform", update_every=steps, seed=seed, device="cpu", resume="auto", progress=False))
+                run_distill(DistillConfig(
+                    store=str(references), student=args.student, out=folder / "student", steps=steps, seed=seed,
+                    batch=BatchSettings(batch_size=args.batch_size), objective=ObjectiveSettings(kd=BASELINES[arm]),
+                    optimizer=OptimizerSettings(lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0),
+                    sampler=SamplerSettings(name="uniform", update_every=steps), parallel=ParallelSettings(device="cpu"),
+                    checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=False)))
                 record = measure(args, engine, prompts, str(folder / "student"), folder)
             record.update(seconds=round(time.perf_counter() - started, 1), steps=0 if arm == "start" else steps)
             results["runs"][key] = record

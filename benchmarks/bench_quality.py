@@ -40,7 +40,15 @@ import yaml
 from bench_teacher_dump import derived_manifest
 
 from ddk_cache.engines import EngineOptions
-from ddk_cache.stages.distill import DistillConfig, run_distill
+from ddk_cache.stages.distill import (
+    BatchSettings,
+    DistillConfig,
+    ObjectiveSettings,
+    OptimizerSettings,
+    ReportingSettings,
+    SamplerSettings,
+    run_distill,
+)
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.inspect_store import domain_rows
 from ddk_cache.stages.prune_student import PruneConfig, run_prune
@@ -132,12 +140,14 @@ def main() -> None:
             started = time.perf_counter()
             arm_store = stores[spec.get("cache", "top64")]
             summary = run_distill(DistillConfig(
-                store=str(arm_store), student=str(start), out=out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                kd=spec["kd"], sampler=spec["sampler"], ddk_score=spec.get("ddk_score", "ppl-ratio"),
-                ddk_temperature=args.ddk_temperature if spec.get("tempered") else 1.0,
-                update_every=k_steps if spec["sampler"] == "ddk" or arm == "kd_uniform" or args.evaluate_fixed_arms else args.steps,
-                eval_windows=args.eval_windows or args.valid,
-                seed=seed, online_teacher=args.teacher if spec.get("online") else None, progress=False,
+                store=str(arm_store), student=str(start), out=out, steps=args.steps, seed=seed,
+                batch=BatchSettings(batch_size=args.batch_size), optimizer=OptimizerSettings(lr=args.lr),
+                objective=ObjectiveSettings(kd=spec["kd"], online_teacher=args.teacher if spec.get("online") else None),
+                sampler=SamplerSettings(
+                    name=spec["sampler"], score=spec.get("ddk_score", "ppl-ratio"), temperature=args.ddk_temperature if spec.get("tempered") else 1.0,
+                    update_every=k_steps if spec["sampler"] == "ddk" or arm == "kd_uniform" or args.evaluate_fixed_arms else args.steps,
+                    eval_windows=args.eval_windows or args.valid),
+                reporting=ReportingSettings(progress=False),
             ))
             evals = run_eval(str(out), str(store))  # every arm on the same (top-64 store's) valid windows
             runs[f"{arm}/{seed}"] = {
@@ -247,9 +257,10 @@ def starting_student(args: argparse.Namespace, store: Path) -> tuple[Path, dict 
     if not (healed / "config.json").exists():
         shutil.rmtree(healed, ignore_errors=True)
         started = time.perf_counter()
-        run_distill(DistillConfig(store=str(store), student=str(pruned), out=healed, steps=args.heal_steps, batch_size=args.batch_size,
-                                  lr=args.heal_lr, kd=KDConfig(), sampler="uniform", update_every=args.heal_steps,
-                                  eval_windows=args.eval_windows or args.valid, seed=1000, progress=False))
+        run_distill(DistillConfig(store=str(store), student=str(pruned), out=healed, steps=args.heal_steps, seed=1000,
+                                  batch=BatchSettings(batch_size=args.batch_size), optimizer=OptimizerSettings(lr=args.heal_lr),
+                                  sampler=SamplerSettings(name="uniform", update_every=args.heal_steps, eval_windows=args.eval_windows or args.valid),
+                                  reporting=ReportingSettings(progress=False)))
         print(f"healed ({time.perf_counter() - started:.0f} s)", flush=True)
     before = {e.domain: round(e.student_loss, 4) for e in run_eval(str(pruned), str(store))}
     after = run_eval(str(healed), str(store))

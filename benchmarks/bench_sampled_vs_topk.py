@@ -25,7 +25,15 @@ import torch
 from bench_teacher_dump import derived_manifest
 
 from ddk_cache.engines import EngineOptions
-from ddk_cache.stages.distill import DistillConfig, run_distill
+from ddk_cache.stages.distill import (
+    BatchSettings,
+    DistillConfig,
+    ObjectiveSettings,
+    OptimizerSettings,
+    ReportingSettings,
+    SamplerSettings,
+    run_distill,
+)
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.quickstart import write_student_config
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
@@ -81,9 +89,11 @@ def main() -> None:
         if out.exists():
             shutil.rmtree(out)
         started = time.perf_counter()
-        run_distill(DistillConfig(store=str(stores[store_name]), student=str(student_init), out=out, steps=args.steps,
-                                  batch_size=args.batch_size, lr=args.lr, kd=kd, sampler="uniform", update_every=max(1, args.steps // 5),
-                                  eval_windows=args.valid, seed=args.seed, progress=False))
+        run_distill(DistillConfig(store=str(stores[store_name]), student=str(student_init), out=out, steps=args.steps, seed=args.seed,
+                                  batch=BatchSettings(batch_size=args.batch_size), optimizer=OptimizerSettings(lr=args.lr),
+                                  objective=ObjectiveSettings(kd=kd),
+                                  sampler=SamplerSettings(name="uniform", update_every=max(1, args.steps // 5), eval_windows=args.valid),
+                                  reporting=ReportingSettings(progress=False)))
         evals = run_eval(str(out), str(stores["topk"]))  # the same valid windows for every arm
         runs[arm] = {
             "store": store_name, "seconds": round(time.perf_counter() - started, 1),

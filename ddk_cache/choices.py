@@ -9,6 +9,11 @@ module to build its options before torch is imported.
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
+
+from ddk_cache.errors import SettingError
+
+E = TypeVar("E", bound=Enum)
 
 
 class CaptureMode(str, Enum):
@@ -90,3 +95,12 @@ class ReportTarget(str, Enum):
 def values(choice: type[Enum]) -> tuple[str, ...]:
     """The accepted strings, in declaration order."""
     return tuple(member.value for member in choice)
+
+
+def parse_choice(choice: type[E], value: str | E, flag: str, note: str = "") -> E:
+    """`value` as a member of `choice` (library callers may pass the string); anything else is one line naming
+    the flag and every accepted value. Configs hold the member, so no later code checks the string again."""
+    try:
+        return choice(value)
+    except ValueError:
+        raise SettingError(f"unknown {flag} {value!r}: choose {', '.join(values(choice))}{note}") from None

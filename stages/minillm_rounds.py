@@ -29,14 +29,18 @@ from ddk_cache.minillm.objective import MiniLLMConfig
 from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
-from ddk_cache.stages.distill import DistillConfig, run_distill
+from ddk_cache.stages.distill import DistillConfig, ObjectiveSettings, run_distill
 from ddk_cache.stages.rollout import RolloutConfig, run_rollout
 from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.fingerprints import weights_sha256
 from ddk_cache.store.reader import CacheReader
-from ddk_cache.training.checkpoint import has_checkpoint
-from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.checkpoint import CheckpointSettings, has_checkpoint
+from ddk_cache.training.data_order import BatchSettings
+from ddk_cache.training.domain_samplers import SamplerSettings
+from ddk_cache.training.metrics_log import ReportingSettings
+from ddk_cache.training.optimizer import OptimizerSettings
+from ddk_cache.training.parallelize import ParallelSettings
 from ddk_cache.training.student import load_student
 
 ROUNDS_LOG = "rounds.jsonl"
@@ -121,11 +125,13 @@ def run_minillm_rounds(config: MiniLLMRoundsConfig, log: Callable[[str], None] =
             steps = config.epochs * math.ceil(windows / config.batch_size)
             log(f"round {r}: MiniLLM update, {config.epochs} epochs = {steps} steps")
             started = time.perf_counter()
-            run_distill(DistillConfig(store=str(store), student=student, out=update, objective="minillm", minillm=config.minillm,
-                                      pt_store=config.pt_store, pt_weight=config.pt_weight,
-                                      steps=steps, batch_size=config.batch_size, lr=config.lr, warmup=0, min_lr_ratio=1.0,
-                                      weight_decay=0.0, kd=KDConfig(), sampler="uniform", update_every=steps, seed=config.seed + r,
-                                      device=config.device, resume="auto", progress=config.progress))
+            run_distill(DistillConfig(
+                store=str(store), student=student, out=update, steps=steps, seed=config.seed + r,
+                batch=BatchSettings(batch_size=config.batch_size),
+                optimizer=OptimizerSettings(lr=config.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0),  # MiniLLM's constant LR
+                objective=ObjectiveSettings(name="minillm", minillm=config.minillm, pt_store=config.pt_store, pt_weight=config.pt_weight),
+                sampler=SamplerSettings(name="uniform", update_every=steps), parallel=ParallelSettings(device=config.device),
+                checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=config.progress)))
             times["update"] = time.perf_counter() - started
             _append_times(config.out, r, times)
         student = str(update)

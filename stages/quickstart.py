@@ -24,7 +24,10 @@ from ddk_cache.stages.distill import DistillConfig, DistillSummary, run_distill
 from ddk_cache.stages.evaluate import run_eval
 from ddk_cache.stages.teacher_dump import DumpSummary, TeacherDumpConfig, load_tokenizer, run_teacher_dump
 from ddk_cache.store.capture import Capture
-from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.data_order import BatchSettings
+from ddk_cache.training.domain_samplers import SamplerSettings
+from ddk_cache.training.metrics_log import ReportingSettings
+from ddk_cache.training.optimizer import OptimizerSettings
 from ddk_cache.training.validation_loss import DomainEval
 
 # Sized so the whole quickstart takes minutes on 2 CPU cores (measured time in the README).
@@ -90,9 +93,10 @@ def run_quickstart(config: QuickstartConfig, log: Callable[[str], None] = print)
     if paths["student"].exists():
         shutil.rmtree(paths["student"])
     summary = run_distill(DistillConfig(
-        store=str(paths["store"]), student=str(paths["student_init"]), out=paths["student"], steps=config.steps,
-        batch_size=config.batch_size, lr=config.lr, kd=KDConfig(), sampler="ddk", update_every=max(1, config.steps // 10),
-        eval_windows=config.valid_windows, seed=config.seed, progress=config.progress,
+        store=str(paths["store"]), student=str(paths["student_init"]), out=paths["student"], steps=config.steps, seed=config.seed,
+        batch=BatchSettings(batch_size=config.batch_size), optimizer=OptimizerSettings(lr=config.lr),
+        sampler=SamplerSettings(name="ddk", update_every=max(1, config.steps // 10), eval_windows=config.valid_windows),
+        reporting=ReportingSettings(progress=config.progress),
     ))
 
     log(f"5/5 eval: {paths['student']} on the store's valid/ windows")

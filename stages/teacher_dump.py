@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ddk_cache.choices import EngineName, parse_choice
 from ddk_cache.data.manifest import load_manifest
 from ddk_cache.data.packing import pack_domain
 from ddk_cache.data.sources import load_domain_documents
@@ -35,14 +36,21 @@ from ddk_cache.store.lease import WriterLease
 from ddk_cache.store.provenance import package_versions
 from ddk_cache.store.writer import CacheWriter
 
+# Every numeric setting's range (ranges.py); the engine's and the capture's are checked by their own types
+DUMP_RANGES = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64), "create_timeout": POSITIVE,
+               "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
 
-@dataclass
+
+@dataclass(frozen=True)
 class TeacherDumpConfig:
+    """A teacher-dump run: which teacher scores what into where, with the capture and the engine's options as typed
+    parts of their own (`Capture`, `EngineOptions`, each checked when built); the rest is checked here, once."""
+
     teacher: str
     manifest: Path | None  # None: score the store at `out` that `ddk-cache pack` wrote
     out: str
     capture: Capture = field(default_factory=Capture)  # what is kept per position (mode, k, draws, quantization)
-    engine: str = "auto"
+    engine: EngineName = EngineName.auto
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     data_parallel: int = 1
     chunk_windows: int | None = None
@@ -55,6 +63,10 @@ class TeacherDumpConfig:
     node_rank: int | None = None
     create_timeout: float = 600.0  # seconds a node other than 0 waits for node 0 to create the store
     writer_threads: int | None = None  # shards encoded and written at once while the teacher scores (None: half the cores, at most 8)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", parse_choice(EngineName, self.engine, "--engine"))
+        check_ranges({name: getattr(self, name) for name in DUMP_RANGES}, DUMP_RANGES)
 
     @property
     def revision(self) -> str | None:
@@ -78,25 +90,19 @@ class DumpSummary:
         return self.tokens_scored / self.seconds if self.seconds > 0 else 0.0
 
 
-# Every numeric setting's range (ranges.py); the engine's and the capture's are checked by their own types
-DUMP_RANGES = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64), "create_timeout": POSITIVE,
-               "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
-
-
 def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = None) -> DumpSummary:
     """`engine`: a teacher already loaded (a notebook or benchmark scoring several stores with one model);
     it must be the one `config.teacher` names. By default the run loads its own."""
     capture = config.capture
     if engine is not None and config.data_parallel > 1:
         raise DDKCacheError("a loaded engine scores in this process only: use --data-parallel 1")
-    check_ranges({name: getattr(config, name) for name in DUMP_RANGES}, DUMP_RANGES)
     node = resolve_node(config.num_nodes, config.node_rank)
     if node.count > 1 and config.overwrite:
         raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
                             "delete the store (or run node 0 alone with --overwrite) first")
     # what the options and the capture mode decide, before the data is read: a wrong flag fails at once. `auto` with
     # no engine option decides in `_dump`, knowing the job's size (tokens=0 here: no vLLM import for this check)
-    engine_name = choose_engine(config.engine, config.engine_options, sampled=capture.mode == "sampled", tokens=0).name
+    engine_name = choose_engine(config.engine.value, config.engine_options, sampled=capture.mode == "sampled", tokens=0).name
     check_applicable(engine_name, config.engine_options)
     if capture.mode == "sampled" and engine_name == "vllm":
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED  # the engine a run does not use is never imported (torch / vLLM)
@@ -198,7 +204,7 @@ def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domai
         return EngineChoice(engine.name, "a loaded engine was passed to run_teacher_dump")
     windows = sum(getattr(domain, split).n_windows for domain in domains for split in SPLITS)
     tokens = windows * seq_len // node.count
-    return choose_engine(config.engine, config.engine_options, sampled=config.capture.mode == "sampled", tokens=tokens)
+    return choose_engine(config.engine.value, config.engine_options, sampled=config.capture.mode == "sampled", tokens=tokens)
 
 
 def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout,

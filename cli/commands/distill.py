@@ -78,26 +78,26 @@ def distill(
     progress: Progress = True,
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
-    from ddk_cache.stages.distill import (  # the stage (torch, zarr) loads when the command runs: `--help` stays fast
-        DistillConfig,
-        KDConfig,
-        MiniLLMConfig,
-        run_distill,
-    )
+    from ddk_cache.stages import distill as stage  # the stage (torch, zarr) loads when the command runs: `--help` stays fast
 
     with user_errors():
-        kd = KDConfig.from_flags(divergence.value, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha)
-        minillm = MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step)
-        config = DistillConfig(objective=objective.value, minillm=minillm, pt_store=pt_store, pt_weight=pt_weight,
-            store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-            global_batch_size=global_batch_size, parallel=parallel.value, dist_timeout=dist_timeout, reader_threads=reader_threads,
-            lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip, kd=kd, sampler=sampler.value,
-            ddk_alpha=ddk_alpha, ddk_smooth=ddk_smooth, ddk_score=ddk_score.value, ddk_temperature=ddk_temperature, update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size,
-            checkpoint_every=checkpoint_every, seed=seed, device=device, resume="auto" if auto_resume else resume, online_teacher=online_teacher, progress=progress,
-            storage_options=parse_storage_options(storage_options), report_to=tuple(target.value for target in report_to or ()),
+        config = stage.DistillConfig(
+            store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, seed=seed,
+            batch=stage.BatchSettings(batch_size=batch_size, grad_accum=grad_accum, global_batch_size=global_batch_size),
+            optimizer=stage.OptimizerSettings(lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip),
+            objective=stage.ObjectiveSettings(
+                name=objective, kd=stage.KDConfig.from_flags(divergence.value, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha),
+                minillm=stage.MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step), pt_store=pt_store, pt_weight=pt_weight,
+                online_teacher=online_teacher),
+            sampler=stage.SamplerSettings(name=sampler, alpha=ddk_alpha, smooth=ddk_smooth, score=ddk_score, temperature=ddk_temperature,
+                                          update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size),
+            parallel=stage.ParallelSettings(mode=parallel, device=device, dist_timeout=dist_timeout),
+            checkpoint=stage.CheckpointSettings(every=checkpoint_every, resume="auto" if auto_resume else resume),
+            reporting=stage.ReportingSettings(progress=progress, report_to=tuple(report_to or ())),
+            data=stage.DataSettings(storage_options=parse_storage_options(storage_options), reader_threads=reader_threads),
         )
         say(progress, "distill: opening the store and loading the student ...")
-        summary = run_distill(config)
+        summary = stage.run_distill(config)
     if not is_main_process():
         return
     before = {e.domain: e for e in summary.first_eval}

@@ -63,42 +63,41 @@ def teacher_dump(
         run_teacher_dump,
     )
 
-    options = EngineOptions(
-        dtype=dtype.value,
-        revision=revision,
-        device=device,
-        batch_size=batch_size,
-        tensor_parallel_size=tensor_parallel_size,
-        quantization=quantization,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        windows_per_call=windows_per_call,
-        enforce_eager=enforce_eager,
-    )
-    with user_errors():
+    with user_errors():  # every setting is checked where it is built: a bad one is one line
+        options = EngineOptions(
+            dtype=dtype.value,
+            revision=revision,
+            device=device,
+            batch_size=batch_size,
+            tensor_parallel_size=tensor_parallel_size,
+            quantization=quantization,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            windows_per_call=windows_per_call,
+            enforce_eager=enforce_eager,
+        )
         capture = Capture(mode=mode.value, k=k, top_p=top_p, draws=draws, logprob_scale=logprob_scale, seed=seed)
         options_for_store = parse_storage_options(storage_options)
-    config = TeacherDumpConfig(
-        teacher=teacher,
-        manifest=manifest,
-        out=out,
-        capture=capture,
-        engine=engine.value,
-        engine_options=options,
-        data_parallel=data_parallel,
-        shard_windows=shard_windows,
-        chunk_windows=chunk_windows,
-        tokenizer=tokenizer,
-        overwrite=overwrite,
-        storage_options=options_for_store,
-        progress=progress,
-        num_nodes=num_nodes,
-        node_rank=node_rank,
-        create_timeout=create_timeout,
-        writer_threads=writer_threads,
-    )
-    with user_errors():
+        config = TeacherDumpConfig(
+            teacher=teacher,
+            manifest=manifest,
+            out=out,
+            capture=capture,
+            engine=engine.value,
+            engine_options=options,
+            data_parallel=data_parallel,
+            shard_windows=shard_windows,
+            chunk_windows=chunk_windows,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            storage_options=options_for_store,
+            progress=progress,
+            num_nodes=num_nodes,
+            node_rank=node_rank,
+            create_timeout=create_timeout,
+            writer_threads=writer_threads,
+        )
         say(progress, "teacher-dump: reading the data and loading the teacher ...")
         summary = run_teacher_dump(config)
     node = f"node {summary.node.rank} of {summary.node.count}: " if summary.node.count > 1 else ""

@@ -32,6 +32,7 @@ import torch
 
 from ddk_cache.errors import SettingError
 from ddk_cache.training.losses import TeacherTargets, kd_loss
+from ddk_cache.training.window_loader import Batch
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,23 @@ def minillm_loss(
         has_response = mask.sum(-1) > 0
         reverse_kl = sequence_reverse_kl(teacher_logprobs, behaviour_logprobs, mask)[has_response].mean()
     return MiniLLMParts(total, policy_gradient, single_step, reward, reverse_kl, held)
+
+
+@dataclass(frozen=True)
+class MiniLLMObjective:
+    """MiniLLM's update as a training objective (the protocol of `training/objectives.py`): a batch of the
+    student's scored samples in, the policy gradient + single-step reverse KL out, with its statistics logged."""
+
+    config: MiniLLMConfig
+    teacher_vocab: int
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> MiniLLMParts:
+        rollout = batch.rollout
+        return minillm_loss(logits, batch.targets, batch.teacher, rollout.teacher_logprobs, rollout.behaviour_logprobs,
+                            rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab)
+
+    def log_parts(self, parts: MiniLLMParts) -> dict[str, float]:
+        return {"loss": float(parts.total.detach()), "policy_gradient": float(parts.policy_gradient.detach()),
+                "single_step": float(parts.single_step.detach()), "reward": float(parts.reward), "reverse_kl": float(parts.reverse_kl),
+                "clipped_fraction": float(parts.clipped_fraction),
+                **({"pretraining_lm": float(parts.pretraining.detach())} if parts.pretraining is not None else {})}

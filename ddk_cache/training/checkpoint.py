@@ -24,14 +24,16 @@ import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ddk_cache.errors import DDKCacheError
+from ddk_cache.errors import DDKCacheError, SettingError
+from ddk_cache.ranges import NON_NEGATIVE, Range, check_ranges
 from ddk_cache.training.distributed import ParallelContext, barrier, broadcast_from_main
 
 CHECKPOINT_DIR = "checkpoints"
@@ -170,3 +172,22 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], out: Path) -
             f"{out} was trained with a different {', '.join(differing)} (checkpoint: {saved.get(key)}, now: {current.get(key)}): "
             "resume with the original settings, or choose another --out"
         )
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When to checkpoint (`every` steps; 0: at every evaluation) and whether this run continues one.
+
+    `resume`: False starts a run, True continues the one in `--out`, "auto" continues it if it has a
+    checkpoint (job scripts re-run after preemption). The stage resolves "auto" once it has looked.
+    """
+
+    every: int = 0
+    resume: bool | str = False
+
+    RANGES: ClassVar[dict[str, Range]] = {"checkpoint_every": NON_NEGATIVE}
+
+    def __post_init__(self) -> None:
+        check_ranges({"checkpoint_every": self.every}, self.RANGES)
+        if self.resume not in (True, False, "auto"):
+            raise SettingError(f"resume must be True, False or 'auto', not {self.resume!r}")

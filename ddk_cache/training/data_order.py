@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ddk_cache.errors import DDKCacheError
+from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.training.domain_samplers import DomainSampler
 
 DRAW_STREAM = 0x0DD4  # separates the domain draws' seed sequence from any other use of the seed
@@ -132,3 +134,47 @@ def rank_slice(refs: list[WindowRef], rank: int, world_size: int) -> list[Window
 
 def micro_batches(refs: list[WindowRef], size: int) -> list[list[WindowRef]]:
     return [refs[i : i + size] for i in range(0, len(refs), size)]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How many windows a step trains on and how they are cut: `batch_size` per forward pass on each rank,
+    `grad_accum` micro-batches per rank, or the `global_batch_size` over all ranks that implies it."""
+
+    batch_size: int = 8
+    grad_accum: int | None = None  # default: what the global batch implies, else 1
+    global_batch_size: int | None = None  # default: batch_size x grad_accum x ranks
+
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "global_batch_size": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        check_ranges({"batch_size": self.batch_size, "grad_accum": self.grad_accum, "global_batch_size": self.global_batch_size}, self.RANGES)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A global batch of `global_size` windows = ranks x `accum` micro-batches x `micro` windows."""
+
+    global_size: int
+    micro: int
+    accum: int
+
+    @classmethod
+    def resolve(cls, settings: BatchSettings, world_size: int) -> "BatchShape":
+        micro = settings.batch_size
+        if settings.global_batch_size is None:
+            accum = settings.grad_accum or 1
+            return cls(micro * accum * world_size, micro, accum)
+        per_step = world_size * micro
+        if settings.global_batch_size % per_step:
+            raise DDKCacheError(
+                f"--global-batch-size {settings.global_batch_size} is not a multiple of {world_size} ranks x --batch-size {micro} = {per_step}: "
+                "change one of them"
+            )
+        accum = settings.global_batch_size // per_step
+        if settings.grad_accum is not None and settings.grad_accum != accum:
+            raise DDKCacheError(
+                f"--grad-accum {settings.grad_accum} contradicts --global-batch-size {settings.global_batch_size} "
+                f"({world_size} ranks x --batch-size {micro} x {accum}): give one of them"
+            )
+        return cls(settings.global_batch_size, micro, accum)

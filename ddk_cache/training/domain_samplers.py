@@ -39,11 +39,13 @@ state is checkpointed with everything else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ddk_cache.choices import DDKScore, SamplerName, values
+from ddk_cache.choices import DDKScore, SamplerName, parse_choice, values
+from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, Range, check_ranges
 
 SAMPLER_NAMES = values(SamplerName)
 DDK_SCORES = values(DDKScore)  # ppl-ratio: the paper's rule
@@ -153,3 +155,34 @@ def create_sampler(name: str, domains: Sequence[str], manifest_weights: Sequence
     if name == "uniform":
         return UniformSampler(domains)
     raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Which sampler, DDK's knobs, and how often (and on how much) the student is evaluated to reweight."""
+
+    name: SamplerName = SamplerName.ddk
+    alpha: float = 0.5
+    smooth: bool = True
+    score: DDKScore = DDKScore.ppl_ratio  # the paper's rule; ce-ratio: see this module's docstring
+    temperature: float = 1.0  # scores are divided by it before DDK's softmax
+    update_every: int | None = None  # K; default: min(1000, max(1, steps // 10))
+    eval_windows: int = 32
+    eval_batch_size: int = 8
+
+    RANGES: ClassVar[dict[str, Range]] = {"ddk_alpha": FRACTION, "ddk_temperature": Range(0, 1000, open_low=True), "update_every": AT_LEAST_ONE,
+                                          "eval_windows": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", parse_choice(SamplerName, self.name, "sampler"))
+        object.__setattr__(self, "score", parse_choice(DDKScore, self.score, "--ddk-score", " (the first is the paper's rule)"))
+        check_ranges({"ddk_alpha": self.alpha, "ddk_temperature": self.temperature, "update_every": self.update_every,
+                      "eval_windows": self.eval_windows, "eval_batch_size": self.eval_batch_size}, self.RANGES)
+
+    def every(self, steps: int) -> int:
+        """K: the steps between evaluations (and DDK's reweighting)."""
+        return self.update_every or min(1000, max(1, steps // 10))
+
+    def build(self, domains: Sequence[str], manifest_weights: Sequence[float]) -> DomainSampler:
+        return create_sampler(self.name.value, domains, manifest_weights, alpha=self.alpha, smooth=self.smooth, score=self.score.value,
+                              temperature=self.temperature)

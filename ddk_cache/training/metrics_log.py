@@ -11,10 +11,11 @@ events past it, so a resumed run's curves have no doubled segment.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddk_cache.choices import ReportTarget, values
+from ddk_cache.choices import ReportTarget, parse_choice, values
 from ddk_cache.errors import DDKCacheError
 
 METRICS_NAME = "metrics.jsonl"
@@ -25,12 +26,25 @@ TENSORBOARD_DIR = "tensorboard"
 REPORT_TARGETS = values(ReportTarget)
 
 
+@dataclass(frozen=True)
+class ReportingSettings:
+    """What a run shows (`progress` bars) and where its numbers go besides metrics.jsonl (`report_to`)."""
+
+    progress: bool = True
+    report_to: tuple[ReportTarget, ...] = ()
+
+    def __post_init__(self) -> None:
+        note = " (metrics.jsonl is always written)"
+        object.__setattr__(self, "report_to", tuple(parse_choice(ReportTarget, t, "--report-to", note) for t in self.report_to))
+        MetricsLog.check_available(tuple(t.value for t in self.report_to))
+
+
 class MetricsLog:
     """Append-only sink of step records; a no-op on ranks other than 0."""
 
     def __init__(self, out: Path, report_to: tuple[str, ...] = (), enabled: bool = True) -> None:
         self.path, self.enabled = out / METRICS_NAME, enabled
-        self.report_to = tuple(report_to)  # checked by the caller (distill's _validate), before any work
+        self.report_to = tuple(report_to)  # checked where the settings were built (ReportingSettings), before any work
         self._file = None
         self._writer = None
 

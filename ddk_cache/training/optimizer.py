@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from ddk_cache.ranges import FRACTION, NON_NEGATIVE, Range, check_ranges
 
 
 def warmup_cosine_factor(step: int, warmup: int, total: int, floor_ratio: float) -> float:
@@ -27,3 +31,28 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup, total, floor_ratio))
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW's and the schedule's settings; `warmup` None is min(1000, steps / 10) of the run it serves."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # DDK: 3e-5 -> 3e-6
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    clip: float = 1.0  # gradient-norm clip; 0: off
+
+    RANGES: ClassVar[dict[str, Range]] = {"lr": Range(0, 1, open_low=True), "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE,
+                                          "weight_decay": Range(0, 1), "clip": NON_NEGATIVE}
+
+    def __post_init__(self) -> None:
+        check_ranges({"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "warmup": self.warmup, "weight_decay": self.weight_decay,
+                      "clip": self.clip}, self.RANGES)
+
+    def warmup_steps(self, steps: int) -> int:
+        return self.warmup if self.warmup is not None else min(1000, steps // 10)
+
+    def build(self, model: torch.nn.Module, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = build_optimizer(model, self.lr, self.weight_decay)
+        return optimizer, build_scheduler(optimizer, self.warmup_steps(steps), steps, self.min_lr_ratio)

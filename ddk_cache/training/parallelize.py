@@ -17,15 +17,17 @@ and at another world size.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from dataclasses import dataclass
+from typing import ClassVar, ContextManager
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ddk_cache.choices import ParallelMode, values
+from ddk_cache.choices import ParallelMode, parse_choice, values
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.ranges import POSITIVE, Range, check_ranges
 from ddk_cache.training.distributed import ParallelContext
 
 PARALLEL_MODES = values(ParallelMode)
@@ -117,3 +119,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def uses_autocast(mode: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on GPU without FSDP (FSDP2's mixed-precision policy casts instead); none on CPU."""
     return torch.bfloat16 if device.type == "cuda" and mode != "fsdp" else None
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """How the student is spread over the ranks torchrun started, on which device, and how long a collective waits."""
+
+    mode: ParallelMode = ParallelMode.auto
+    device: str = "auto"
+    dist_timeout: float = 600.0  # seconds a collective may wait for a rank before the job fails
+
+    RANGES: ClassVar[dict[str, Range]] = {"dist_timeout": POSITIVE}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", parse_choice(ParallelMode, self.mode, "--parallel"))
+        check_ranges({"dist_timeout": self.dist_timeout}, self.RANGES)
