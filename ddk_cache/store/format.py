@@ -142,10 +142,6 @@ class StoreLayout:
         start = shard * self.shard_windows
         return slice(start, min(start + self.shard_windows, n_windows))
 
-    def shard_size(self, shard: int, n_windows: int) -> int:
-        region = self.shard_slice(shard, n_windows)
-        return region.stop - region.start
-
     def array_specs(self) -> dict[str, ArraySpec]:
         """The data arrays of one split, by name (which ones depends on the capture mode)."""
         length, width, capture = self.seq_len, self.width, self.capture

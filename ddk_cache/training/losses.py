@@ -134,6 +134,9 @@ def bucket_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs over the k cached ids (+ rest bucket), shape `[N, k(+1)]`.
 
+    The training path does not call it (the losses gather from logits they already hold); it is the loss's
+    bucketing written out on log-probs, which the tests check the losses and the capture against.
+
     `student_logprobs` `[N, V_s]` is log_softmax(student_logits / temperature); `topk_ids` /
     `topk_logprobs` `[N, k]`; `valid` `[N, k]` marks entries to keep (ids the student
     vocabulary lacks are dropped, so their teacher mass lands in the rest bucket).
