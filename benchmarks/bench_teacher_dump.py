@@ -27,7 +27,7 @@ import yaml
 
 from ddk_cache.engines import EngineOptions
 from ddk_cache.engines.hf import HFTeacherEngine
-from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.stages.teacher_dump import ProcessSettings, TeacherDumpConfig, run_teacher_dump
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.format import SPLITS
 from ddk_cache.store.reader import CacheReader
@@ -94,7 +94,8 @@ def main() -> None:
             shutil.copytree(args.packed, store)
         manifest = derived_manifest(args.manifest, args.out_dir, args.budget, args.valid) if args.manifest else None
         config = TeacherDumpConfig(teacher=args.teacher, manifest=manifest, out=str(store), capture=Capture(k=args.k), engine="hf",
-                                   engine_options=options, overwrite=args.manifest is not None, progress=False, writer_threads=threads)
+                                   engine_options=options, overwrite=args.manifest is not None, progress=False,
+                                   processes=ProcessSettings(writer_threads=threads))
         return run_teacher_dump(config, engine=engine).tokens_per_second
 
     # 1. a first dump fixes the windows and warms the engine; its store gives the exact windows to replay

@@ -44,9 +44,9 @@ def run_data_parallel(
     open_writer: Callable[[EngineInfo], CacheWriter],
     plan_jobs: Callable[[CacheWriter], list[ShardJob]],
 ) -> tuple[CacheWriter, float]:
-    """Score the store with `plan.data_parallel` engine processes; the store opened by `open_writer` once they
+    """Score the store with `plan.processes.data_parallel` engine processes; the store opened by `open_writer` once they
     are up, the shards `plan_jobs` names. Returns the writer and the seconds spent scoring."""
-    n = plan.data_parallel
+    n = plan.processes.data_parallel
     device_groups = assign_devices(n, plan.engine_options.tensor_parallel_size)
     context = mp.get_context("spawn")
     jobs_queue, events = context.Queue(), context.Queue()
@@ -117,7 +117,7 @@ def _worker_main(rank: int, engine_name: str, plan: ScoringPlan, layout: StoreLa
                 yield job
                 job = jobs_queue.get()
 
-        score_jobs(engine, writer, jobs(), plan.capture, lambda tokens: events.put(("tokens", rank, tokens)), plan.threads_per_process())
+        score_jobs(engine, writer, jobs(), plan.capture, lambda tokens: events.put(("tokens", rank, tokens)), plan.processes.threads_per_process())
         events.put(("done", rank, None))
     except DDKCacheError as exc:
         events.put(("error", rank, str(exc)))

@@ -27,13 +27,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import zarr
 
 from ddk_cache.data.packing import PackedDomain
 from ddk_cache.errors import DDKCacheError, StoreError
+from ddk_cache.ranges import POSITIVE, Range, check_ranges
 from ddk_cache.store.format import HEADER_ATTR, SHARD_DONE, SPLITS, StoreLayout, zarr_store
 from ddk_cache.store.header import StoreHeader
 from ddk_cache.store.header_versions import parse_header
@@ -57,6 +58,24 @@ class NodePlace:
 
     def owns(self, shard_number: int) -> bool:
         return shard_number % self.count == self.rank
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Several nodes scoring one store: how many, which one this is (default: from RANK/WORLD_SIZE or SLURM_*;
+    else one node), and how long a node other than 0 waits for node 0 to create the store."""
+
+    num_nodes: int | None = None
+    node_rank: int | None = None
+    create_timeout: float = 600.0
+
+    RANGES: ClassVar[dict[str, Range]] = {"create_timeout": POSITIVE}
+
+    def __post_init__(self) -> None:
+        check_ranges({"create_timeout": self.create_timeout}, self.RANGES)
+
+    def resolve(self) -> NodePlace:
+        return resolve_node(self.num_nodes, self.node_rank)
 
 
 def resolve_node(num_nodes: int | None, node_rank: int | None) -> NodePlace:

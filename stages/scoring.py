@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,10 +21,28 @@ from tqdm.auto import tqdm
 from ddk_cache.data.packing import PackedDomain
 from ddk_cache.engines import EngineOptions, TeacherEngine
 from ddk_cache.engines.base import ProgressCallback, TopKResult
+from ddk_cache.ranges import Range, check_ranges
 from ddk_cache.stages.nodes import NodePlace
 from ddk_cache.store.capture import Capture, encode_targets
 from ddk_cache.store.format import SPLITS, TOKENS, StoreLayout
 from ddk_cache.store.writer import CacheWriter
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """How one node's scoring is spread: `data_parallel` engine processes on disjoint shards, and the shards
+    encoded and written at once while the teacher scores (None: half the cores, shared between the processes)."""
+
+    data_parallel: int = 1
+    writer_threads: int | None = None
+
+    RANGES: ClassVar[dict[str, Range]] = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64)}
+
+    def __post_init__(self) -> None:
+        check_ranges({"data_parallel": self.data_parallel, "writer_threads": self.writer_threads}, self.RANGES)
+
+    def threads_per_process(self) -> int:
+        return self.writer_threads or max(1, default_writer_threads() // self.data_parallel)
 
 
 @dataclass(frozen=True)
@@ -36,12 +54,8 @@ class ScoringPlan:
     capture: Capture
     out: str
     storage_options: dict[str, Any] | None
-    data_parallel: int = 1
-    writer_threads: int | None = None  # None: half the cores (shared between data-parallel workers), at most 8
+    processes: ProcessSettings = ProcessSettings()
     progress: bool = True
-
-    def threads_per_process(self) -> int:
-        return self.writer_threads or max(1, default_writer_threads() // self.data_parallel)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Order of work is chosen so that mistakes surface before the expensive part: the
 manifest, the data and the tokenizer are checked, and the store's identity compared,
 before any window is scored. Scoring of shard i + 1 overlaps the compression and
 writing of shard i (one writer thread), so the teacher never waits on I/O. With
-`data_parallel = N`, N engine processes share the pending shards (`data_parallel.py`).
+`processes.data_parallel = N`, N engine processes share the pending shards (`data_parallel.py`).
 """
 
 from __future__ import annotations
@@ -23,28 +23,27 @@ from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_e
 from ddk_cache.engines.options import check_applicable
 from ddk_cache.engines.registry import EngineChoice, choose_engine
 from ddk_cache.errors import DDKCacheError, EngineError
-from ddk_cache.ranges import AT_LEAST_ONE, POSITIVE, Range, check_ranges
 from ddk_cache.stages.data_parallel import run_data_parallel
-from ddk_cache.stages.nodes import NodePlace, all_shards_done, open_as_follower, resolve_node, wait_for_store
+from ddk_cache.stages.nodes import NodePlace, NodeSettings, all_shards_done, open_as_follower, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
-from ddk_cache.stages.scoring import ScoringPlan, ShardJob, pending_jobs, progress_bar, score_jobs
+from ddk_cache.stages.scoring import ProcessSettings, ScoringPlan, ShardJob, pending_jobs, progress_bar, score_jobs
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.fingerprints import teacher_description
-from ddk_cache.store.format import FORMAT_VERSION, SPLITS, StoreLayout
+from ddk_cache.store.format import FORMAT_VERSION, SPLITS, LayoutSettings, StoreLayout
 from ddk_cache.store.header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
 from ddk_cache.store.lease import WriterLease
 from ddk_cache.store.provenance import package_versions
 from ddk_cache.store.writer import CacheWriter
 
 # Every numeric setting's range (ranges.py); the engine's and the capture's are checked by their own types
-DUMP_RANGES = {"data_parallel": Range(1, 1024), "writer_threads": Range(1, 64), "create_timeout": POSITIVE,
-               "chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
+DUMP_RANGES = {**ProcessSettings.RANGES, **NodeSettings.RANGES, **LayoutSettings.RANGES}
 
 
 @dataclass(frozen=True)
 class TeacherDumpConfig:
     """A teacher-dump run: which teacher scores what into where, with the capture and the engine's options as typed
-    parts of their own (`Capture`, `EngineOptions`, each checked when built); the rest is checked here, once."""
+    parts of their own, each checked when built: `Capture`, `EngineOptions`, the store's `LayoutSettings`, the
+    `NodeSettings` of several nodes and the `ProcessSettings` of one node's engine processes."""
 
     teacher: str
     manifest: Path | None  # None: score the store at `out` that `ddk-cache pack` wrote
@@ -52,21 +51,16 @@ class TeacherDumpConfig:
     capture: Capture = field(default_factory=Capture)  # what is kept per position (mode, k, draws, quantization)
     engine: EngineName = EngineName.auto
     engine_options: EngineOptions = field(default_factory=EngineOptions)
-    data_parallel: int = 1
-    chunk_windows: int | None = None
-    shard_windows: int | None = None
+    layout: LayoutSettings = field(default_factory=LayoutSettings)
+    nodes: NodeSettings = field(default_factory=NodeSettings)
+    processes: ProcessSettings = field(default_factory=ProcessSettings)
     tokenizer: str | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
     progress: bool = True
-    num_nodes: int | None = None  # several nodes scoring one store (default: from RANK/WORLD_SIZE or SLURM_*; else 1)
-    node_rank: int | None = None
-    create_timeout: float = 600.0  # seconds a node other than 0 waits for node 0 to create the store
-    writer_threads: int | None = None  # shards encoded and written at once while the teacher scores (None: half the cores, at most 8)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", parse_choice(EngineName, self.engine, "--engine"))
-        check_ranges({name: getattr(self, name) for name in DUMP_RANGES}, DUMP_RANGES)
 
     @property
     def revision(self) -> str | None:
@@ -94,9 +88,9 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
     """`engine`: a teacher already loaded (a notebook or benchmark scoring several stores with one model);
     it must be the one `config.teacher` names. By default the run loads its own."""
     capture = config.capture
-    if engine is not None and config.data_parallel > 1:
+    if engine is not None and config.processes.data_parallel > 1:
         raise DDKCacheError("a loaded engine scores in this process only: use --data-parallel 1")
-    node = resolve_node(config.num_nodes, config.node_rank)
+    node = config.nodes.resolve()
     if node.count > 1 and config.overwrite:
         raise DDKCacheError("--overwrite with several nodes would let a node write into a store that node 0 is replacing: "
                             "delete the store (or run node 0 alone with --overwrite) first")
@@ -123,14 +117,14 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
             for d in manifest.domains
         ]
         try:
-            layout = StoreLayout.choose(manifest.seq_len, capture, None, config.chunk_windows, config.shard_windows)
+            layout = StoreLayout.choose(manifest.seq_len, capture, None, config.layout.chunk_windows, config.layout.shard_windows)
         except ValueError as exc:
             raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
         # packing.py's in-memory rule
         packed_header = packing_header(manifest, tokenizer, layout, [d.name for d in domains], PackingInfo(PERMUTATION_RULE))
     else:  # score a store that `ddk-cache pack` wrote: its windows, tokenizer and layout are fixed
         packed_header, domains = open_packed(config.out, config.storage_options)
-        if config.chunk_windows is not None or config.shard_windows is not None:
+        if config.layout.given:
             raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
         tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
         check_same_tokenizer(tokenizer, packed_header, config.out)
@@ -157,7 +151,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
                 return CacheWriter.add_targets(config.out, header, domains, sized, config.overwrite, config.storage_options)
             return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options,
                                                 clean_partial=node.count == 1)
-        wait_for_store(config.out, header.identity, config.storage_options, config.create_timeout)
+        wait_for_store(config.out, header.identity, config.storage_options, config.nodes.create_timeout)
         return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 
     summary = DumpSummary(url=config.out, node=node, engine=choice)
@@ -169,7 +163,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         return jobs
 
     plan = scoring_plan(config)
-    if config.data_parallel > 1:
+    if config.processes.data_parallel > 1:
         writer, summary.seconds = run_data_parallel(plan, choice.name, layout, open_writer, plan_jobs)
     else:
         own = engine is None  # an engine passed in stays open for the caller's next store
@@ -179,7 +173,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
             jobs = plan_jobs(writer)
             start = time.perf_counter()  # scoring and writing only: model loading is not throughput
             with progress_bar(jobs, layout, config.progress) as bar:
-                score_jobs(engine, writer, jobs, capture, bar.update, plan.threads_per_process())
+                score_jobs(engine, writer, jobs, capture, bar.update, plan.processes.threads_per_process())
             summary.seconds = time.perf_counter() - start
         finally:
             if own:
@@ -194,7 +188,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
 
 def scoring_plan(config: TeacherDumpConfig) -> ScoringPlan:
     return ScoringPlan(config.teacher, config.engine_options, config.capture, config.out, config.storage_options,
-                       config.data_parallel, config.writer_threads, config.progress)
+                       config.processes, config.progress)
 
 
 def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domains: list, seq_len: int, node: NodePlace) -> EngineChoice:
@@ -227,7 +221,7 @@ def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: Engin
         status="writing",
         identity=identity,
         teacher=teacher,
-        engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.data_parallel,
+        engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.processes.data_parallel,
                                        "selected_by": None if choice is None else choice.reason}),
         capture=CaptureInfo(config.capture, layout.seq_len),
         layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows, layout.capture, layout.vocab_size, layout.codec_profile),

@@ -84,13 +84,13 @@ def corpus_manifest(tmp_path) -> Path:
 def tiny_store(tiny_teacher, tmp_path_factory) -> Path:
     """A complete k=8 store of the 3-domain corpus, dumped once for the stage-two tests."""
     from ddk_cache.engines import EngineOptions
-    from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+    from ddk_cache.stages.teacher_dump import LayoutSettings, TeacherDumpConfig, run_teacher_dump
     from ddk_cache.store.capture import Capture
 
     tmp = tmp_path_factory.mktemp("tiny_store")
     out = tmp / "cache.zarr"
     run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out), capture=Capture(k=8),
-                                       engine_options=EngineOptions(device="cpu"), shard_windows=8, chunk_windows=4, progress=False))
+                                       engine_options=EngineOptions(device="cpu"), layout=LayoutSettings(chunk_windows=4, shard_windows=8), progress=False))
     return out
 
 

@@ -25,7 +25,7 @@ from ddk_cache.stages.distill import (
     SamplerSettings,
     build_objective,
 )
-from ddk_cache.stages.teacher_dump import TeacherDumpConfig
+from ddk_cache.stages.teacher_dump import LayoutSettings, NodeSettings, ProcessSettings, TeacherDumpConfig
 from ddk_cache.store.capture import Capture
 from ddk_cache.training.objectives import KDObjective, OnlineKDObjective
 
@@ -45,7 +45,9 @@ from ddk_cache.training.objectives import KDObjective, OnlineKDObjective
     (lambda: ObjectiveSettings(pt_store="pt.zarr"), "--pt-store is MiniLLM's pretraining term"),
     (lambda: DistillConfig("s", "t", "o", steps=0), "--steps"),
     (lambda: DistillConfig("s", "t", "o", steps=10, optimizer=OptimizerSettings(warmup=20)), "--warmup 20 is longer than the run"),
-    (lambda: TeacherDumpConfig("t", None, "o", data_parallel=0), "--data-parallel"),
+    (lambda: ProcessSettings(data_parallel=0), "--data-parallel"),
+    (lambda: NodeSettings(create_timeout=0), "--create-timeout"),
+    (lambda: LayoutSettings(shard_windows=0), "--shard-windows"),
     (lambda: TeacherDumpConfig("t", None, "o", engine="tgi"), "unknown --engine 'tgi'"),
     (lambda: Capture(mode="topk", top_p=0.9), "--top-p belongs to --mode topp, not topk"),
     (lambda: Capture(mode="topp", top_p=0.9, draws=4), "--draws belongs to --mode sampled, not topp"),

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ddk_cache.cli.main import app
 from ddk_cache.data.packing import pack_domain
 from ddk_cache.engines import EngineOptions
-from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.stages.teacher_dump import LayoutSettings, TeacherDumpConfig, run_teacher_dump
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.losses import bucket_logprobs, divergence
@@ -59,7 +59,7 @@ def specialist_store(tiny_teacher, tmp_path_factory) -> Path:
     model.save_pretrained(teacher_dir)
     out = tmp / "specialist.zarr"
     run_teacher_dump(TeacherDumpConfig(teacher=str(teacher_dir), manifest=manifest, out=str(out), capture=Capture(k=8), engine_options=EngineOptions(device="cpu"),
-                                       shard_windows=8, chunk_windows=4, progress=False))
+                                       layout=LayoutSettings(chunk_windows=4, shard_windows=8), progress=False))
     return out
 
 

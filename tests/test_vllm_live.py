@@ -29,7 +29,7 @@ from test_resume import KILLING_RUNNER
 
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.engines.vllm_install import find_vllm
-from ddk_cache.stages.teacher_dump import TeacherDumpConfig, run_teacher_dump
+from ddk_cache.stages.teacher_dump import LayoutSettings, NodeSettings, TeacherDumpConfig, run_teacher_dump
 from ddk_cache.store.api import open_store
 from ddk_cache.store.capture import Capture
 
@@ -76,8 +76,8 @@ def dump(teacher: Path, manifest: Path | None, out: Path, engine=None, capture: 
     options = EngineOptions(dtype="float32", enforce_eager=True, windows_per_call=4) if engine is not None else \
         EngineOptions(device="cpu", dtype="float32")
     run_teacher_dump(TeacherDumpConfig(teacher=str(teacher), manifest=manifest, out=str(out), capture=capture,
-                                       engine="vllm" if engine is not None else "hf", engine_options=options, shard_windows=4,
-                                       chunk_windows=2, progress=False, **settings), engine=engine)
+                                       engine="vllm" if engine is not None else "hf", engine_options=options,
+                                       layout=LayoutSettings(chunk_windows=2, shard_windows=4), progress=False, **settings), engine=engine)
     return out
 
 
@@ -190,7 +190,7 @@ def test_two_nodes_score_one_store_with_vllm(vllm_teacher, corpus, engine, store
     out = tmp_path / "nodes.zarr"
     with ThreadPoolExecutor(1) as pool:  # node 0 in a child process, node 1 here with the module's engine
         node0 = pool.submit(cli, *dump_args(vllm_teacher, corpus, out, "--num-nodes", "2", "--node-rank", "0"), cwd=tmp_path)
-        dump(vllm_teacher, corpus, out, engine, num_nodes=2, node_rank=1)
+        dump(vllm_teacher, corpus, out, engine, nodes=NodeSettings(num_nodes=2, node_rank=1))
         result = node0.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert open_store(str(out)).header.status == "complete"

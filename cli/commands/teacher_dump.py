@@ -59,6 +59,9 @@ def teacher_dump(
     from ddk_cache.stages.teacher_dump import (  # the stage (torch, zarr) loads when the command runs: `--help` stays fast
         Capture,
         EngineOptions,
+        LayoutSettings,
+        NodeSettings,
+        ProcessSettings,
         TeacherDumpConfig,
         run_teacher_dump,
     )
@@ -86,17 +89,13 @@ def teacher_dump(
             capture=capture,
             engine=engine.value,
             engine_options=options,
-            data_parallel=data_parallel,
-            shard_windows=shard_windows,
-            chunk_windows=chunk_windows,
+            layout=LayoutSettings(chunk_windows=chunk_windows, shard_windows=shard_windows),
+            nodes=NodeSettings(num_nodes=num_nodes, node_rank=node_rank, create_timeout=create_timeout),
+            processes=ProcessSettings(data_parallel=data_parallel, writer_threads=writer_threads),
             tokenizer=tokenizer,
             overwrite=overwrite,
             storage_options=options_for_store,
             progress=progress,
-            num_nodes=num_nodes,
-            node_rank=node_rank,
-            create_timeout=create_timeout,
-            writer_threads=writer_threads,
         )
         say(progress, "teacher-dump: reading the data and loading the teacher ...")
         summary = run_teacher_dump(config)

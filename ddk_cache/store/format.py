@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.header import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS  # noqa: F401  (the header's typed metadata)
 from ddk_cache.store.integrity import create_checksum_array
@@ -189,6 +190,23 @@ def _fixed_scale(scale: int, astype: str):
 def logprob_floor(scale: int, astype_bits: int = 16) -> float:
     """Most negative log-prob a fixed-scale integer of `astype_bits` holds (values below are clamped)."""
     return -float((1 << (astype_bits - 1)) - 1) / scale
+
+
+@dataclass(frozen=True)
+class LayoutSettings:
+    """`--chunk-windows` / `--shard-windows` as given (None: `StoreLayout.choose`'s defaults for the capture)."""
+
+    chunk_windows: int | None = None
+    shard_windows: int | None = None
+
+    RANGES: ClassVar[dict[str, Range]] = {"chunk_windows": AT_LEAST_ONE, "shard_windows": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        check_ranges({"chunk_windows": self.chunk_windows, "shard_windows": self.shard_windows}, self.RANGES)
+
+    @property
+    def given(self) -> bool:
+        return self.chunk_windows is not None or self.shard_windows is not None
 
 
 def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
