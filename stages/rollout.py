@@ -77,6 +77,8 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
         raise DDKCacheError("--responses references needs reference answers: set 'reference_field' in the prompt manifest")
     if not config.overwrite and store_exists(config.out, config.storage_options):
         raise DDKCacheError(f"{config.out} already exists: pass --overwrite to replace it, or choose another --out")
+    # the prompts first (reading them checks every column the template names), then the student: bad data fails in seconds
+    prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
     model, tokenizer, from_config = load_student(config.student, None)
     if from_config:
         raise DDKCacheError(f"{config.student} holds a config without weights: a round must update the weights that sampled, "
@@ -88,7 +90,6 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
     generator = ("vllm" if generate is not None else resolve_generator(config.generator)) if config.responses == "sampled" else REFERENCES
     if generator == "vllm" and generate is None:
         generate = vllm_generator(config.student, manifest.max_new_tokens, tokenizer.eos_token_id)
-    prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
     layout = StoreLayout.choose(manifest.seq_len, Capture(), None, None, config.shard_windows)
     start = time.perf_counter()
     splits = {}

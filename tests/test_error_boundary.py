@@ -54,6 +54,30 @@ def test_a_template_with_an_unbalanced_brace(tmp_path, tiny_teacher):
     one_line_error(dump(tiny_teacher, manifest, tmp_path / "out.zarr"), "'template' is not a format string")
 
 
+@pytest.mark.parametrize(("template", "fragment"), [
+    ("{question:d} {answer}", "field {question:d} has a conversion or format spec"),
+    ("{question!x} {answer}", "field {question!x} has a conversion or format spec"),
+    ("{} {answer}", "field {} is not a column name"),
+    ("{0} {answer}", "field {0} is not a column name"),
+    ("{question.title} {answer}", "field {question.title} is not a column name"),
+])
+@pytest.mark.parametrize("command", ["teacher-dump", "pack"])
+def test_a_template_that_format_would_accept_and_fail_on_later(tmp_path, tiny_teacher, template, fragment, command):
+    """Issue 24, class 1: what str.format parses but cannot fill from a row of text columns is refused before any work."""
+    manifest = write_corpus_manifest(tmp_path)
+    document = yaml.safe_load(manifest.read_text())
+    source = next(s for d in document["domains"] for s in d["sources"] if "template" in s)
+    source["template"] = template
+    manifest.write_text(yaml.safe_dump(document))
+    out = tmp_path / "out.zarr"
+    if command == "pack":
+        result = CliRunner().invoke(app, ["pack", "--manifest", str(manifest), "--out", str(out), "--tokenizer", str(tiny_teacher), "--no-progress"])
+    else:
+        result = dump(tiny_teacher, manifest, out)
+    one_line_error(result, fragment, "'template'")
+    assert not out.exists()
+
+
 def test_truncated_teacher_weights(tmp_path, tiny_teacher):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, teacher)

@@ -56,6 +56,21 @@ def test_eval_responses_reports_rouge_and_the_reverse_kl_estimate(scored_rollout
     assert values["responses"] == 3 and 0 <= values["rouge_l"] <= 100
 
 
+def test_eval_responses_refuses_a_json_path_in_a_missing_folder_before_any_answer(tiny_student, tmp_path, monkeypatch):  # noqa: F811
+    """Issue 24, class 8: a late failure made early: the path is checked before the student answers anything."""
+    from ddk_cache.stages import eval_responses
+
+    def must_not_run(config):
+        raise AssertionError("the answers were generated before --json was checked")
+
+    monkeypatch.setattr(eval_responses, "run_eval_responses", must_not_run)
+    prompts = write_prompt_manifest(tmp_path)
+    result = CliRunner().invoke(app, ["eval-responses", "--student", str(tiny_student), "--prompts", str(prompts), "--device", "cpu",
+                                      "--json", str(tmp_path / "missing" / "scores.json")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "folder" in result.stderr and "does not exist: create it or choose another path" in result.stderr
+
+
 def test_rouge_l_against_known_values():
     assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
     assert rouge_l(["the cat sat on the mat"], ["a cat sat on a mat"]) == pytest.approx(100 * 4 / 6)  # LCS 4 of 6 tokens each side

@@ -46,7 +46,7 @@ class SourceSpec:
     def required_fields(self) -> tuple[str, ...]:
         """Columns a row must have for this source to produce text."""
         if self.template is not None:
-            return tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)
+            return tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)  # checked by template_fields
         return (self.text_field,) if self.text_field else ()
 
     def describe(self) -> str:
@@ -176,12 +176,7 @@ def parse_source(doc: Any, where: str, base_dir: Path) -> SourceSpec:
         raise ManifestError(f"{where}: give either 'text_field' or 'template', not both")
     template = doc.get("template")
     if template is not None:
-        try:  # an unbalanced brace raises ValueError while parsing
-            named = isinstance(template, str) and any([f for _, f, _, _ in string.Formatter().parse(template)])  # parse it all
-        except ValueError as exc:
-            raise ManifestError(f"{where}: 'template' is not a format string ({exc}): write literal braces as {{{{ and }}}}") from None
-        if not named:
-            raise ManifestError(f"{where}: 'template' must be a string naming fields like '{{question}} {{answer}}'")
+        template_fields(template, where, "template", "'{question} {answer}'")
     text_field = None if template is not None else doc.get("text_field", "text")
     if text_field is not None and (not isinstance(text_field, str) or not text_field):
         raise ManifestError(f"{where}: 'text_field' must be a column name")
@@ -225,6 +220,37 @@ def _resolve_data_files(value: Any, where: str, base_dir: Path, local: bool) -> 
             raise ManifestError(f"{where}: data file {entry!r} does not exist (resolved to {full!r})")
         resolved.extend(str(Path(m).resolve()) for m in matches)
     return tuple(resolved)
+
+
+def template_fields(template: Any, where: str, key: str, example: str) -> tuple[str, ...]:
+    """The column names a template fills, checked to be all it does: one rule for every template a manifest has.
+
+    `str.format` accepts much more than `{column}`: a positional field (`{}`, `{0}`), an attribute or index
+    (`{a.b}`, `{a[0]}`), a conversion (`{a!r}`) or a format spec (`{a:d}`, `{a:>10}`). Each would pass a
+    syntax check and fail (or silently change the text) only when the first row is formatted, deep inside
+    `pack`, `teacher-dump` or `rollout`. A row's columns are text: a template names them, nothing more.
+    """
+    if not isinstance(template, str):
+        raise ManifestError(f"{where}: '{key}' must be a string naming fields, like {example}")
+    try:  # an unbalanced brace raises ValueError while parsing
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ManifestError(f"{where}: '{key}' is not a format string ({exc}): write literal braces as {{{{ and }}}}") from None
+    fields = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name or name.isdigit() or any(c in name for c in ".["):  # positional, attribute or index
+            raise ManifestError(f"{where}: '{key}' field {shown} is not a column name: name each column, like {example}"
+                                " (literal braces are written {{ and }})")
+        if conversion or spec:
+            raise ManifestError(f"{where}: '{key}' field {shown} has a conversion or format spec; columns are inserted as text: "
+                                f"write {{{name}}}")
+        fields.append(name)
+    if not fields:
+        raise ManifestError(f"{where}: '{key}' must be a string naming fields, like {example}")
+    return tuple(fields)
 
 
 def reject_unknown(doc: dict, allowed: set[str], where: str) -> None:

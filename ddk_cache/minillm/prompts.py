@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ddk_cache.data.manifest import DOMAIN_NAME_PATTERN, SourceSpec, parse_source, positive_int, read_yaml, reject_unknown
+from ddk_cache.data.manifest import DOMAIN_NAME_PATTERN, SourceSpec, parse_source, positive_int, read_yaml, reject_unknown, template_fields
 from ddk_cache.data.sources import iter_source_rows
 from ddk_cache.errors import ManifestError
 
@@ -84,12 +84,7 @@ def parse_prompt_manifest(document: Any, base_dir: Path, where: str = "prompt ma
     if not isinstance(name, str) or not DOMAIN_NAME_PATTERN.match(name):
         raise ManifestError(f"{where}: 'name' must be a domain name (letters, digits, '_', '.', '-'), got {name!r}")
     template = document.get("prompt_template")
-    try:
-        named = isinstance(template, str) and any(f for _, f, _, _ in string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ManifestError(f"{where}: 'prompt_template' is not a format string ({exc}): write literal braces as {{{{ and }}}}") from None
-    if not named:
-        raise ManifestError(f"{where}: 'prompt_template' must be a string naming fields, like 'Question: {{question}}\\nAnswer:'")
+    template_fields(template, where, "prompt_template", "'Question: {question}\\nAnswer:'")
     reference = document.get("reference_field")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ManifestError(f"{where}: 'reference_field' must be a column name")

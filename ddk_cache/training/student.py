@@ -8,6 +8,8 @@ common); it must not be smaller than the tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +17,21 @@ import torch
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.store.header import StoreHeader, TokenizerInfo
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' "Loading weights" bar: a student loads in seconds, and the bar on stderr would sit
+    above (and break) the one-line error of a check that fails after loading."""
+    from transformers.utils import logging as hf_logging  # heavy: transformers loads only when a model or tokenizer does
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
@@ -30,10 +47,11 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     source = Path(student)
     has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
     try:
-        if has_weights:
-            model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
+        with _quiet_loading():
+            if has_weights:
+                model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise DDKCacheError(f"cannot load student {student!r}: {first_line(exc)}") from None
     tokenizer_source = tokenizer_path or student
