@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,4 +89,14 @@ def user_errors() -> Iterator[None]:
             raise
         if is_main_process():
             error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        sys.unraisablehook = _silent_after_the_line
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+
+
+def _silent_after_the_line(unraisable) -> None:
+    """After a user error's line, nothing: a storage failure leaves zarr's other pending reads (an `asyncio.gather`
+    of fsspec coroutines) to be collected at shutdown, and Python reported each as "Exception ignored in
+    <coroutine FsspecStore.get>" with its traceback, about 100 lines below the one that says what to do. The
+    process is ending with the error already named; `--debug` keeps Python's own report."""
+    if debug_requested():
+        sys.__unraisablehook__(unraisable)

@@ -130,3 +130,21 @@ def test_open_store_and_dataset_read_a_store_in_a_bucket(s3_options, tiny_store)
     assert all(torch.equal(far[key], near[key]) for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs", "teacher_rest"))
     with pytest.raises(StoreError, match="no ddk-cache store at s3://"):
         ddk_cache.open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3_options)
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_an_unreachable_endpoint_is_one_line_and_nothing_after_it(command, tmp_path):
+    """Issue 24, class 3: the line, exit 2, and no shutdown report of zarr's abandoned reads (a real process: the
+    noise came at interpreter exit, after the line)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    result = subprocess.run([sys.executable, "-m", "ddk_cache.cli", command, f"s3://{BUCKET}/cache.zarr", "--storage-options", json.dumps(options)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: cannot reach the storage endpoint") and result.stderr.count("\n") == 1, result.stderr[-2000:]
