@@ -204,6 +204,7 @@ class Trainer:
         self.shape = BatchShape.resolve(config.batch, self.ctx.world_size)
         self.mode = resolve_parallel_mode(config.parallel.mode.value, self.ctx)
         self.reader = CacheReader(config.store, storage_options=config.data.storage_options)
+        self.reader.check_metadata()  # a damaged zarr.json is refused now, before the run writes anything
         if self.reader.capture.mode == "sampled" and objective.online_teacher is None:
             try:
                 check_sampled_config(objective.kd)
@@ -214,6 +215,7 @@ class Trainer:
         self.pt_reader = None
         if objective.pt_store is not None:
             self.pt_reader = CacheReader(objective.pt_store, storage_options=config.data.storage_options)
+            self.pt_reader.check_metadata()
             if self.pt_reader.header.rollout is not None:
                 raise DDKCacheError(f"--pt-store {objective.pt_store} is a rollout store: give a cache of fixed text (teacher-dump or pack)")
         torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank

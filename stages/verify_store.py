@@ -70,6 +70,10 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
         return
     n_windows = recorded.windows
     packed_only = reader.capture is None  # `ddk-cache pack` output: windows, no markers or targets yet
+    unreadable = _unreadable_metadata(reader, domain, split, packed_only)
+    if unreadable:  # nothing below can be read without it: one problem per damaged zarr.json, not one per shard
+        report.problems += unreadable
+        return
     shard_windows = reader.array(domain, split, reader.data_arrays[0]).shards[0]
     done = None if packed_only else reader.array(domain, split, SHARD_DONE)[:]
     try:
@@ -98,6 +102,24 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
             report.problems.append(f"{where} shard {shard}: {'; '.join(_undecodable(reader, domain, split, start, stop))}")
             continue
         report.problems += [f"{where} shard {shard}: {problem}" for problem in _form_problems(reader, domain, split, start, stop, block)]
+
+
+def _unreadable_metadata(reader: CacheReader, domain: str, split: str, packed_only: bool) -> list[str]:
+    """The split's group, arrays, markers and checksum arrays whose zarr.json is missing or damaged, each with why."""
+    where = f"{domain}/{split}"
+    try:
+        reader.node(where)
+    except StoreError as exc:
+        return [_why(str(exc))]
+    problems = []
+    for name in [*reader.data_arrays, *(() if packed_only else (SHARD_DONE,))]:
+        try:
+            reader.array(domain, split, name)
+            if name != SHARD_DONE and reader.checksummed:
+                reader.checksums(domain, split, name)
+        except StoreError as exc:
+            problems.append(_why(str(exc)))
+    return problems
 
 
 def _undecodable(reader: CacheReader, domain: str, split: str, start: int, stop: int) -> list[str]:

@@ -66,3 +66,37 @@ def test_malformed_entries_and_unmarked_shards_are_reported(store):
     assert "prose/train shard 0: n_entries outside 1..8" in result.stderr
     assert "prose/train shard 1: not marked done" in result.stderr
     assert "prose/train shard 1: entry ids not strictly ascending" in result.stderr
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _truncate(path: Path) -> None:
+    path.write_text(path.read_text()[:40])
+
+
+@pytest.mark.parametrize(("damage", "node", "fragment"), [
+    (_delete, "math/train", "math/train is missing (its zarr.json was deleted?)"),
+    (_truncate, "math/train/ids", "math/train/ids's zarr.json is unreadable"),
+    (_truncate, "math/train/crc32/ids", "math/train/crc32/ids's zarr.json is unreadable"),
+    (_truncate, "math/valid/target_logprobs", "math/valid/target_logprobs's zarr.json is unreadable"),
+])
+def test_damaged_metadata_is_one_problem_in_verify_and_one_line_in_distill_and_eval(store, tiny_teacher, tmp_path, damage, node, fragment):
+    """Issue 24, class 4: a deleted or truncated zarr.json ended verify and distill in a traceback."""
+    from test_distill import distill, make_student
+    from test_error_boundary import one_line_error
+
+    damage(store / node / "zarr.json")
+    checked = verify(store)
+    assert checked.exit_code == 1 and "Traceback" not in checked.output, checked.output
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
+    assert problems == [f"problem: {fragment}" if "missing" in fragment else problems[0]] and fragment in problems[0], checked.stderr
+    student = make_student(tmp_path / "student", tiny_teacher)
+    one_line_error(distill(store, student, tmp_path / "run", "--steps", "2"), fragment, "ddk-cache verify")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    evaluated = CliRunner().invoke(app, ["eval", str(student), str(store), "--device", "cpu"])
+    if "/valid" in node:  # eval reads valid/ only: damage elsewhere does not change its numbers
+        one_line_error(evaluated, fragment)
+    else:
+        assert evaluated.exit_code == 0, evaluated.output

@@ -29,6 +29,7 @@ from ddk_cache.store.format import (
     RESPONSE_MASK,
     REST_LOGPROBS,
     SHARD_DONE,
+    SPLITS,
     TARGET_LOGPROBS,
     TOKENS,
     V1_DATA_ARRAYS,
@@ -41,7 +42,7 @@ from ddk_cache.store.format import (
 )
 from ddk_cache.store.header import DomainInfo, StoreHeader
 from ddk_cache.store.header_versions import read_domain_info, read_header
-from ddk_cache.store.integrity import aligned, checksum_array, filters_signature, has_checksums, mismatched_chunks
+from ddk_cache.store.integrity import CHECKSUM_GROUP, aligned, filters_signature, has_checksums, mismatched_chunks
 
 
 @dataclass(frozen=True)
@@ -103,30 +104,43 @@ class CacheReader:
         return domain in self.root
 
     def domain_info(self, domain: str) -> DomainInfo:
+        self.node(domain)  # its zarr.json readable, or one line
         try:
             return read_domain_info(self.root, domain, self.url)
         except KeyError:
             raise StoreError(f"{self.url}: domain {domain!r} (its group or its '{DOMAIN_ATTR}' attribute) is missing: the store is "
                              f"damaged; run `ddk-cache verify {self.url}`") from None
 
+    def node(self, path: str) -> zarr.Array | zarr.Group:
+        """A group or array of the store by path: the one place its metadata is opened, so a deleted or damaged
+        `zarr.json` (a KeyError, a JSONDecodeError, zarr's own metadata errors) is one line naming the path."""
+        try:
+            return self.root[path]
+        except KeyError:
+            raise StoreError(f"{self.url}: {path} is missing (its zarr.json was deleted?): "
+                             f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+        except (ValueError, zarr.errors.BaseZarrError) as exc:  # JSONDecodeError is a ValueError
+            raise StoreError(f"{self.url}: {path}'s zarr.json is unreadable ({first_line(exc)}): "
+                             f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+
     def array(self, domain: str, split: str, name: str) -> zarr.Array:
         """A data array (its metadata read once: an object store would be asked on every chunk otherwise)."""
         path = f"{domain}/{split}/{name}"
         if path not in self._arrays:
-            try:
-                self._arrays[path] = self.root[path]
-            except KeyError:
-                raise StoreError(f"{self.url}: {path} is missing (its metadata was deleted?): "
-                                 f"the store is damaged; run `ddk-cache verify {self.url}`") from None
+            self._arrays[path] = self.node(path)
         return self._arrays[path]
 
     def checksums(self, domain: str, split: str, name: str) -> zarr.Array | None:
         """The chunk checksums of a data array; None for stores written before checksums existed."""
         key = ("checksums", domain, split, name)
         if key not in self._arrays:
-            group = self.root[f"{domain}/{split}"]
-            if has_checksums(group, name):
-                self._arrays[key] = checksum_array(group, name)
+            group = self.node(f"{domain}/{split}")
+            try:
+                present = has_checksums(group, name)
+            except (ValueError, zarr.errors.BaseZarrError):  # the checksum group's zarr.json: named by `node` below
+                present = True
+            if present:
+                self._arrays[key] = self.node(f"{domain}/{split}/{CHECKSUM_GROUP}/{name}")
             elif self.checksummed:
                 raise StoreError(f"{self.url}: {domain}/{split}: the checksums of {name} are missing: the store is damaged; "
                                  f"run `ddk-cache verify {self.url}`")
@@ -138,6 +152,19 @@ class CacheReader:
     def checksummed(self) -> bool:
         """Whether the store declares chunk checksums (written by ddk-cache since they exist): then they are required."""
         return self.header.integrity is not None and self.format_version >= 2
+
+    def check_metadata(self) -> None:
+        """Every domain's info, every split's arrays and their checksum arrays readable and as the layout says.
+
+        A job that trains for hours calls this before it starts (a few small reads per split), so a deleted or
+        damaged zarr.json is refused at once, before the run writes anything, rather than at its first read.
+        """
+        for domain in self.domains:
+            self.domain_info(domain)
+            for split in SPLITS:
+                self.check_arrays(domain, split)
+                for name in self.data_arrays:
+                    self.checksums(domain, split, name)
 
     def check_arrays(self, domain: str, split: str) -> None:
         """Refuse arrays whose dtype, window shape, chunking or value-changing codecs differ from the layout's.
