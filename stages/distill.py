@@ -214,7 +214,7 @@ class Trainer:
         check_objective(config, self.reader, self.resume)
         self.pt_reader = None
         if objective.pt_store is not None:
-            self.pt_reader = CacheReader(objective.pt_store, storage_options=config.data.storage_options)
+            self.pt_reader = CacheReader(objective.pt_store, storage_options=config.data.storage_options, accept_packed=True)  # windows alone
             self.pt_reader.check_metadata()
             if self.pt_reader.header.rollout is not None:
                 raise DDKCacheError(f"--pt-store {objective.pt_store} is a rollout store: give a cache of fixed text (teacher-dump or pack)")

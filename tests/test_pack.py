@@ -57,7 +57,7 @@ def test_pack_writes_windows_only_and_scoring_adds_the_teacher(packed, reference
         for split in ("train", "valid"):
             assert list(root[f"{domain}/{split}"].array_keys()) == ["tokens"]
             assert root[f"{domain}/{split}/tokens"].shape[0] == root[domain].attrs["ddk_cache_domain"][split]["windows"] > 0
-    with pytest.raises(StoreError, match="incomplete"):
+    with pytest.raises(StoreError, match="is packed but not scored yet: score it with `ddk-cache teacher-dump"):
         CacheReader(str(packed))  # nothing to train on yet
     inspected = CliRunner().invoke(app, ["inspect", str(packed)], env={"COLUMNS": "200"})
     assert inspected.exit_code == 0 and "(packed)" in inspected.output and "packed windows only" in inspected.output

@@ -272,3 +272,26 @@ def test_the_vllm_generator_is_refused_in_one_line_where_it_cannot_run(tiny_stud
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     expected = "no kernel for the student's head size 8" if find_vllm().usable else "--generator vllm needs"
     assert expected in result.stderr and "--generator hf" in result.stderr and not (tmp_path / "x.zarr").exists()
+
+
+def test_a_packed_store_serves_the_pretraining_term_and_a_half_packed_one_says_why_not(scored_rollouts, tiny_store, tiny_student,
+                                                                                       tiny_teacher, tmp_path):
+    """Issue 24, class 6: README accepts any pack or teacher-dump store as --pt-store; a packed one was refused as
+    'incomplete (a dump is running or was killed)'."""
+    packed = tmp_path / "packed.zarr"
+    made = CliRunner().invoke(app, ["pack", "--manifest", str(tiny_store.parent / "manifest.yaml"), "--out", str(packed),
+                                    "--tokenizer", str(tiny_teacher), "--valid-fraction", "0.5", "--no-progress"])
+    assert made.exit_code == 0, made.output
+    result = update(scored_rollouts, tiny_student, tmp_path / "run", "--pt-store", str(packed))
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pretraining_lm"] > 0 for r in steps if "policy_gradient" in r)
+    as_training_data = CliRunner().invoke(app, ["distill", "--store", str(packed), "--student", str(tiny_student), "--out",
+                                                str(tmp_path / "kd"), "--steps", "2", "--device", "cpu", "--no-progress"])
+    assert as_training_data.exit_code == 2 and "is packed but not scored yet: score it with `ddk-cache teacher-dump" in as_training_data.stderr
+    header = json.loads((packed / "zarr.json").read_text())
+    header["attributes"]["ddk_cache"]["status"] = "packing"  # as a killed `pack` leaves it
+    (packed / "zarr.json").write_text(json.dumps(header))
+    refused = update(scored_rollouts, tiny_student, tmp_path / "again", "--pt-store", str(packed))
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "(`ddk-cache pack` is running or was killed): run it again to finish the store" in refused.stderr

@@ -65,8 +65,20 @@ class WindowBlock:
     behaviour_logprobs: np.ndarray | None = None  # rollout stores `[n, L]`: the sampling student's log-prob of it
 
 
+def unfinished(url: str, header: StoreHeader) -> str:
+    """Why a store that is not complete cannot be read yet, by its status: which job left it so, and what finishes it."""
+    if header.status == "packed":
+        return f"{url} is packed but not scored yet: score it with `ddk-cache teacher-dump --teacher T --out {url}`"
+    if header.status == "packing":
+        again = "rollout --overwrite" if header.rollout is not None else "pack"
+        return f"{url} is incomplete (`ddk-cache {again}` is running or was killed): run it again to finish the store"
+    return f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it"
+
+
 class CacheReader:
-    def __init__(self, url: str, storage_options: dict | None = None, allow_incomplete: bool = False) -> None:
+    def __init__(self, url: str, storage_options: dict | None = None, allow_incomplete: bool = False, accept_packed: bool = False) -> None:
+        """`allow_incomplete`: any status (inspect, verify); `accept_packed`: a store `pack` finished and no teacher
+        scored yet, for readers of its windows alone (MiniLLM's pretraining term); otherwise complete stores only."""
         self.url = url
         try:
             self.root = zarr.open_group(zarr_store(url, read_only=True, storage_options=storage_options), mode="r")
@@ -75,8 +87,8 @@ class CacheReader:
         except (OSError, ValueError) as exc:  # object stores: refused credentials, unreachable endpoint, bad URL
             raise StoreError(f"cannot open {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
         header = read_header(self.root, url)
-        if not header.complete and not allow_incomplete:
-            raise StoreError(f"{url} is incomplete (a dump is running or was killed): run teacher-dump again to finish it")
+        if not (header.complete or allow_incomplete or (accept_packed and header.status == "packed")):
+            raise StoreError(unfinished(url, header))
         self.header: StoreHeader = header
         self.format_version: int = header.format_version
         self._checked: set[tuple[str, str]] = set()  # splits whose array metadata matched the layout
@@ -255,6 +267,11 @@ class CacheReader:
         """Rows `[start, stop)` of every data array, decoded and checked; use chunk-aligned ranges for speed."""
         fetched = self.read_arrays(domain, split, self.data_arrays, start, stop)
         read = fetched.__getitem__
+        if self.capture is None:  # packed, not scored: windows only (entries of width 0, target log-probs unknown)
+            tokens = read(TOKENS)
+            n, length = tokens.shape[0], tokens.shape[1] - 1
+            return WindowBlock(tokens, np.zeros((n, length, 0), np.int32), np.zeros((n, length, 0), np.float32), None, None,
+                               np.full((n, length), np.nan, np.float32))
         tokens, target = read(TOKENS), read(TARGET_LOGPROBS).astype(np.float32)
         rollout = {}
         if RESPONSE_MASK in fetched:
