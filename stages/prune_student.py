@@ -17,6 +17,7 @@ import torch
 
 from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
+from ddk_cache.store.fingerprints import require_same_tokenizer
 from ddk_cache.store.format import TOKENS
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.pruning import CRITERIA, block_influence, decoder_layers, even_layers, influence_layers, prune
@@ -61,6 +62,11 @@ def run_prune(config: PruneConfig) -> PruneSummary:
         tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     except (OSError, ValueError) as exc:
         raise DDKCacheError(f"cannot load teacher {config.teacher!r}: {first_line(exc)}") from None
+    reader = None
+    if config.criterion == "block-influence":  # the store's windows are the teacher's input: its tokenizer must be the teacher's
+        reader = CacheReader(config.store, storage_options=config.storage_options, allow_incomplete=True)
+        require_same_tokenizer(tokenizer, reader.header.tokenizer, "teacher's", f"{config.store}'s",
+                               "measure the layers on a store made with the teacher's tokenizer (or use --criterion even)")
     total = len(decoder_layers(model))
     if not 1 <= config.layers < total:
         raise DDKCacheError(f"--layers must be between 1 and {total - 1} (the teacher has {total} decoder layers), got {config.layers}")
@@ -68,7 +74,7 @@ def run_prune(config: PruneConfig) -> PruneSummary:
     if config.criterion == "even":
         keep = even_layers(total, config.layers)
     else:
-        scores = block_influence(model, _valid_windows(config))
+        scores = block_influence(model, _valid_windows(reader, config.windows))
         keep = influence_layers(scores, config.layers)
     prune(model, keep)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +87,7 @@ def run_prune(config: PruneConfig) -> PruneSummary:
     return PruneSummary(config.out, total, keep, scores)
 
 
-def _valid_windows(config: PruneConfig) -> np.ndarray:
+def _valid_windows(reader: CacheReader, windows: int) -> np.ndarray:
     """The first `windows` validation windows of every domain of the store (their inputs)."""
-    reader = CacheReader(config.store, storage_options=config.storage_options, allow_incomplete=True)
-    parts = [reader.read_array(domain, "valid", TOKENS, 0, config.windows)[:, :-1] for domain in reader.domains]
+    parts = [reader.read_array(domain, "valid", TOKENS, 0, windows)[:, :-1] for domain in reader.domains]
     return np.concatenate(parts)

@@ -83,6 +83,10 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
     if from_config:
         raise DDKCacheError(f"{config.student} holds a config without weights: a round must update the weights that sampled, "
                             "so roll out from a saved student (distill writes one; or save_pretrained)")
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and manifest.seq_len > context:  # the teacher scores, and distill trains on, whole windows
+        raise DDKCacheError(f"a rollout window is max_prompt_tokens + max_new_tokens = {manifest.seq_len} tokens, longer than the "
+                            f"student's context ({context} positions): lower them in the prompt manifest")
     if tokenizer.eos_token_id is None:
         raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
     device = resolve_device(config.device)

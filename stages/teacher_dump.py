@@ -28,7 +28,7 @@ from ddk_cache.stages.nodes import NodePlace, NodeSettings, all_shards_done, ope
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
 from ddk_cache.stages.scoring import ProcessSettings, ScoringPlan, ShardJob, pending_jobs, progress_bar, score_jobs
 from ddk_cache.store.capture import Capture
-from ddk_cache.store.fingerprints import teacher_description
+from ddk_cache.store.fingerprints import teacher_description, tokenizer_fingerprint
 from ddk_cache.store.format import FORMAT_VERSION, SPLITS, LayoutSettings, StoreLayout
 from ddk_cache.store.header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
 from ddk_cache.store.lease import WriterLease
@@ -111,7 +111,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
     capture = config.capture
     if config.manifest is not None:  # pack in memory, then score: one command on one node
         manifest = load_manifest(config.manifest)
-        tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+        tokenizer = teacher_tokenizer(config)
         domains: list = [
             pack_domain(d.name, load_domain_documents(d), tokenizer, manifest.seq_len, d.valid_sequences, d.token_budget, manifest.seed)
             for d in manifest.domains
@@ -126,7 +126,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         packed_header, domains = open_packed(config.out, config.storage_options)
         if config.layout.given:
             raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
-        tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+        tokenizer = teacher_tokenizer(config)
         check_same_tokenizer(tokenizer, packed_header, config.out)
         geometry = packed_header.layout
         layout = StoreLayout(geometry.seq_len, capture, None, geometry.chunk_windows, geometry.shard_windows)
@@ -189,6 +189,24 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
 def scoring_plan(config: TeacherDumpConfig) -> ScoringPlan:
     return ScoringPlan(config.teacher, config.engine_options, config.capture, config.out, config.storage_options,
                        config.processes, config.progress)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def teacher_tokenizer(config: TeacherDumpConfig):
+    """The tokenizer the windows are made (or were packed) with. `--tokenizer` is for a teacher folder without one;
+    where the teacher has its own, a different one is refused: its ids would mean other tokens to the teacher (a
+    smaller vocabulary passes the size check and silently scores the wrong text)."""
+    tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+    folder = Path(config.teacher)
+    if config.tokenizer is not None and folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
+        own = load_tokenizer(config.teacher, config.revision)
+        if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(own):
+            raise DDKCacheError(f"--tokenizer {config.tokenizer} ({len(tokenizer)} tokens) is not the teacher's own tokenizer "
+                                f"({len(own)} tokens in {config.teacher}): its ids would mean other tokens to the teacher; "
+                                "drop --tokenizer")
+    return tokenizer
 
 
 def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domains: list, seq_len: int, node: NodePlace) -> EngineChoice:

@@ -150,3 +150,16 @@ def reference_store(tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
     result = run_dump(tiny_teacher, manifest, out)
     assert result.returncode == 0, result.stderr
     return manifest, out
+
+
+def write_other_tokenizer(folder: Path) -> Path:
+    """A real tokenizer trained on other text: every id means another token than the tiny teacher's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["completely different text for another vocabulary"] * 20,
+                            trainer=trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>", "<eos>"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    return folder

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_corpus_manifest
+from conftest import write_corpus_manifest, write_other_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
@@ -227,15 +227,7 @@ def test_resume_with_other_settings_is_refused(tiny_store, tiny_teacher, tmp_pat
 
 
 def test_student_with_another_tokenizer_is_refused(tiny_store, tiny_teacher, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(["completely different text for another vocabulary"] * 20,
-                            trainer=trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>", "<eos>"], show_progress=False))
-    other = tmp_path / "other_tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    other = write_other_tokenizer(tmp_path / "other_tokenizer")
     student = make_student(tmp_path / "student", other)
     result = distill(tiny_store, student, tmp_path / "out", "--steps", "2")
     assert result.exit_code == 2

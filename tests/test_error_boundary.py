@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_corpus_manifest
+from conftest import write_corpus_manifest, write_other_tokenizer
 from typer.testing import CliRunner
 
 from ddk_cache.cli.boundary import expected_failure
@@ -207,3 +207,14 @@ def test_a_store_missing_a_domain_group_is_one_line_everywhere(tiny_store, tmp_p
                                        "--out", str(store), "--k", "8", "--shard-windows", "8", "--chunk-windows", "4", "--device", "cpu",
                                        "--no-progress"])
     one_line_error(resumed, "lacks domain 'math'", "--overwrite")
+
+
+def test_a_tokenizer_that_is_not_the_teachers_own_is_refused(tmp_path, tiny_teacher):
+    """Issue 24, class 5: a --tokenizer smaller than the teacher's vocabulary passed the size check and scored other text."""
+    other = write_other_tokenizer(tmp_path / "other")
+    out, manifest = tmp_path / "out.zarr", write_corpus_manifest(tmp_path)
+    result = dump(tiny_teacher, manifest, out, "--tokenizer", str(other))
+    one_line_error(result, f"--tokenizer {other}", "is not the teacher's own tokenizer", "drop --tokenizer")
+    assert not out.exists()
+    same = dump(tiny_teacher, manifest, tmp_path / "same.zarr", "--tokenizer", str(tiny_teacher))
+    assert same.exit_code == 0, same.output  # the teacher's own tokenizer, named again, is fine

@@ -119,3 +119,18 @@ def test_another_decoder_architecture_prunes_and_a_non_decoder_is_one_line(tmp_p
     T5ForConditionalGeneration(T5Config(vocab_size=300, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)).save_pretrained(t5)
     result = prune("--teacher", str(t5), "--layers", "1", "--out", str(tmp_path / "t"), "--criterion", "even")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "cannot load teacher" in result.stderr, result.output
+
+
+def test_block_influence_on_a_store_of_another_tokenizer_is_refused(deep_teacher, tiny_store, tmp_path):
+    """Issue 24, class 5: the store's windows are the teacher's input; made with another tokenizer they measured nonsense."""
+    from conftest import write_other_tokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(deep_teacher, teacher)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (teacher / name).unlink(missing_ok=True)
+    write_other_tokenizer(teacher)
+    result = prune("--teacher", str(teacher), "--out", str(tmp_path / "s"), "--layers", "2", "--store", str(tiny_store))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "the teacher's tokenizer" in result.stderr and "measure the layers on a store made with the teacher's tokenizer" in result.stderr
+    assert not (tmp_path / "s").exists()

@@ -137,6 +137,7 @@ def test_a_damaged_rollout_array_is_caught_by_its_checksum(rollout_store, tmp_pa
     ({"prompt_template": "Q: {question:d}"}, "field {question:d} has a conversion or format spec"),  # issue 24, class 1
     ({"prompt_template": "Q: {question!x}"}, "field {question!x} has a conversion or format spec"),
     ({"prompt_template": "Q: {}"}, "field {} is not a column name"),
+    ({"max_new_tokens": 200}, "longer than the student's context (128 positions)"),  # issue 24, class 5
 ])
 def test_a_bad_prompt_manifest_is_refused_in_one_line(tiny_student, tmp_path, change, fragment):
     result = rollout(tiny_student, write_prompt_manifest(tmp_path, **change), tmp_path / "out.zarr")
