@@ -11,8 +11,10 @@ shows the traceback of expected failures too.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +91,7 @@ def user_errors() -> Iterator[None]:
             raise
         if is_main_process():
             error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        record_for_torchrun(message)
         sys.unraisablehook = _silent_after_the_line
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
@@ -100,3 +103,23 @@ def _silent_after_the_line(unraisable) -> None:
     process is ending with the error already named; `--debug` keeps Python's own report."""
     if debug_requested():
         sys.__unraisablehook__(unraisable)
+
+
+def record_for_torchrun(message: str) -> None:
+    """Under torchrun, the rank's one line in its elastic error file, so torchrun's failure summary names the problem.
+
+    torchrun sets TORCHELASTIC_ERROR_FILE for each rank and prints that file's message in the summary it ends a
+    failed job with; without one the summary says only "exitcode: 2 ... To enable traceback see ...", far below
+    the line that said what to fix. The file is written in torchelastic's documented layout (what
+    `errors.record` writes), with the line itself where a traceback would go: a user error has none to show.
+    """
+    target = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not target:
+        return
+    line = f"error: {message}"
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(target, "w") as handle:
+            json.dump(data, handle)
+    except OSError:
+        pass  # the summary falls back to the exit code; the line was printed already

@@ -131,3 +131,19 @@ def test_bad_settings_fail_with_one_line_from_rank_zero(runs, tiny_store, tmp_pa
     assert missing.returncode != 0
     errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 1: no ddk-cache store at") and "not-mounted.zarr" in errors[0]
+
+
+def test_a_refusal_under_torchrun_is_one_line_and_torchruns_summary_names_it(runs, tiny_store, tmp_path):
+    """Issue 24, class 2: `--dist-timeout 0` under torchrun ended in a DistNetworkError traceback; and torchrun's
+    own failure summary said only "exitcode: 2", burying the rank's line. Each rank now writes its elastic error
+    file, which the summary prints. (torchrun's launcher then raises ChildFailedError with its own traceback, of
+    torchrun's code: not a rank's, and not ours to silence.)"""
+    result = launch(tmp_path / "zero" / "run", tiny_store, runs["student"], "--dist-timeout", "0")
+    assert result.returncode != 0
+    line = "error: --dist-timeout must be > 0, got 0.0"
+    assert [text for text in result.stderr.splitlines() if text.startswith("error:")] == [line], result.stderr[-3000:]
+    frames = [text for text in result.stderr.splitlines() if text.strip().startswith("File ")]
+    assert "DistNetworkError" not in result.stderr and not any("ddk_cache" in f or "distributed_runner" in f for f in frames), frames
+    summary = result.stderr[result.stderr.index("Failures:"):]
+    assert summary.count(f"traceback : {line}") == 2 and "error_file: <N/A>" not in summary, summary  # both ranks named it
+    assert not (tmp_path / "zero" / "run").exists()
