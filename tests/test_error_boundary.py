@@ -218,3 +218,15 @@ def test_a_tokenizer_that_is_not_the_teachers_own_is_refused(tmp_path, tiny_teac
     assert not out.exists()
     same = dump(tiny_teacher, manifest, tmp_path / "same.zarr", "--tokenizer", str(tiny_teacher))
     assert same.exit_code == 0, same.output  # the teacher's own tokenizer, named again, is fine
+
+
+def test_a_misspelled_file_builder_is_refused_before_the_hub_is_asked(tmp_path, tiny_teacher):
+    """Issue 24, class 8: `path: jsonn` with data_files went through datasets' hub retries (~45 s) before failing."""
+    manifest = write_corpus_manifest(tmp_path)
+    document = yaml.safe_load(manifest.read_text())
+    source = next(s for d in document["domains"] for s in d["sources"] if s.get("path") == "json")
+    source["path"] = "jsonn"
+    manifest.write_text(yaml.safe_dump(document))
+    one_line_error(dump(tiny_teacher, manifest, tmp_path / "out.zarr"), "'path' 'jsonn' with 'data_files' is not a file builder",
+                   "did you mean 'json'?")
+    assert not (tmp_path / "out.zarr").exists()

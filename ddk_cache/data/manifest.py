@@ -7,6 +7,7 @@ resolved against the manifest's own folder so a manifest can travel with its dat
 
 from __future__ import annotations
 
+import difflib
 import glob
 import hashlib
 import json
@@ -183,6 +184,13 @@ def parse_source(doc: Any, where: str, base_dir: Path) -> SourceSpec:
     load_kwargs = doc.get("load_kwargs", {})
     if not isinstance(load_kwargs, dict):
         raise ManifestError(f"{where}: 'load_kwargs' must be a mapping of extra load_dataset arguments")
+    if path not in LOCAL_BUILDERS and "data_files" in doc and "/" not in path and not (base_dir / path).is_dir():
+        # files for a builder whose name is misspelled: datasets would ask the hub for a dataset of that name (5 retries,
+        # ~45 s) before failing; hub ids are `org/name`, so a bare name next to data_files is a builder
+        close = difflib.get_close_matches(path, sorted(LOCAL_BUILDERS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ManifestError(f"{where}: 'path' {path!r} with 'data_files' is not a file builder: {hint}"
+                            f"use one of {', '.join(sorted(LOCAL_BUILDERS))}, or a hub dataset id (org/name)")
     if path not in LOCAL_BUILDERS and (base_dir / path).is_dir():
         path = str((base_dir / path).resolve())  # a local dataset folder, relative to the manifest
     data_files = _resolve_data_files(doc.get("data_files"), where, base_dir, local=path in LOCAL_BUILDERS)
