@@ -51,14 +51,25 @@ def verify_store(reader: CacheReader) -> VerifyReport:
     if not reader.checksummed:
         report.notes.append("written before chunk checksums existed: a shard moved within the store or an edited codec "
                             "cannot be detected; re-create the store to get them")
+    unsealed = []
     for domain in reader.domains:
         if not reader.has_domain(domain):
             report.problems.append(f"{domain}: group missing")
             continue
-        if reader.capture is not None and reader.domain_info(domain).teacher_valid_loss is None:
+        try:
+            info = reader.domain_info(domain)
+        except StoreError as exc:  # an edited size or teacher validation loss: nothing of the domain can be trusted
+            report.problems.append(_why(str(exc)))
+            continue
+        if info.sha256 is None:
+            unsealed.append(domain)
+        if reader.capture is not None and info.teacher_valid_loss is None:
             report.problems.append(f"{domain}: teacher validation loss not recorded")
         for split in SPLITS:
             _verify_split(reader, domain, split, report)
+    if unsealed:
+        report.notes.append(f"domain info of {', '.join(unsealed)} written before its sha256 existed: an edited size or teacher "
+                            "validation loss cannot be detected; re-create the store to get it")
     return report
 
 
@@ -87,7 +98,9 @@ def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyRe
     for shard in range(-(-n_windows // shard_windows) if done is None else len(done)):
         report.shards_checked += 1
         start, stop = shard * shard_windows, min((shard + 1) * shard_windows, n_windows)
-        if done is not None and not done[shard]:
+        if done is not None and done[shard] not in (0, 1):  # a marker is written as 0 or 1, nothing else
+            report.problems.append(f"{where} shard {shard}: marker is {done[shard]}, not 0 or 1 (edited?)")
+        elif done is not None and not done[shard]:
             report.problems.append(f"{where} shard {shard}: not marked done")
         missing = [name for name in reader.data_arrays if not _shard_exists(reader, domain, split, name, shard)]
         if missing:

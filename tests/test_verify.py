@@ -100,3 +100,31 @@ def test_damaged_metadata_is_one_problem_in_verify_and_one_line_in_distill_and_e
         one_line_error(evaluated, fragment)
     else:
         assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_an_edited_teacher_loss_or_marker_is_found_by_verify_and_refused_by_readers(store, tiny_teacher, tmp_path):
+    """Issue 24, class 7: the domain info (sizes, the teacher validation loss DDK divides by) is sealed by a sha256;
+    a marker is 0 or 1. verify missed both edits, and distill trained with the edited loss."""
+    import json
+
+    from test_distill import distill, make_student
+    from test_error_boundary import one_line_error
+
+    group = zarr.open_group(str(store), mode="r+")
+    raw = dict(group["math"].attrs["ddk_cache_domain"])
+    assert raw["sha256"].startswith("sha256:")
+    group["math"].attrs["ddk_cache_domain"] = {**raw, "teacher_valid_loss": raw["teacher_valid_loss"] / 2}
+    group["code/train/shard_done"][0] = 2
+    checked = verify(store)
+    assert checked.exit_code == 1 and "Traceback" not in checked.output, checked.output
+    assert "problem: the domain attribute 'math/ddk_cache_domain' does not match its sha256" in checked.stderr
+    assert "problem: code/train shard 0: marker is 2, not 0 or 1 (edited?)" in checked.stderr
+    one_line_error(distill(store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2"),
+                   "'math/ddk_cache_domain' does not match its sha256")
+    assert not (tmp_path / "run").exists()
+    group["math"].attrs["ddk_cache_domain"] = {key: value for key, value in raw.items() if key != "sha256"}  # as older stores have it
+    group["code/train/shard_done"][0] = 1
+    older = verify(store)
+    assert older.exit_code == 0, older.output
+    assert "note: domain info of math written before its sha256 existed" in older.stderr
+    assert json.dumps(raw)  # the sealed attribute is plain JSON

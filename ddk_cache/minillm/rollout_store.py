@@ -19,7 +19,6 @@ from ddk_cache.errors import StoreError, first_line
 from ddk_cache.minillm.rollouts import Rollouts
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
-    DOMAIN_ATTR,
     HEADER_ATTR,
     RESPONSE_MASK,
     TOKENS,
@@ -28,6 +27,7 @@ from ddk_cache.store.format import (
     zarr_store,
 )
 from ddk_cache.store.header import DomainInfo, SplitInfo, StoreHeader, now
+from ddk_cache.store.header_versions import write_domain_info
 from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
 
 ROLLOUT_RULE = "rollout-v1"  # `packing.split_rule` of a rollout store: one window per prompt, no packing
@@ -62,5 +62,5 @@ def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollout
                 write_checksums(target, name, region.start, decoded_like_zarr(stored, array.dtype, array.filters), layout.chunk_windows)
         digest = hashlib.sha256(np.ascontiguousarray(rollouts.tokens, dtype="<i4").tobytes()).hexdigest()
         infos[split] = SplitInfo(n, n * layout.seq_len, documents[split], digest)
-    group.attrs[DOMAIN_ATTR] = DomainInfo(domain, **infos).to_dict()
+    write_domain_info(group, DomainInfo(domain, **infos))
     root.attrs[HEADER_ATTR] = header.with_status("packed", packed_at=now()).to_dict()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -324,17 +326,31 @@ class SplitInfo(Metadata):
 @dataclass(frozen=True)
 class DomainInfo(Metadata):
     """Domain group attribute `ddk_cache_domain`. `train` / `valid` are None while `pack` writes the domain;
-    the teacher's validation loss is None until scoring finishes the domain."""
+    the teacher's validation loss is None until scoring finishes the domain.
+
+    `sha256` seals the other keys (`sealed()`; checked by `header_versions.read_domain_info`): the sizes and the
+    teacher's validation loss, which DDK's sampler divides by, change results as much as any chunk does. None in
+    stores written before it existed.
+    """
 
     name: str
     train: SplitInfo | None = None
     valid: SplitInfo | None = None
     teacher_valid_loss: float | None = None
     teacher_valid_ppl: float | None = None
+    sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, metadata={"key": None})
 
     def split(self, split: str) -> SplitInfo | None:
         return self.train if split == "train" else self.valid
+
+    def content_sha256(self) -> str:
+        """sha256 of the canonical JSON of every key but `sha256` itself."""
+        content = {key: value for key, value in self.to_dict().items() if key != "sha256"}
+        return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def sealed(self) -> "DomainInfo":
+        return dataclasses.replace(self, sha256=self.content_sha256())
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "ddk_cache_domain") -> "DomainInfo":

@@ -41,9 +41,20 @@ def read_header(root: zarr.Group, url: str) -> StoreHeader:
 
 
 def read_domain_info(root: zarr.Group, domain: str, url: str) -> DomainInfo:
-    """A domain group's typed info (KeyError if the group or its attribute is missing: callers say what that means)."""
+    """A domain group's typed info, checked against its seal where it has one (KeyError if the group or its
+    attribute is missing: callers say what that means)."""
     raw = root[domain].attrs[DOMAIN_ATTR]
+    where = f"{domain}/{DOMAIN_ATTR}"
     try:
-        return DomainInfo.from_dict(raw, f"{domain}/{DOMAIN_ATTR}")
+        info = DomainInfo.from_dict(raw, where)
+        if info.sha256 is not None and info.sha256 != info.content_sha256():
+            raise HeaderError(f"the domain attribute '{where}' does not match its sha256 (its sizes or teacher validation loss "
+                              "were edited)")
     except HeaderError as exc:
         raise exc.at(url) from None
+    return info
+
+
+def write_domain_info(group: zarr.Group, info: DomainInfo) -> None:
+    """The one writer of a domain's attribute: sealed, so a later edit of any key is found by every reader."""
+    group.attrs[DOMAIN_ATTR] = info.sealed().to_dict()

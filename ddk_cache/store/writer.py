@@ -25,7 +25,6 @@ from ddk_cache.store.capture import EncodedTargets
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
     COUNTS,
-    DOMAIN_ATTR,
     HEADER_ATTR,
     IDS,
     LOGPROBS,
@@ -46,7 +45,7 @@ from ddk_cache.store.format import (
     zarr_store,
 )
 from ddk_cache.store.header import DomainInfo, SplitInfo, StoreHeader, now
-from ddk_cache.store.header_versions import parse_header, read_domain_info, read_header
+from ddk_cache.store.header_versions import parse_header, read_domain_info, read_header, write_domain_info
 from ddk_cache.store.integrity import CHECKSUM_GROUP, decoded_like_zarr, has_checksums, resize_checksums, write_checksums
 from ddk_cache.store.metadata import HeaderError
 
@@ -135,7 +134,7 @@ class CacheWriter:
             group = root.create_group(name)
             for split in SPLITS:
                 create_token_array(group.create_group(split), 0, layout)
-            group.attrs[DOMAIN_ATTR] = DomainInfo(name).to_dict()
+            write_domain_info(group, DomainInfo(name))
         return cls(root, url, layout)
 
     def pack_progress(self, domain: str):
@@ -224,7 +223,7 @@ class CacheWriter:
         return read_domain_info(self.root, domain, self.url)
 
     def set_domain_info(self, info: DomainInfo) -> None:
-        self.root[info.name].attrs[DOMAIN_ATTR] = info.to_dict()
+        write_domain_info(self.root[info.name], info)
 
     def split_group(self, domain: str, split: str) -> zarr.Group:
         return self.root[f"{domain}/{split}"]
@@ -375,7 +374,7 @@ def _create_domain(root: zarr.Group, domain: PackedDomain, layout: StoreLayout) 
         packed: PackedSplit = getattr(domain, split)
         create_split_arrays(group.create_group(split), packed.n_windows, layout)
         splits[split] = SplitInfo(packed.n_windows, packed.n_tokens, packed.n_documents, packed.sha256())
-    group.attrs[DOMAIN_ATTR] = DomainInfo(domain.name, **splits).to_dict()
+    write_domain_info(group, DomainInfo(domain.name, **splits))
 
 
 def _remove_partial_files(url: str) -> None:
