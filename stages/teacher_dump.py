@@ -126,8 +126,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         packed_header, domains = open_packed(config.out, config.storage_options)
         if config.layout.given:
             raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
-        tokenizer = teacher_tokenizer(config)
-        check_same_tokenizer(tokenizer, packed_header, config.out)
+        tokenizer = teacher_tokenizer(config, packed_header)
         geometry = packed_header.layout
         layout = StoreLayout(geometry.seq_len, capture, None, geometry.chunk_windows, geometry.shard_windows)
 
@@ -194,11 +193,14 @@ def scoring_plan(config: TeacherDumpConfig) -> ScoringPlan:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def teacher_tokenizer(config: TeacherDumpConfig):
-    """The tokenizer the windows are made (or were packed) with. `--tokenizer` is for a teacher folder without one;
-    where the teacher has its own, a different one is refused: its ids would mean other tokens to the teacher (a
-    smaller vocabulary passes the size check and silently scores the wrong text)."""
+def teacher_tokenizer(config: TeacherDumpConfig, packed: StoreHeader | None = None):
+    """The tokenizer the windows are made (or were packed) with: a packed store's first, since its windows are fixed.
+    `--tokenizer` is for a teacher folder without one; where the teacher has its own, a different one is refused:
+    its ids would mean other tokens to the teacher (a smaller vocabulary passes the size check and silently scores
+    the wrong text)."""
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
+    if packed is not None:
+        check_same_tokenizer(tokenizer, packed, config.out)
     folder = Path(config.teacher)
     if config.tokenizer is not None and folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
         own = load_tokenizer(config.teacher, config.revision)
