@@ -40,6 +40,7 @@ from ddk_cache.store.integrity import INTEGRITY
 from ddk_cache.store.lease import WriterLease
 from ddk_cache.store.metadata import HeaderError
 from ddk_cache.store.provenance import package_versions
+from ddk_cache.store.reader import unfinished
 from ddk_cache.store.writer import CacheWriter
 
 PACKED = "packed"
@@ -99,7 +100,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
     writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
-        return PackSummary(config.out, [read_domain_info(root, name, config.out) for name in names], already_packed=True)
+        return PackSummary(config.out, [read_domain_info(root[name], config.out) for name in names], already_packed=True)
     bar = tqdm(desc="pack", unit="window", disable=not config.progress)
     for domain in manifest.domains:
         progress = writer.pack_progress(domain.name)
@@ -158,8 +159,7 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[StoreHeader, li
         raise (StoreError(f"{url} is not a ddk-cache store: run `ddk-cache pack` to make one") if exc.not_ddk_cache
                else exc.at(url)) from None
     if header.status in ("packing", "creating"):
-        again = "rollout --overwrite" if header.rollout is not None else "pack"
-        raise StoreError(f"{url} is not completely packed (status {header.status}): run `ddk-cache {again}` again to finish it")
+        raise StoreError(unfinished(url, header))  # the reader's rule: which job left it so, and what finishes it
     if header.format_version != FORMAT_VERSION:
         raise StoreError(f"{url} is a format version {header.format_version} store; this ddk-cache scores version {FORMAT_VERSION} stores")
     domains = []

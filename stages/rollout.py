@@ -33,7 +33,7 @@ from ddk_cache.store.format import StoreLayout, zarr_store
 from ddk_cache.store.header import FORMAT_VERSION, LayoutInfo, PackingInfo, RolloutInfo, StoreHeader, TokenizerInfo, now
 from ddk_cache.store.integrity import INTEGRITY
 from ddk_cache.store.provenance import package_versions
-from ddk_cache.training.student import load_student
+from ddk_cache.training.student import load_student, student_context
 
 
 @dataclass
@@ -83,7 +83,7 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
     if from_config:
         raise DDKCacheError(f"{config.student} holds a config without weights: a round must update the weights that sampled, "
                             "so roll out from a saved student (distill writes one; or save_pretrained)")
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = student_context(model)
     if context is not None and manifest.seq_len > context:  # the teacher scores, and distill trains on, whole windows
         raise DDKCacheError(f"a rollout window is max_prompt_tokens + max_new_tokens = {manifest.seq_len} tokens, longer than the "
                             f"student's context ({context} positions): lower them in the prompt manifest")

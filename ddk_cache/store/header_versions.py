@@ -40,11 +40,11 @@ def read_header(root: zarr.Group, url: str) -> StoreHeader:
         raise exc.at(url) from None
 
 
-def read_domain_info(root: zarr.Group, domain: str, url: str) -> DomainInfo:
-    """A domain group's typed info, checked against its seal where it has one (KeyError if the group or its
-    attribute is missing: callers say what that means)."""
-    raw = root[domain].attrs[DOMAIN_ATTR]
-    where = f"{domain}/{DOMAIN_ATTR}"
+def read_domain_info(group: zarr.Group, url: str) -> DomainInfo:
+    """A domain group's typed info, checked against its seal where it has one (KeyError if its attribute is
+    missing: callers say what that means). The caller opens the group, as it already holds it or opens it its way."""
+    raw = group.attrs[DOMAIN_ATTR]
+    where = f"{group.basename}/{DOMAIN_ATTR}"
     try:
         info = DomainInfo.from_dict(raw, where)
         if info.sha256 is not None and info.sha256 != info.content_sha256():

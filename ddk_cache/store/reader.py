@@ -116,9 +116,9 @@ class CacheReader:
         return domain in self.root
 
     def domain_info(self, domain: str) -> DomainInfo:
-        self.node(domain)  # its zarr.json readable, or one line
+        group = self.node(domain)  # its zarr.json readable, or one line
         try:
-            return read_domain_info(self.root, domain, self.url)
+            return read_domain_info(group, self.url)
         except KeyError:
             raise StoreError(f"{self.url}: domain {domain!r} (its group or its '{DOMAIN_ATTR}' attribute) is missing: the store is "
                              f"damaged; run `ddk-cache verify {self.url}`") from None

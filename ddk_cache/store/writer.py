@@ -220,7 +220,7 @@ class CacheWriter:
         return read_header(self.root, self.url)
 
     def domain_info(self, domain: str) -> DomainInfo:
-        return read_domain_info(self.root, domain, self.url)
+        return read_domain_info(self.root[domain], self.url)
 
     def set_domain_info(self, info: DomainInfo) -> None:
         write_domain_info(self.root[info.name], info)
@@ -354,7 +354,7 @@ def _check_identity(old: dict, new: dict, url: str) -> None:
 
 def check_domain_data(root: zarr.Group, domain: PackedDomain, url: str) -> None:
     try:
-        info = read_domain_info(root, domain.name, url)
+        info = read_domain_info(root[domain.name], url)
     except KeyError:
         raise StoreError(f"{url} lacks domain {domain.name!r} (a writer died while creating it): pass --overwrite to start again") from None
     for split in SPLITS:

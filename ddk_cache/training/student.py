@@ -69,12 +69,17 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     return model, tokenizer, not has_weights
 
 
+def student_context(model) -> int | None:
+    """Positions the model can attend to, as its config names them (Llama-style or GPT-2-style); None if it does not say."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 def check_compatible(model, tokenizer, header: StoreHeader) -> None:
     """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
     cached = header.tokenizer
     require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
     seq_len = header.seq_len
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = student_context(model)
     if context is not None and context < seq_len:
         raise DDKCacheError(f"the student's context ({context} positions) is shorter than the cache's windows ({seq_len} tokens): "
                             "use a student with max_position_embeddings >= seq_len")
