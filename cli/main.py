@@ -28,6 +28,7 @@ from ddk_cache.cli.commands import (
     teacher_dump,
     verify,
 )
+from ddk_cache.cli.help_format import SectionedCommand
 from ddk_cache.cli.output import error_console
 from ddk_cache.errors import USER_ERROR_EXIT_CODE
 
@@ -72,6 +73,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help in sections (help_format.py): whole option names at 80 columns
 )
 
 
@@ -98,7 +100,7 @@ COMMANDS = {
     "quickstart": quickstart.quickstart,
 }
 for name, command in COMMANDS.items():
-    app.command(name)(command)
+    app.command(name, cls=SectionedCommand)(command)
 
 
 def main() -> None:
