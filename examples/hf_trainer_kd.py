@@ -1,45 +1,33 @@
-"""Distil from a ddk-cache store with the Hugging Face `Trainer`: the user code is `KDTrainer` and `train`.
+"""Distil from a ddk-cache store with the Hugging Face `Trainer`: `ddk_cache.KDTrainer` is the Trainer with DDK's loss.
 
 The cache gives each window's tokens and the teacher's sparse next-token distribution; the
 student's loss is DDK's, CE on the next token + gamma * KD on the cached entries. No teacher is
-loaded. Run (any causal LM with the cache's tokenizer as the student):
+loaded. `KDTrainer` normalises the loss over each optimizer step's positions, so
+`gradient_accumulation_steps` and the number of ranks change neither the loss nor the gradients.
+Run (any causal LM with the cache's tokenizer as the student; on several GPUs under torchrun):
 
     python examples/hf_trainer_kd.py --store cache.zarr --student ./student --out ./run --steps 200
+    torchrun --nproc-per-node 2 examples/hf_trainer_kd.py --store cache.zarr --student ./student --out ./run
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 import ddk_cache
 
 
-class KDTrainer(Trainer):
-    """CE on the next token plus `gamma` x KD against the cached teacher entries."""
-
-    def __init__(self, *args, gamma: float = 0.2, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.gamma, self.kd_history = gamma, []
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = model(input_ids=inputs["input_ids"]).logits  # labels are already shifted: not passed to the model
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), inputs["labels"].flatten())
-        kd = ddk_cache.kd_loss(logits, inputs, divergence="forward_kl", tail="rest", temperature=1.0)
-        self.kd_history.append(kd.item())
-        loss = ce + self.gamma * kd
-        return (loss, {"logits": logits}) if return_outputs else loss
-
-
-def train(store: str, student: str, out: str, steps: int, batch_size: int = 4, lr: float = 3e-4, gamma: float = 0.2) -> KDTrainer:
+def train(store: str, student: str, out: str, steps: int, batch_size: int = 4, lr: float = 3e-4, gamma: float = 0.2,
+          grad_accum: int = 1) -> ddk_cache.KDTrainer:
     mixture = ddk_cache.CacheMixture(store, weights="manifest", seed=0)  # or weights={"code": 2, "math": 1}, or CacheDataset(store, domain)
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-                             logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], dataloader_num_workers=0,
-                             remove_unused_columns=False)  # keep the teacher_* columns: compute_loss needs them
-    trainer = KDTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, train_dataset=mixture,
-                        data_collator=ddk_cache.collate, gamma=gamma)
+                             gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 10), save_strategy="no",
+                             report_to=[], dataloader_num_workers=0,  # zarr's I/O thread does not survive a forked worker
+                             use_cpu=not torch.cuda.is_available())  # CPU ranks under torchrun: without it each trains alone
+    trainer = ddk_cache.KDTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, train_dataset=mixture, gamma=gamma)
     trainer.train()
     return trainer
 
@@ -51,6 +39,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-4)
     cli = parser.parse_args()
-    train(cli.store, cli.student, cli.out, cli.steps, cli.batch_size, cli.lr)
+    trainer = train(cli.store, cli.student, cli.out, cli.steps, cli.batch_size, cli.lr, grad_accum=cli.grad_accum)
+    if trainer.is_world_process_zero():
+        trainer.save_model(cli.out)
+        print(f"trained on {trainer.args.world_size} rank(s); last loss {trainer.state.log_history[-1].get('train_loss')}")

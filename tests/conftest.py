@@ -163,3 +163,18 @@ def write_other_tokenizer(folder: Path) -> Path:
                             trainer=trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>", "<eos>"], show_progress=False))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def tiny_student(tiny_teacher, tmp_path) -> Path:
+    """A 1-layer Llama with real (random, seeded) weights and the cache's tokenizer, loadable by from_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    return tmp_path / "student"

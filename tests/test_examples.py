@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import ddk_cache
 
@@ -19,18 +18,6 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def tiny_student(tiny_teacher, tmp_path) -> Path:
-    """A 1-layer Llama with real (random, seeded) weights and the cache's tokenizer, loadable by from_pretrained."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "student")
-    tokenizer.save_pretrained(tmp_path / "student")
-    return tmp_path / "student"
 
 
 # The tiny teacher has random weights: its distribution is far from the data's, so at DDK's gamma = 0.2

@@ -61,7 +61,7 @@ def test_dataset_items_equal_what_the_reader_decodes(tiny_store):
                 np.testing.assert_array_equal(item["teacher_ids"].numpy(), block.ids[i])
                 np.testing.assert_array_equal(item["teacher_logprobs"].numpy(), block.logprobs[i])
                 np.testing.assert_array_equal(item["teacher_rest"].numpy(), block.rest_logprobs[i])
-                assert item["domain"].item() == reader.domains.index(domain) and item["teacher_sampled"] is False
+                assert item["domain"].item() == reader.domains.index(domain) and item["teacher_sampled"].item() is False
     with pytest.raises(IndexError):
         dataset[len(dataset)]
 
@@ -73,7 +73,9 @@ def test_collate_stacks_items_and_the_dataloader_uses_it(tiny_store):
     seq_len = dataset.store.seq_len
     assert batch["input_ids"].shape == (3, seq_len) and batch["input_ids"].dtype == torch.long
     assert batch["teacher_ids"].shape == (3, seq_len, 8) and batch["teacher_logprobs"].dtype == torch.float32
-    assert batch["teacher_rest"].shape == (3, seq_len) and batch["teacher_sampled"] is False
+    assert batch["teacher_rest"].shape == (3, seq_len)
+    assert batch["teacher_sampled"].dtype == torch.bool and batch["teacher_sampled"].tolist() == [False] * 3
+    assert all(isinstance(value, torch.Tensor) for value in batch.values())  # what accelerate can concatenate
 
 
 def test_mixture_follows_its_weights_and_ranks_split_one_stream(tiny_store):
@@ -127,9 +129,12 @@ def test_kd_loss_is_the_kd_term_distill_trains_with(tiny_store):
 
 def test_kd_loss_refuses_biased_settings_on_sampled_targets(tiny_store):
     batch = ddk_cache.collate([ddk_cache.CacheDataset(str(tiny_store), "math")[0]])
-    batch["teacher_sampled"] = True
+    batch["teacher_sampled"] = torch.tensor([True])  # as collate gives it; a plain bool is taken too
     logits = torch.randn(*batch["input_ids"].shape, ddk_cache.open_store(str(tiny_store)).vocab_size)
     assert torch.isfinite(ddk_cache.kd_loss(logits, batch))
+    with pytest.raises(ValueError, match="unbiased only with --divergence forward_kl"):
+        ddk_cache.kd_loss(logits, batch, divergence="reverse_kl")
+    batch["teacher_sampled"] = True
     with pytest.raises(ValueError, match="unbiased only with --divergence forward_kl"):
         ddk_cache.kd_loss(logits, batch, divergence="reverse_kl")
 

@@ -12,10 +12,13 @@ Each item is one window as tensors, named the way Hugging Face code expects:
   stores) and `teacher_rest` `[L]` (the log of the teacher mass outside the entries; version-2
   top-k and top-p stores);
 - `domain` (int64 scalar): the domain's index in `store.domains`;
-- `teacher_sampled` (bool): the entries are sampled counts, not log-probs (`kd_loss` then refuses
-  the settings that would make its estimate biased).
+- `teacher_sampled` (bool scalar tensor): the entries are sampled counts, not log-probs (`kd_loss`
+  then refuses the settings that would make its estimate biased).
 
-`collate` stacks items into a batch of the same names. `CacheDataset` is map-style over one
+Every value is a tensor, so a batch is what accelerate, DeepSpeed and `datasets` know how to
+concatenate, slice and convert: under several GPUs the HF Trainer dispatches batches by
+concatenating them, and a Python bool there fails ("Can only concatenate tensors"). `collate`
+stacks items into a batch of the same names. `CacheDataset` is map-style over one
 domain's split; `CacheMixture` is an endless iterable over several domains drawn with fixed
 weights (DDK's moving weights are `ddk-cache distill`'s job: they need periodic evaluation).
 
@@ -73,7 +76,7 @@ def window_item(block: WindowBlock, row: int, domain_index: int, sampled: bool) 
         "teacher_ids": torch.from_numpy(block.ids[row].astype(np.int64)),
         "teacher_logprobs": torch.from_numpy(np.ascontiguousarray(block.logprobs[row], dtype=np.float32)),
         "domain": torch.tensor(domain_index, dtype=torch.long),
-        "teacher_sampled": sampled,
+        "teacher_sampled": torch.tensor(sampled),
     }
     if block.valid is not None:
         item["teacher_valid"] = torch.from_numpy(np.ascontiguousarray(block.valid[row]))
@@ -86,13 +89,7 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack a list of items into one batch (tensors gain a leading batch dimension)."""
     if not items:
         raise ValueError("collate needs at least one item")
-    batch: dict[str, Any] = {}
-    for key, first in items[0].items():
-        if isinstance(first, torch.Tensor):
-            batch[key] = torch.stack([item[key] for item in items])
-        else:  # teacher_sampled: one store, one value
-            batch[key] = first
-    return batch
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
 
 
 def _as_store(store: Store | str, storage_options: dict | None) -> Store:

@@ -70,7 +70,7 @@ class TeacherTargets:
         if missing:
             raise KeyError(f"the batch lacks {', '.join(missing)}: build it with ddk_cache.collate from a ddk_cache dataset")
         return cls(batch["teacher_ids"], batch["teacher_logprobs"], batch.get("teacher_valid"), batch.get("teacher_rest"),
-                   bool(batch.get("teacher_sampled", False)))
+                   bool(torch.as_tensor(batch.get("teacher_sampled", False)).any()))  # a bool, or per-window flags
 
 
 SAMPLED_DIVERGENCES = ("forward_kl",)
