@@ -244,7 +244,7 @@ def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: Engin
         engine=EngineRecord.from_dict({**engine.description, "data_parallel": config.processes.data_parallel,
                                        "selected_by": None if choice is None else choice.reason}),
         capture=CaptureInfo(config.capture, layout.seq_len),
-        layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows, layout.capture, layout.vocab_size, layout.codec_profile),
+        layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows, layout.capture, layout.vocab_size),  # + the codecs, once written
         versions=package_versions(),
     )
 

@@ -57,10 +57,10 @@ V1_TOPK_IDS = "topk_ids"
 V1_TOPK_LOGPROBS = "topk_logprobs"
 V1_DATA_ARRAYS = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
 
-# A name for the codec chains, part of a store's identity. Kept verbatim when blosc's level went from 9 to 6 (the
-# "zstd9" is historical): the level is in each array's zarr.json, changes no value, and a dump started before
-# must still resume.
-CODEC_PROFILE = "v2: ids delta+blosc-zstd9-shuffle, log-probs fixed-scale int16+blosc-zstd9-bitshuffle, +crc32c"
+# The name stores written before 2026-12-02 carry in `layout.codec_profile` and `identity.layout`, whatever their
+# arrays' blosc level (9, later 6): a constant, not a description. Headers now describe the arrays written
+# (`codec_profile`), and a resumed dump compares identities without it (the codecs change no value).
+HISTORICAL_CODEC_PROFILE = "v2: ids delta+blosc-zstd9-shuffle, log-probs fixed-scale int16+blosc-zstd9-bitshuffle, +crc32c"
 TARGET_LOGPROB_SCALE = 1024  # actual-token log-probs are kept to 1/1024 nat (|error| <= 0.0005)
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB of raw entry ids per inner chunk: one efficient streaming read
 CHUNKS_PER_SHARD = 8
@@ -110,7 +110,6 @@ class StoreLayout:
     vocab_size: int | None  # the teacher's; decides the id dtype (set once the engine is up)
     chunk_windows: int
     shard_windows: int
-    codec_profile: str = CODEC_PROFILE
 
     @classmethod
     def choose(
@@ -166,6 +165,35 @@ class StoreLayout:
                 specs[LOGPROBS] = ArraySpec((length, width), "float16", compressor_dtype_size=2)
             specs[REST_LOGPROBS] = ArraySpec((length,), "float16", compressor_dtype_size=2, shuffle=BloscShuffle.shuffle)
         return specs
+
+
+def _describe_codec(codec: dict[str, Any]) -> str | None:
+    """One codec of a chain as a few words (None: `bytes`, which every chain has and which changes nothing)."""
+    name, config = codec["name"], codec.get("configuration", {})
+    if name == "bytes":
+        return None
+    if name == "blosc":
+        return f"blosc({config['cname']} clevel {config['clevel']}, {config['shuffle']})"
+    if name == "numcodecs.fixedscaleoffset":
+        return f"fixedscaleoffset(x{config['scale']}, {config['astype']})"
+    return name.removeprefix("numcodecs.")
+
+
+def describe_codecs(array: zarr.Array) -> str:
+    """An array's codec chain as its zarr.json records it, e.g. `delta > blosc(zstd clevel 6, shuffle) > crc32c`.
+
+    Why read back instead of describing `ArraySpec`: the header's description is a promise to
+    every later reader, and the arrays' own metadata is what they will decode with.
+    """
+    codecs = [codec.to_dict() for codec in array.metadata.codecs]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":  # the chain of the inner chunks
+        codecs = [codec if isinstance(codec, dict) else codec.to_dict() for codec in codecs[0]["configuration"]["codecs"]]
+    return " > ".join(filter(None, map(_describe_codec, codecs)))
+
+
+def codec_profile(split: zarr.Group) -> str:
+    """`layout.codec_profile`: each data array of a split and its codec chain, read from the arrays themselves."""
+    return "; ".join(f"{name}: {describe_codecs(split[name])}" for name in sorted(split.array_keys()) if name != SHARD_DONE)
 
 
 def token_spec(seq_len: int) -> ArraySpec:

@@ -37,6 +37,7 @@ from ddk_cache.store.format import (
     TARGET_LOGPROBS,
     TOKENS,
     StoreLayout,
+    codec_profile,
     create_split_arrays,
     create_target_arrays,
     create_token_array,
@@ -94,7 +95,7 @@ class CacheWriter:
             root = _new_root(store, url, header.with_status("creating"))
             for domain in domains:
                 _create_domain(root, domain, layout)
-            write_header(root, header.with_status("writing"))
+            write_header(root, _describing_codecs(header, root, domains[0].name).with_status("writing"))
             return cls(root, url, layout)
 
         if existing.format_version != header.format_version:
@@ -203,7 +204,7 @@ class CacheWriter:
                         del group[CHECKSUM_GROUP][name]
                 create_target_arrays(group, getattr(domain, split).n_windows, layout)
             writer.set_domain_info(dataclasses.replace(writer.domain_info(domain.name), teacher_valid_loss=None, teacher_valid_ppl=None))
-        write_header(root, header.with_status("writing"))
+        write_header(root, _describing_codecs(header, root, domains[0].name).with_status("writing"))
         return writer
 
     @classmethod
@@ -338,7 +339,22 @@ def _existing_header(store, url: str, overwrite: bool) -> StoreHeader | None:
 
 def differing_keys(old: dict, new: dict) -> list[str]:
     """The keys whose values differ between two identities (a key missing on one side differs), sorted."""
+    old, new = _comparable(old), _comparable(new)
     return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _describing_codecs(header: StoreHeader, root: zarr.Group, domain: str) -> StoreHeader:
+    """The header with `layout.codec_profile` read from the arrays just created (every split has the same chains)."""
+    return dataclasses.replace(header, layout=dataclasses.replace(header.layout, codec_profile=codec_profile(root[domain][SPLITS[0]])))
+
+
+def _comparable(identity: dict) -> dict:
+    """An identity without the codec chains' name that stores before 2026-12-02 kept in it: codecs change no value,
+    and a resumed run writes into the arrays already created, with their codecs."""
+    layout = identity.get("layout")
+    if isinstance(layout, dict) and "codec_profile" in layout:
+        return {**identity, "layout": {key: value for key, value in layout.items() if key != "codec_profile"}}
+    return identity
 
 
 def _check_identity(old: dict, new: dict, url: str) -> None:
