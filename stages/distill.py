@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk_cache.choices import Objective, parse_choice
-from ddk_cache.errors import DDKCacheError, SettingError, first_line, require_local_if_path
+from ddk_cache.errors import DDKCacheError, SettingError, first_line
+from ddk_cache.hub import require_loadable
 from ddk_cache.minillm.objective import MiniLLMConfig, MiniLLMObjective, MiniLLMParts
 from ddk_cache.minillm.pretraining_data import PretrainingData
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
@@ -400,7 +401,7 @@ def _load_online_teacher(path: str, header: StoreHeader, device: torch.device) -
     from transformers import AutoModelForCausalLM  # heavy: transformers loads only when a model or tokenizer does
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    require_local_if_path(path, "online teacher")
+    require_loadable(path, "online teacher")
     try:
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:

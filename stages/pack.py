@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ddk_cache import __version__
 from ddk_cache.data.manifest import Manifest, load_manifest
 from ddk_cache.data.streamed_packing import SPLIT_RULE, StreamPacker
-from ddk_cache.errors import DDKCacheError, StoreError, first_line, require_local_if_path
+from ddk_cache.errors import DDKCacheError, StoreError, first_line
+from ddk_cache.hub import require_loadable
 from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.store.capture import Capture
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
@@ -119,7 +120,7 @@ def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout
 def load_tokenizer(name_or_path: str, revision: str | None):
     from transformers import AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
 
-    require_local_if_path(name_or_path, "tokenizer")
+    require_loadable(name_or_path, "tokenizer", revision)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:

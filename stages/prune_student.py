@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
+from ddk_cache.errors import DDKCacheError, first_line
+from ddk_cache.hub import require_loadable
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
 from ddk_cache.store.fingerprints import require_same_tokenizer
 from ddk_cache.store.format import TOKENS
@@ -56,7 +57,7 @@ def run_prune(config: PruneConfig) -> PruneSummary:
         raise DDKCacheError("--criterion block-influence measures the layers on real windows: pass --store (or use --criterion even)")
     if config.out.exists() and any(config.out.iterdir()):
         raise DDKCacheError(f"--out {config.out} is not empty: choose a new folder")
-    require_local_if_path(config.teacher, "teacher")
+    require_loadable(config.teacher, "teacher")
     try:
         model = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(config.teacher)

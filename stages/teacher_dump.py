@@ -23,6 +23,7 @@ from ddk_cache.engines import EngineInfo, EngineOptions, TeacherEngine, create_e
 from ddk_cache.engines.options import check_applicable
 from ddk_cache.engines.registry import EngineChoice, choose_engine
 from ddk_cache.errors import DDKCacheError, EngineError
+from ddk_cache.hub import require_loadable
 from ddk_cache.stages.data_parallel import run_data_parallel
 from ddk_cache.stages.nodes import NodePlace, NodeSettings, all_shards_done, open_as_follower, wait_for_store
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
@@ -198,6 +199,7 @@ def teacher_tokenizer(config: TeacherDumpConfig, packed: StoreHeader | None = No
     `--tokenizer` is for a teacher folder without one; where the teacher has its own, a different one is refused:
     its ids would mean other tokens to the teacher (a smaller vocabulary passes the size check and silently scores
     the wrong text)."""
+    require_loadable(config.teacher, "teacher", config.revision)  # before its tokenizer: the name the user gave, said at once
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, config.revision)
     if packed is not None:
         check_same_tokenizer(tokenizer, packed, config.out)

@@ -230,3 +230,25 @@ def test_a_misspelled_file_builder_is_refused_before_the_hub_is_asked(tmp_path, 
     one_line_error(dump(tiny_teacher, manifest, tmp_path / "out.zarr"), "'path' 'jsonn' with 'data_files' is not a file builder",
                    "did you mean 'json'?")
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_bare_teacher_name_with_no_hub_fails_at_once_in_one_line(tmp_path, tiny_teacher, monkeypatch, offline):
+    """Issue 25: `--teacher nonexistent_dir` (a valid hub id form) retried the hub for 59-75 s, 23 lines, before its error."""
+    from huggingface_hub import constants
+
+    from ddk_cache.hub import hub_unreachable_reason
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    hub_unreachable_reason.cache_clear()
+    manifest = write_corpus_manifest(tmp_path)
+    result = CliRunner().invoke(app, ["teacher-dump", "--teacher", "nonexistent_dir", "--manifest", str(manifest), "--out",
+                                      str(tmp_path / "out.zarr"), "--k", "8", "--no-progress"])
+    expected = "not in the hub cache (HF_HUB_OFFLINE is set)" if offline else "http://127.0.0.1:9 is not reachable"
+    one_line_error(result, "teacher 'nonexistent_dir' is not a local folder", expected)
+    assert "Retrying" not in result.output and not (tmp_path / "out.zarr").exists()
+    hub_unreachable_reason.cache_clear()

@@ -14,7 +14,8 @@ import torch
 
 from ddk_cache.devices import resolve_device
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
-from ddk_cache.errors import EngineError, first_line, require_local_if_path
+from ddk_cache.errors import EngineError, first_line
+from ddk_cache.hub import require_loadable
 
 LOGPROB_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of float32 per log_softmax block
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +53,7 @@ class HFTeacherEngine(TeacherEngine):
         self.device = resolve_device(device)  # checked: an unknown name, or cuda without a GPU, is one line
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        require_local_if_path(teacher, "teacher")
+        require_loadable(teacher, "teacher", revision)
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
                 teacher, dtype=self.dtype, revision=revision, trust_remote_code=trust_remote_code

@@ -21,7 +21,8 @@ from ddk_cache.engines.options import EngineOptions
 from ddk_cache.engines.vllm_cpu import cpu_environment, cpu_preflight, cpu_settings, start_failure
 from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.engines.vllm_outputs import request_outputs_to_result
-from ddk_cache.errors import EngineError, require_local_if_path
+from ddk_cache.errors import EngineError
+from ddk_cache.hub import require_loadable
 
 MIN_VLLM = (0, 10, 2)  # V1 engine: raw log-probs taken before allowed_token_ids masks the logits
 
@@ -73,7 +74,7 @@ class VLLMTeacherEngine(TeacherEngine):
         self.preferred_windows = options.windows_per_call
         self.version = version
         self.flat = supports_flat_logprobs()
-        require_local_if_path(teacher, "teacher")
+        require_loadable(teacher, "teacher", options.revision)
         self.settings = _llm_settings(teacher, k, options)
         problem = cpu_preflight(teacher, self.settings, options.revision, options.trust_remote_code)
         if problem:

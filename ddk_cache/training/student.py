@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ddk_cache.errors import DDKCacheError, first_line, require_local_if_path
+from ddk_cache.errors import DDKCacheError, first_line
+from ddk_cache.hub import require_loadable
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.store.header import StoreHeader, TokenizerInfo
 
@@ -41,9 +42,9 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
 
-    require_local_if_path(student, "student")
+    require_loadable(student, "student")
     if tokenizer_path is not None:
-        require_local_if_path(tokenizer_path, "tokenizer")
+        require_loadable(tokenizer_path, "tokenizer")
     source = Path(student)
     has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
     try:
