@@ -15,6 +15,7 @@ named calls. Launched without torchrun it is a single process on one device, as 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -38,7 +39,7 @@ from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointSettings, ModelAndOptimizer, has_checkpoint
 from ddk_cache.training.data_order import BatchSettings, BatchShape, GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
 from ddk_cache.training.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
-from ddk_cache.training.domain_samplers import DomainSampler, SamplerSettings
+from ddk_cache.training.domain_samplers import COLLAPSE_WEIGHT, DDKSampler, DomainSampler, SamplerSettings
 from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config, distillation_loss
 from ddk_cache.training.metrics_log import METRICS_NAME, MetricsLog, ReportingSettings
 from ddk_cache.training.objectives import KDObjective, OnlineKDObjective, TrainingObjective
@@ -250,6 +251,7 @@ class Trainer:
         self.checkpointer = Checkpointer(config.out, states, config.run_settings(self.shape.global_size, self.resume), self.ctx)
         self.metrics = MetricsLog(config.out, tuple(t.value for t in config.reporting.report_to), enabled=self.ctx.is_main)
         self.train_seconds, self._start_step = 0.0, 0
+        self.collapse_warned: str | None = None  # the domain DDK's factor collapsed onto, once said
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -347,8 +349,22 @@ class Trainer:
         evals = self.evaluate()
         self.state.first_eval = self.state.first_eval or evals
         self.sampler.update([e.student_ppl for e in evals], [e.teacher_ppl for e in evals])
-        return {"eval": {e.domain: {"student_ppl": e.student_ppl, "teacher_ppl": e.teacher_ppl} for e in evals},
-                "domain_weights": self.sampler.weights_by_domain()}
+        record = {"eval": {e.domain: {"student_ppl": e.student_ppl, "teacher_ppl": e.teacher_ppl} for e in evals},
+                  "domain_weights": self.sampler.weights_by_domain()}
+        collapsed = self.sampler.collapsed_onto() if isinstance(self.sampler, DDKSampler) else None
+        if collapsed is not None:
+            record["ddk_collapsed"] = collapsed
+            self.warn_collapse(collapsed)
+        return record
+
+    def warn_collapse(self, domain: str) -> None:
+        """One line on stderr, the first time (and when the domain changes): a collapsed sampler trains one domain."""
+        if not self.ctx.is_main or self.collapse_warned == domain:
+            return
+        self.collapse_warned = domain
+        tqdm.write(f"warning: step {self.state.step}: DDK's factor puts >= {COLLAPSE_WEIGHT} on {domain!r} (collapsed: the other "
+                   "domains get the floor); see README, 'When DDK's factor collapses' (--sampler uniform first, or --ddk-score "
+                   "ce-ratio)", file=sys.stderr)
 
     def evaluate(self) -> list[DomainEval]:
         model = unwrap(self.model)  # DDP needs no wrapper to run forwards; FSDP2 is the module itself

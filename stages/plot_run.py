@@ -4,7 +4,10 @@ Three figures, the questions one asks of a run: is it learning (`loss.png`: tota
 step), where is the data going (`domain_weights.png`: the sampler's weight per domain at each
 evaluation; flat lines for `uniform` and `static`), and which domains lag the teacher
 (`domain_ppl.png`: student perplexity per domain at each evaluation, the teacher's as a dashed
-line of the same colour). matplotlib is the `plot` extra; it is imported only here.
+line of the same colour; the run's final evaluation, after the last step, included). An update where
+DDK's factor collapsed (`ddk_collapsed` in the record: one domain took >= 0.99 of it) is a red
+vertical line on `domain_weights.png`, since the weights alone look moderate then (smoothing caps
+them). matplotlib is the `plot` extra; it is imported only here.
 """
 
 from __future__ import annotations
@@ -36,6 +39,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def collapsed_steps(records: list[dict[str, Any]]) -> list[int]:
+    """The steps whose DDK update collapsed onto one domain."""
+    return [r["step"] for r in records if r.get("ddk_collapsed")]
+
+
+def perplexity_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per domain: `step`, `student` and `teacher` perplexity at each evaluation, the final one (after the last step) last."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        if "eval" in record:
+            points = [(domain, e["student_ppl"], e["teacher_ppl"]) for domain, e in record["eval"].items()]
+        elif "final_eval" in record:
+            points = [(e["domain"], e["student_ppl"], e["teacher_ppl"]) for e in record["final_eval"]]
+        else:
+            continue
+        for domain, student, teacher in points:
+            line = series.setdefault(domain, {"step": [], "student": [], "teacher": []})
+            line["step"].append(record["step"])
+            line["student"].append(student)
+            line["teacher"].append(teacher)
+    return series
+
+
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the figures into `out_dir` (default: the run folder); returns their paths."""
     try:
@@ -64,18 +90,21 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, domain in enumerate(domains):
         ax.plot([r["step"] for r in evals], [r["domain_weights"][domain] for r in evals], marker=".", color=f"C{i}", label=domain)
+    for n, step in enumerate(collapsed_steps(records)):
+        ax.axvline(step, color="red", alpha=0.5, linewidth=1, label="DDK factor collapsed" if n == 0 else None)
     ax.set(title=f"{run_dir.name}: domain sampling weights", xlabel="step", ylabel="probability", ylim=(0, 1))
     if domains:
         ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / FIGURES[1]))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, domain in enumerate(domains):
-        x = [r["step"] for r in evals]
-        ax.plot(x, [r["eval"][domain]["student_ppl"] for r in evals], marker=".", color=f"C{i}", label=f"{domain} (student)")
-        ax.plot(x, [r["eval"][domain]["teacher_ppl"] for r in evals], "--", color=f"C{i}", alpha=0.6)
-    ax.set(title=f"{run_dir.name}: validation perplexity (dashed: teacher)", xlabel="step", ylabel="perplexity", yscale="log")
-    if domains:
+    series = perplexity_series(records)
+    for i, (domain, line) in enumerate(series.items()):
+        ax.plot(line["step"], line["student"], marker=".", color=f"C{i}", label=f"{domain} (student)")
+        ax.plot(line["step"], line["teacher"], "--", color=f"C{i}", alpha=0.6)
+    ax.set(title=f"{run_dir.name}: validation perplexity (dashed: teacher; last point: final)", xlabel="step", ylabel="perplexity",
+           yscale="log")
+    if series:
         ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir / FIGURES[2]))
     return paths

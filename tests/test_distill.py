@@ -325,3 +325,14 @@ def test_global_batch_with_accumulation_equals_the_same_global_batch_in_one_micr
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
         assert a.get("domain_weights") == pytest.approx(b.get("domain_weights"), rel=1e-6) if "domain_weights" in b else True
+
+
+def test_eval_refuses_a_folder_without_weights_unless_asked_to_score_a_random_init(tiny_store, tiny_teacher, tmp_path):
+    """Issue 25: a folder with only config.json was scored silently, a fresh random initialisation each run."""
+    student = make_student(tmp_path / "student", tiny_teacher)
+    refused = CliRunner().invoke(app, ["eval", str(student), str(tiny_store), "--device", "cpu"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "holds a config without weights" in refused.stderr and "--random-init" in refused.stderr
+    scored = CliRunner().invoke(app, ["eval", str(student), str(tiny_store), "--device", "cpu", "--random-init", "--json", "-"])
+    assert scored.exit_code == 0, scored.output
+    assert all(row["student_loss"] > 4 for row in json.loads(scored.stdout))  # about ln(vocab): the initialisation's loss

@@ -6,6 +6,7 @@ from test_distill import distill, make_student
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
+from ddk_cache.stages.plot_run import collapsed_steps, perplexity_series, read_metrics
 
 
 def test_plot_writes_the_three_figures_of_a_real_run(tiny_store, tiny_teacher, tmp_path):
@@ -17,6 +18,28 @@ def test_plot_writes_the_three_figures_of_a_real_run(tiny_store, tiny_teacher, t
         png = (tmp_path / "figures" / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name  # a drawn figure, not an empty canvas
         assert name in result.output
+    records = read_metrics(run)
+    assert not collapsed_steps(records) and "warning" not in result.output  # the tiny teacher's ratios are all near 1
+    for line in perplexity_series(records).values():  # every evaluation, and the final one after the last step
+        assert line["step"] == [0, 2, 4, 6] and len(line["student"]) == len(line["teacher"]) == 4
+
+
+def test_a_collapsed_ddk_update_is_said_once_recorded_and_marked_on_the_plot(tiny_store, tiny_teacher, tmp_path):
+    """Issue 25: DDK putting 1.0 / 1e-121 on the domains said nothing. A tiny --ddk-temperature makes the tiny
+    teacher's near-equal ratios one-hot, every update."""
+    run = tmp_path / "run"
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), run, "--steps", "6", "--update-every", "2",
+                     "--ddk-temperature", "0.0001")
+    assert result.exit_code == 0, result.output
+    records = read_metrics(run)
+    assert collapsed_steps(records) == [0, 2, 4]
+    onto = [r["ddk_collapsed"] for r in records if r.get("ddk_collapsed")]
+    changes = [domain for i, domain in enumerate(onto) if i == 0 or onto[i - 1] != domain]  # said once per domain it collapses onto
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert [w.split("on '")[1].split("'")[0] for w in warnings] == changes and warnings[0].startswith("warning: step 0: DDK's factor")
+    assert all("When DDK's factor collapses" in w for w in warnings)
+    assert all(max(r["domain_weights"].values()) < 0.99 for r in records if r["step"] > 0 and "domain_weights" in r)  # smoothing hides it
+    assert CliRunner().invoke(app, ["plot", str(run)]).exit_code == 0
 
 
 def test_plot_refuses_a_folder_without_metrics_and_a_cut_file(tmp_path):

@@ -19,6 +19,8 @@ def evaluate(
     max_windows: Annotated[Optional[int], typer.Option(help="Validation windows per domain (default: all).")] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
     device: Device = "auto",
+    random_init: Annotated[bool, typer.Option(help="Score a folder that holds only config.json (a fresh random initialisation) on purpose; "
+                                                    "refused otherwise.")] = False,
     json_out: JsonOut = None,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -27,7 +29,8 @@ def evaluate(
 
     with user_errors():
         check_json_target(json_out)  # before a long evaluation
-        results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options))
+        results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options),
+                           random_init)
     table = name_table(f"eval: {model} on {store}", ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"))
     for e in results:
         table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.student_ece:.4f}",

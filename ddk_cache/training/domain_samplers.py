@@ -92,6 +92,11 @@ class UniformSampler(DomainSampler):
         super().__init__(domains, None)
 
 
+# A DDK factor with this much on one domain is one-hot in effect: DDK has stopped comparing domains (README, "When
+# DDK's factor collapses"). 0.99 leaves 1 % for all the others, where a graded preference gives each several %.
+COLLAPSE_WEIGHT = 0.99
+
+
 class DDKSampler(DomainSampler):
     """DDK's domain discrepancy factor with factor smooth updating."""
 
@@ -123,7 +128,7 @@ class DDKSampler(DomainSampler):
     def update(self, student_ppl: Sequence[float], teacher_ppl: Sequence[float]) -> None:
         ratio = self.discrepancy(student_ppl, teacher_ppl)
         if not self.initialized or not self.smooth:
-            self.weights = _softmax(ratio)
+            self.weights = self.factor = _softmax(ratio)
             self.initialized = True
             return
         # psi = r_prev * exp(ratio), normalised in log space so large ratios cannot overflow
@@ -131,7 +136,20 @@ class DDKSampler(DomainSampler):
         with np.errstate(divide="ignore"):
             log_psi = np.log(self.weights) + ratio
         psi = np.exp(log_psi - log_psi.max())
-        self.weights = self.alpha * psi / psi.sum() + (1 - self.alpha) / len(self.domains)
+        self.factor = psi / psi.sum()
+        self.weights = self.alpha * self.factor + (1 - self.alpha) / len(self.domains)
+
+    def collapsed_onto(self) -> str | None:
+        """The domain the last update's factor put at least COLLAPSE_WEIGHT on (None: no collapse, or no update yet).
+
+        Why the factor and not the weights: smoothing caps a weight at alpha + (1 - alpha) / N, so collapsed
+        weights look moderate (0.625 with four domains) while every other domain sits at the floor for good.
+        """
+        factor = getattr(self, "factor", None)
+        if factor is None:
+            return None
+        top = int(np.argmax(factor))
+        return self.domains[top] if factor[top] >= COLLAPSE_WEIGHT else None
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "initialized": self.initialized}
