@@ -40,6 +40,7 @@ from ddk_cache.training.checkpoint import CHECKPOINT_DIR, Checkpointer, Checkpoi
 from ddk_cache.training.data_order import BatchSettings, BatchShape, GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
 from ddk_cache.training.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.training.domain_samplers import COLLAPSE_WEIGHT, DDKSampler, DomainSampler, SamplerSettings
+from ddk_cache.training.lora import LoRASettings, is_adapter_folder, save_merged
 from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config, distillation_loss
 from ddk_cache.training.metrics_log import METRICS_NAME, MetricsLog, ReportingSettings
 from ddk_cache.training.objectives import KDObjective, OnlineKDObjective, TrainingObjective
@@ -116,6 +117,7 @@ class DistillConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
 
     RANGES: ClassVar[dict[str, Range]] = {"steps": AT_LEAST_ONE, "seed": NON_NEGATIVE}
 
@@ -147,12 +149,15 @@ class DistillConfig:
         for key in ("store", "student", "tokenizer", "online_teacher"):  # `run` and `$PWD/run` are the same folder
             if data[key] is not None and "://" not in data[key] and Path(data[key]).exists():
                 data[key] = str(Path(data[key]).resolve())
+        if self.lora.enabled:  # only then: runs without LoRA resume checkpoints written before it existed
+            data["lora"] = self.lora.to_dict()
         return {**data, "global_batch_size": global_batch}
 
 
 # Every numeric flag's range, as each part declares it: README's table states them (a test keeps it true).
 DISTILL_RANGES = {**DistillConfig.RANGES, **BatchSettings.RANGES, **OptimizerSettings.RANGES, **SamplerSettings.RANGES,
-                  **ObjectiveSettings.RANGES, **ParallelSettings.RANGES, **CheckpointSettings.RANGES, **DataSettings.RANGES}
+                  **ObjectiveSettings.RANGES, **ParallelSettings.RANGES, **CheckpointSettings.RANGES, **DataSettings.RANGES,
+                  **LoRASettings.RANGES}
 
 
 @dataclass
@@ -221,7 +226,14 @@ class Trainer:
             if self.pt_reader.header.rollout is not None:
                 raise DDKCacheError(f"--pt-store {objective.pt_store} is a rollout store: give a cache of fixed text (teacher-dump or pack)")
         torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank
-        self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer)
+        self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer, trainable_adapter=True)
+        self.lora = config.lora.enabled or is_adapter_folder(config.student)  # new adapters, or an adapter folder trained on
+        if config.lora.enabled and is_adapter_folder(config.student):
+            raise SettingError(f"--student {config.student} is a LoRA adapter already: drop --lora-rank to train it further")
+        if self.lora and self.mode == "fsdp":
+            raise SettingError("LoRA students train with --parallel ddp (FSDP2 over peft's wrapped layers is not supported yet)")
+        if config.lora.enabled:
+            self.model = config.lora.apply(self.model)
         check_compatible(self.model, self.tokenizer, self.reader.header)
         if self.pt_reader is not None:
             check_compatible(self.model, self.tokenizer, self.pt_reader.header)
@@ -386,8 +398,10 @@ class Trainer:
                 from transformers.utils import logging as hf_logging  # heavy: transformers loads only when a model or tokenizer does
 
                 hf_logging.disable_progress_bar()
-            unwrap(self.model).save_pretrained(self.config.out, state_dict=weights)
+            unwrap(self.model).save_pretrained(self.config.out, state_dict=weights)  # a LoRA student: the adapter alone
             self.tokenizer.save_pretrained(self.config.out)
+            if self.config.lora.merge:
+                save_merged(unwrap(self.model), self.tokenizer, self.config.out)
 
     def _read_ahead(self, mine: list[WindowRef]) -> None:
         """Decode this step's chunks now and the next step's behind it (with today's weights)."""

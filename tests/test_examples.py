@@ -40,6 +40,22 @@ def test_hf_trainer_example_lowers_the_kd_term(tiny_store, tiny_student, tmp_pat
     assert len(trainer.kd_history) == 30 and after < 0.85 * before, (before, after)
 
 
+def test_hf_trainer_example_with_lora_trains_an_adapter_that_eval_loads(tiny_store, tiny_student, tmp_path):
+    from typer.testing import CliRunner
+
+    from ddk_cache.cli.main import app
+
+    before = held_out_kd(LlamaForCausalLM.from_pretrained(tiny_student), tiny_store)
+    trainer = load_example("hf_trainer_kd").train(str(tiny_store), str(tiny_student), str(tmp_path / "run"), steps=30, lr=3e-2, gamma=GAMMA,
+                                                  lora_rank=4)
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert held_out_kd(trainer.model, tiny_store) < before  # a 1-layer student: the adapters move the KD term a little
+    trainer.save_model(str(tmp_path / "adapter"))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "adapter"), str(tiny_store), "--device", "cpu"])  # base and its tokenizer
+    assert result.exit_code == 0, result.output
+
+
 def test_plain_loop_example_lowers_the_kd_term(tiny_store, tiny_student):
     before = held_out_kd(LlamaForCausalLM.from_pretrained(tiny_student), tiny_store)
     model, history = load_example("plain_loop").train(str(tiny_store), str(tiny_student), steps=30, lr=3e-3, gamma=GAMMA)

@@ -75,6 +75,14 @@ def distill(
     storage_options: StorageOptions = None,
     report_to: Annotated[Optional[list[ReportTarget]], typer.Option(
         help="Also report to: tensorboard (OUT/tensorboard; the tensorboard extra). metrics.jsonl is always written.")] = None,
+    lora_rank: Annotated[int, typer.Option(help="Train LoRA adapters of this rank on the frozen student (0: the whole student "
+                                                "trains; the lora extra). --out then holds the adapter.", rich_help_panel="LoRA")] = 0,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA scaling alpha (the update is scaled by alpha / rank).", rich_help_panel="LoRA")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA inputs.", rich_help_panel="LoRA")] = 0.0,
+    lora_targets: Annotated[Optional[str], typer.Option(
+        help="Comma-separated module names to adapt, e.g. q_proj,v_proj (default: peft's choice for the architecture).",
+        rich_help_panel="LoRA")] = None,
+    lora_merge: Annotated[bool, typer.Option(help="Also save the adapter merged into the weights, in OUT/merged.", rich_help_panel="LoRA")] = False,
     progress: Progress = True,
 ) -> None:
     """Train a student from a cache alone, with the DDK domain sampler and KD on the cached top-k."""
@@ -95,6 +103,8 @@ def distill(
             checkpoint=stage.CheckpointSettings(every=checkpoint_every, resume="auto" if auto_resume else resume),
             reporting=stage.ReportingSettings(progress=progress, report_to=tuple(report_to or ())),
             data=stage.DataSettings(storage_options=parse_storage_options(storage_options), reader_threads=reader_threads),
+            lora=stage.LoRASettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=tuple((lora_targets or "").split(",")),
+                                    merge=lora_merge),
         )
         say(progress, "distill: opening the store and loading the student ...")
         summary = stage.run_distill(config)

@@ -18,6 +18,7 @@ from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.hub import require_loadable
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.store.header import StoreHeader, TokenizerInfo
+from ddk_cache.training.lora import adapter_base, is_adapter_folder, load_adapter
 
 
 @contextmanager
@@ -35,8 +36,9 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32):
-    """A causal LM from a folder or hub id with weights, or built fresh from a folder holding only config.json.
+def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32, trainable_adapter: bool = False):
+    """A causal LM from a folder or hub id with weights, or built fresh from a folder holding only config.json, or a
+    peft adapter folder: its base + the adapter (`trainable_adapter`: kept as adapters that train, else merged).
 
     Returns `(model, tokenizer, built_from_config)`.
     """
@@ -45,16 +47,24 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
     require_loadable(student, "student")
     if tokenizer_path is not None:
         require_loadable(tokenizer_path, "tokenizer")
-    source = Path(student)
+    adapter = student if is_adapter_folder(student) else None
+    weights = adapter_base(adapter) if adapter else student
+    if adapter:
+        require_loadable(weights, f"the base model of adapter {adapter!r}")
+    source = Path(weights)
     has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
     try:
         with _quiet_loading():
             if has_weights:
-                model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
             else:
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student), dtype=dtype)
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(weights), dtype=dtype)
+            if adapter:
+                model = load_adapter(model, adapter, trainable_adapter)
     except (OSError, ValueError) as exc:
         raise DDKCacheError(f"cannot load student {student!r}: {first_line(exc)}") from None
+    if adapter and not any(Path(adapter).glob("tokenizer*.json")):
+        student = weights  # an adapter folder without a tokenizer reads with its base's
     tokenizer_source = tokenizer_path or student
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
