@@ -56,6 +56,13 @@ def test_hf_trainer_example_with_lora_trains_an_adapter_that_eval_loads(tiny_sto
     assert result.exit_code == 0, result.output
 
 
+def test_trl_example_trains_from_the_datasets_view(tiny_store, tiny_student, tmp_path):
+    before = held_out_kd(LlamaForCausalLM.from_pretrained(tiny_student), tiny_store)
+    trainer = load_example("trl_kd").train(str(tiny_store), str(tiny_student), str(tmp_path / "run"), steps=30, lr=3e-3, gamma=GAMMA)
+    after = held_out_kd(trainer.model, tiny_store)
+    assert len(trainer.kd_history) == 30 and after < 0.85 * before, (before, after)
+
+
 def test_plain_loop_example_lowers_the_kd_term(tiny_store, tiny_student):
     before = held_out_kd(LlamaForCausalLM.from_pretrained(tiny_student), tiny_store)
     model, history = load_example("plain_loop").train(str(tiny_store), str(tiny_student), steps=30, lr=3e-3, gamma=GAMMA)

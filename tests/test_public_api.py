@@ -145,3 +145,23 @@ def test_importing_ddk_cache_does_not_import_torch_or_zarr():
 
     code = "import sys, ddk_cache; print('torch' in sys.modules, 'zarr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_datasets_view_gives_the_mixtures_items_in_its_order_and_rank_split(tiny_store, rank):
+    """Issue 25: TRL takes `datasets` datasets only; the view must be item for item what CacheMixture gives."""
+    import itertools
+
+    import datasets
+
+    view = ddk_cache.to_iterable_dataset(str(tiny_store), weights={"math": 3.0, "code": 1.0}, seed=5, rank=rank, world_size=2)
+    assert isinstance(view, datasets.IterableDataset)
+    mixture = ddk_cache.CacheMixture(str(tiny_store), weights={"math": 3.0, "code": 1.0}, seed=5, rank=rank, world_size=2)
+    got, expected = list(itertools.islice(iter(view), 12)), list(itertools.islice(iter(mixture), 12))
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    batch = ddk_cache.collate(got[:4])
+    logits = torch.randn(*batch["input_ids"].shape, ddk_cache.open_store(str(tiny_store)).vocab_size)
+    assert torch.isfinite(ddk_cache.kd_loss(logits, batch))
