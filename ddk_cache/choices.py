@@ -90,6 +90,7 @@ class Criterion(str, Enum):
 
 class ReportTarget(str, Enum):
     tensorboard = "tensorboard"
+    wandb = "wandb"
 
 
 def values(choice: type[Enum]) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
 The snapshots in `tests/data/` were taken before the restructuring of issue 23 (sub-packages, one module per
 command, typed configs). A difference here is a changed interface: make it deliberately, and regenerate.
-Regenerated since: `DomainInfo` gained `sha256` (issue 24, its seal), an optional field; `KDTrainer` and `to_iterable_dataset` added, `eval --random-init` and `distill --lora-*` (issue 25).
+Regenerated since: `DomainInfo` gained `sha256` (issue 24, its seal), an optional field; `KDTrainer` and `to_iterable_dataset` added, `eval --random-init` and `distill --lora-*`, `--report-to wandb` (issue 25).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from test_distill import distill, make_student
 from typer.testing import CliRunner
 
@@ -71,3 +73,19 @@ def test_unknown_report_target_is_refused_before_anything_is_written(tiny_store,
     result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2", "--report-to", "wandb")
     assert result.exit_code == 2 and "Invalid value for '--report-to': 'wandb' is not one of 'tensorboard'." in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_report_to_wandb_logs_the_same_tags_offline(tiny_store, tiny_teacher, tmp_path, monkeypatch):
+    """Issue 25: `--report-to wandb` was refused; most teams use it. Offline here (no network), as on many nodes."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), run, "--steps", "4", "--update-every", "2",
+                     "--report-to", "wandb")
+    assert result.exit_code == 0, result.output
+    (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # wandb's own record of the run, for `wandb sync`
+    logged = log.read_bytes()
+    for tag in ("train/loss", "train/kd", "domain_weight/math", "student_ppl/code", "final_student_loss/prose"):
+        assert tag.encode() in logged, tag
+    for record in (r for r in read_metrics(run) if "loss" in r):  # each step's loss, as wandb encodes numbers (JSON)
+        assert json.dumps(record["loss"]).encode() in logged, record["step"]

@@ -74,7 +74,8 @@ def distill(
         help="Reference mode: KD against this live teacher's full distribution instead of the cache (loads the teacher).")] = None,
     storage_options: StorageOptions = None,
     report_to: Annotated[Optional[list[ReportTarget]], typer.Option(
-        help="Also report to: tensorboard (OUT/tensorboard; the tensorboard extra). metrics.jsonl is always written.")] = None,
+        help="Also report to: tensorboard (OUT/tensorboard; the tensorboard extra), wandb (project WANDB_PROJECT, files in "
+             "OUT/wandb; WANDB_MODE=offline without network; the wandb extra). metrics.jsonl is always written.")] = None,
     lora_rank: Annotated[int, typer.Option(help="Train LoRA adapters of this rank on the frozen student (0: the whole student "
                                                 "trains; the lora extra). --out then holds the adapter.", rich_help_panel="LoRA")] = 0,
     lora_alpha: Annotated[float, typer.Option(help="LoRA scaling alpha (the update is scaled by alpha / rank).", rich_help_panel="LoRA")] = 16.0,

@@ -1,16 +1,21 @@
-"""Where a distill run's numbers go: `metrics.jsonl` always, TensorBoard when asked.
+"""Where a distill run's numbers go: `metrics.jsonl` always, TensorBoard and Weights & Biases when asked.
 
 `metrics.jsonl` is the record of a run (one JSON object per step; evaluations and DDK weights on
 the steps that have them; the final evaluation last) that `plot`, benchmarks and scripts read.
 TensorBoard (`--report-to tensorboard`, torch's SummaryWriter; needs the `tensorboard` package)
-shows the same numbers live, under `OUT/tensorboard`. After a resume both restart at the
-checkpoint's step: the JSON lines of the killed run past it are cut, and TensorBoard purges its
-events past it, so a resumed run's curves have no doubled segment.
+shows the same numbers live, under `OUT/tensorboard`; Weights & Biases (`--report-to wandb`, the
+`wandb` package) logs them under the same tags to the project `WANDB_PROJECT` (default
+`ddk-cache`), its files in `OUT/wandb` (`WANDB_MODE=offline` on nodes without network, then
+`wandb sync`). After a resume the JSON lines of the killed run past the checkpoint are cut and
+TensorBoard purges its events past it, so those curves have no doubled segment; wandb resumes the
+same run (its id is derived from `OUT`) and, as wandb does, drops steps it has already seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ class MetricsLog:
         self.report_to = tuple(report_to)  # checked where the settings were built (ReportingSettings), before any work
         self._file = None
         self._writer = None
+        self._wandb = None
 
     @staticmethod
     def check_available(report_to: tuple[str, ...]) -> None:
@@ -56,6 +62,11 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise DDKCacheError("--report-to tensorboard needs the tensorboard package: pip install 'ddk-cache[tensorboard]'") from None
+        if "wandb" in report_to:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise DDKCacheError("--report-to wandb needs the wandb package: pip install 'ddk-cache[wandb]'") from None
 
     def open(self, start_step: int) -> None:
         """Start writing at `start_step` (0: a new run; otherwise the checkpoint a run resumes from)."""
@@ -70,6 +81,12 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard (the tensorboard extra)
 
             self._writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=start_step or None)
+        if "wandb" in self.report_to:
+            import wandb  # optional: wandb (the wandb extra)
+
+            out = self.path.parent.resolve()
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddk-cache"), name=out.name, dir=str(out),
+                                     id=hashlib.sha256(str(out).encode()).hexdigest()[:16], resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled or self._file is None:
@@ -77,7 +94,11 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
-            self._scalars(record)
+            for tag, value in scalars(record).items():
+                self._writer.add_scalar(tag, value, record["step"])
+            self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars(record), step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
@@ -86,20 +107,9 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def _scalars(self, record: dict[str, Any]) -> None:
-        step, add = record["step"], self._writer.add_scalar
-        for key in (*LOSS_PARTS, *MINILLM_STATISTICS, "grad_norm", "lr", "tokens_per_s"):
-            if key in record:
-                add(f"train/{key}", record[key], step)
-        for domain, scores in record.get("eval", {}).items():
-            add(f"student_ppl/{domain}", scores["student_ppl"], step)
-            add(f"student_over_teacher_ppl/{domain}", scores["student_ppl"] / scores["teacher_ppl"], step)
-        for domain, weight in record.get("domain_weights", {}).items():
-            add(f"domain_weight/{domain}", weight, step)
-        for final in record.get("final_eval", []):
-            add(f"final_student_loss/{final['domain']}", final["student_loss"], step)
-        self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def _truncate(self, step: int) -> None:
         """Drop the lines a killed run wrote at or after `step`; the resumed run writes them again."""
@@ -107,3 +117,19 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A step record as the tagged numbers TensorBoard and wandb show (the same tags in both)."""
+    tags: dict[str, float] = {}
+    for key in (*LOSS_PARTS, *MINILLM_STATISTICS, "grad_norm", "lr", "tokens_per_s"):
+        if key in record:
+            tags[f"train/{key}"] = record[key]
+    for domain, scores in record.get("eval", {}).items():
+        tags[f"student_ppl/{domain}"] = scores["student_ppl"]
+        tags[f"student_over_teacher_ppl/{domain}"] = scores["student_ppl"] / scores["teacher_ppl"]
+    for domain, weight in record.get("domain_weights", {}).items():
+        tags[f"domain_weight/{domain}"] = weight
+    for final in record.get("final_eval", []):
+        tags[f"final_student_loss/{final['domain']}"] = final["student_loss"]
+    return tags
