@@ -1,4 +1,4 @@
-"""Seeing a run: `ddk-cache plot` figures from a real metrics.jsonl, and `--report-to tensorboard`."""
+"""Seeing a run: `ddk-cache plot` figures from a real metrics.jsonl, and `--report-to tensorboard` / `wandb`."""
 
 from __future__ import annotations
 
@@ -70,9 +70,23 @@ def test_report_to_tensorboard_logs_the_metrics_beside_metrics_jsonl(tiny_store,
 
 
 def test_unknown_report_target_is_refused_before_anything_is_written(tiny_store, tiny_teacher, tmp_path):
-    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2", "--report-to", "wandb")
-    assert result.exit_code == 2 and "Invalid value for '--report-to': 'wandb' is not one of 'tensorboard'." in result.stderr
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2", "--report-to", "mlflow")
+    assert result.exit_code == 2 and "Invalid value for '--report-to': 'mlflow' is not one of 'tensorboard', 'wandb'." in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_without_an_api_key_is_one_line(tiny_store, tiny_teacher, tmp_path, monkeypatch):
+    import wandb
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no login of this machine's user
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), tmp_path / "run", "--steps", "2", "--report-to", "wandb")
+    wandb.teardown()  # the next test's wandb starts from its own settings
+    assert result.exit_code == 2 and result.stderr.startswith("error: --report-to wandb:") and "WANDB_MODE=offline" in result.stderr, result.output
+    assert result.stderr.count("\n") == 1
 
 
 def test_report_to_wandb_logs_the_same_tags_offline(tiny_store, tiny_teacher, tmp_path, monkeypatch):
@@ -83,6 +97,9 @@ def test_report_to_wandb_logs_the_same_tags_offline(tiny_store, tiny_teacher, tm
     result = distill(tiny_store, make_student(tmp_path / "student", tiny_teacher), run, "--steps", "4", "--update-every", "2",
                      "--report-to", "wandb")
     assert result.exit_code == 0, result.output
+    import wandb
+
+    wandb.teardown()
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # wandb's own record of the run, for `wandb sync`
     logged = log.read_bytes()
     for tag in ("train/loss", "train/kd", "domain_weight/math", "student_ppl/code", "final_student_loss/prose"):

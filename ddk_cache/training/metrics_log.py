@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ddk_cache.choices import ReportTarget, parse_choice, values
-from ddk_cache.errors import DDKCacheError
+from ddk_cache.errors import DDKCacheError, first_line
 
 METRICS_NAME = "metrics.jsonl"
 # what a training step logs: the loss and its parts (CE + KD, or MiniLLM's), and MiniLLM's per-step statistics
@@ -85,8 +85,11 @@ class MetricsLog:
             import wandb  # optional: wandb (the wandb extra)
 
             out = self.path.parent.resolve()
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddk-cache"), name=out.name, dir=str(out),
-                                     id=hashlib.sha256(str(out).encode()).hexdigest()[:16], resume="allow")
+            try:
+                self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddk-cache"), name=out.name, dir=str(out),
+                                         id=hashlib.sha256(str(out).encode()).hexdigest()[:16], resume="allow")
+            except wandb.errors.UsageError as exc:  # no API key, most often: the user's to fix
+                raise DDKCacheError(f"--report-to wandb: {first_line(exc)} (or set WANDB_MODE=offline, and `wandb sync` later)") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled or self._file is None:
