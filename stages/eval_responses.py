@@ -13,7 +13,7 @@ from typing import Any
 
 from ddk_cache.devices import resolve_device
 from ddk_cache.errors import DDKCacheError
-from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.prompts import apply_chat_template, load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
 from ddk_cache.store.reader import CacheReader
@@ -51,6 +51,7 @@ def run_eval_responses(config: EvalResponsesConfig) -> ResponseScores:
     if from_config:  # a fresh random initialisation: answers (and their ROUGE-L) that change on every run
         raise DDKCacheError(f"{config.student} holds a config without weights: evaluate a saved student (distill writes one)")
     model.to(resolve_device(config.device))
-    result = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
+    prompts = apply_chat_template(manifest, load_prompts(manifest, "test"), tokenizer, f"the student {config.student}")
+    result = evaluate_responses(model, tokenizer, prompts, manifest.max_prompt_tokens, manifest.max_new_tokens,
                                 config.batch_size)
     return ResponseScores(config.student, result.rouge_l, result.responses, result.mean_response_tokens, reverse_kl)

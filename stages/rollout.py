@@ -22,7 +22,7 @@ from ddk_cache.choices import Generator, Responses, values
 from ddk_cache.devices import resolve_device
 from ddk_cache.engines.vllm_install import find_vllm
 from ddk_cache.errors import DDKCacheError
-from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.prompts import apply_chat_template, load_prompt_manifest, load_prompts
 from ddk_cache.minillm.rollout_store import ROLLOUT_RULE, write_rollout_store
 from ddk_cache.minillm.rollouts import reference_rollouts, sample_rollouts
 from ddk_cache.minillm.vllm_rollouts import vllm_generator
@@ -89,6 +89,7 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
                             f"student's context ({context} positions): lower them in the prompt manifest")
     if tokenizer.eos_token_id is None:
         raise DDKCacheError(f"the student's tokenizer ({config.student}) has no end-of-sequence token: responses would never end")
+    prompts = {split: apply_chat_template(manifest, rows, tokenizer, f"the student {config.student}") for split, rows in prompts.items()}
     device = resolve_device(config.device)
     model.to(device)
     generator = ("vllm" if generate is not None else resolve_generator(config.generator)) if config.responses == "sampled" else REFERENCES

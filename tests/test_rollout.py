@@ -296,3 +296,27 @@ def test_a_packed_store_serves_the_pretraining_term_and_a_half_packed_one_says_w
     refused = update(scored_rollouts, tiny_student, tmp_path / "again", "--pt-store", str(packed))
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
     assert "(`ddk-cache pack` is running or was killed): run it again to finish the store" in refused.stderr
+
+
+def test_chat_template_wraps_each_prompt_in_the_tokenizers_own_template(tiny_student, tmp_path):
+    """Issue 25: instruction models are the usual teachers; prompts took Python format strings only."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_student = tmp_path / "chat_student"
+    shutil.copytree(tiny_student, chat_student)
+    tokenizer = AutoTokenizer.from_pretrained(chat_student)
+    tokenizer.chat_template = ("{% for m in messages %}user {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant{% endif %}")
+    tokenizer.save_pretrained(chat_student)
+    prompts = write_prompt_manifest(tmp_path, chat_template=True)
+    result = rollout(chat_student, prompts, tmp_path / "chat.zarr", "--responses", "references")
+    assert result.exit_code == 0, result.output
+    values = CacheReader(str(tmp_path / "chat.zarr"), allow_incomplete=True).read_arrays("math", "valid", ("tokens", "response_mask"))
+    for tokens, mask in zip(values["tokens"], values["response_mask"]):
+        start = int(np.flatnonzero(mask)[0])  # mask[t] = 1: the token after position t is the response's
+        assert tokenizer.decode(tokens[: start + 1]).rstrip().endswith("assistant")  # the template's opened assistant turn
+    plain = rollout(tiny_student, prompts, tmp_path / "plain.zarr", "--responses", "references")  # a tokenizer without a template
+    assert plain.exit_code == 2 and "chat_template is true, but the student" in plain.stderr and "has no chat template" in plain.stderr
+    assert not (tmp_path / "plain.zarr").exists()

@@ -9,6 +9,7 @@ window holds at most `max_prompt_tokens` of prompt (its end kept) and `max_new_t
     seed: 1234
     name: math                                    # the rollout store's domain
     prompt_template: "Question: {question}\\nAnswer:"
+    chat_template: false                          # optional; true: the tokenizer's chat template wraps each prompt
     reference_field: answer                       # optional
     train: {path: json, data_files: train.jsonl}  # a source, or a list of them (as in a data manifest)
     test: {path: json, data_files: test.jsonl}
@@ -33,7 +34,7 @@ from ddk_cache.data.manifest import DOMAIN_NAME_PATTERN, SourceSpec, parse_sourc
 from ddk_cache.data.sources import iter_source_rows
 from ddk_cache.errors import ManifestError
 
-_KEYS = {"seed", "name", "prompt_template", "reference_field", "train", "test", "train_prompts", "test_prompts",
+_KEYS = {"seed", "name", "prompt_template", "chat_template", "reference_field", "train", "test", "train_prompts", "test_prompts",
          "max_prompt_tokens", "max_new_tokens", "description"}
 
 
@@ -56,6 +57,7 @@ class PromptManifest:
     max_new_tokens: int
     seed: int
     raw: dict[str, Any]
+    chat_template: bool = False
 
     @property
     def seq_len(self) -> int:
@@ -85,6 +87,9 @@ def parse_prompt_manifest(document: Any, base_dir: Path, where: str = "prompt ma
         raise ManifestError(f"{where}: 'name' must be a domain name (letters, digits, '_', '.', '-'), got {name!r}")
     template = document.get("prompt_template")
     template_fields(template, where, "prompt_template", "'Question: {question}\\nAnswer:'")
+    chat = document.get("chat_template", False)
+    if not isinstance(chat, bool):
+        raise ManifestError(f"{where}: 'chat_template' must be true or false, got {chat!r}")
     reference = document.get("reference_field")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ManifestError(f"{where}: 'reference_field' must be a column name")
@@ -103,7 +108,7 @@ def parse_prompt_manifest(document: Any, base_dir: Path, where: str = "prompt ma
     sizes = {key: positive_int(document, key, where, required=True) for key in ("train_prompts", "test_prompts", "max_prompt_tokens",
                                                                                  "max_new_tokens")}
     return PromptManifest(name=name, prompt_template=template, reference_field=reference, train=splits["train"], test=splits["test"],
-                          seed=seed, raw=document, **sizes)
+                          seed=seed, raw=document, chat_template=chat, **sizes)
 
 
 def load_prompts(manifest: PromptManifest, split: str, round_index: int = 0) -> list[Prompt]:
@@ -121,3 +126,15 @@ def load_prompts(manifest: PromptManifest, split: str, round_index: int = 0) -> 
     order = np.random.default_rng([manifest.seed, 7]).permutation(len(prompts))
     start = round_index * manifest.train_prompts
     return [prompts[int(order[(start + i) % len(prompts)])] for i in range(manifest.train_prompts)]
+
+
+def apply_chat_template(manifest: PromptManifest, prompts: list[Prompt], tokenizer: Any, who: str) -> list[Prompt]:
+    """The prompts as the tokenizer's chat template renders them (a user turn, the assistant's opened), if the manifest
+    asks for it; otherwise unchanged. `who` names the tokenizer in the error when it has no template."""
+    if not manifest.chat_template:
+        return prompts
+    if not getattr(tokenizer, "chat_template", None):
+        raise ManifestError(f"prompt manifest: chat_template is true, but {who}'s tokenizer has no chat template: "
+                            "set chat_template: false, or use a tokenizer that has one")
+    return [Prompt(tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True),
+                   p.reference) for p in prompts]
