@@ -27,6 +27,7 @@ from ddk_cache.stages.distill import (
 )
 from ddk_cache.stages.teacher_dump import LayoutSettings, NodeSettings, ProcessSettings, TeacherDumpConfig
 from ddk_cache.store.capture import Capture
+from ddk_cache.training.lora import LoRASettings
 from ddk_cache.training.objectives import KDObjective, OnlineKDObjective
 
 
@@ -40,7 +41,9 @@ from ddk_cache.training.objectives import KDObjective, OnlineKDObjective
     (lambda: ParallelSettings(dist_timeout=0), "--dist-timeout"),
     (lambda: CheckpointSettings(every=-1), "--checkpoint-every"),
     (lambda: CheckpointSettings(resume="maybe"), "resume must be True, False or 'auto'"),
-    (lambda: ReportingSettings(report_to=("wandb",)), "unknown --report-to 'wandb': choose tensorboard"),
+    (lambda: ReportingSettings(report_to=("mlflow",)), "unknown --report-to 'mlflow': choose tensorboard, wandb"),
+    (lambda: LoRASettings(rank=0, merge=True), "--lora-targets and --lora-merge need --lora-rank"),
+    (lambda: LoRASettings(rank=4, dropout=1.0), "--lora-dropout"),
     (lambda: ObjectiveSettings(name="dpo"), "unknown --objective 'dpo': choose kd, minillm"),
     (lambda: ObjectiveSettings(pt_store="pt.zarr"), "--pt-store is MiniLLM's pretraining term"),
     (lambda: DistillConfig("s", "t", "o", steps=0), "--steps"),
@@ -70,7 +73,7 @@ def test_settings_hold_the_choices_and_are_never_changed():
 def test_every_numeric_distill_flag_has_a_range():
     flags = {"steps", "seed", "batch_size", "grad_accum", "global_batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
              "ddk_alpha", "ddk_temperature", "update_every", "eval_windows", "eval_batch_size", "pt_weight", "dist_timeout",
-             "checkpoint_every", "reader_threads"}
+             "checkpoint_every", "reader_threads", "lora_rank", "lora_alpha", "lora_dropout"}
     assert set(DISTILL_RANGES) == flags
 
 
