@@ -56,6 +56,7 @@ class KDTrainer(Trainer):
         if arguments is not None:
             arguments.remove_unused_columns = False  # keep the teacher_* columns: compute_loss reads them
         super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False  # also when the Trainer made its own default arguments
         # older transformers have no loss_is_scaled_for_ga: they skip the division (and count items) when the model takes
         # loss kwargs, which this loss does in effect
         self.model_accepts_loss_kwargs = True
