@@ -179,7 +179,7 @@ def measure(args: argparse.Namespace, engine, prompts: Path, student: str, folde
         score(args, engine, store)
     reader = CacheReader(str(store))
     manifest = load_prompt_manifest(prompts)
-    model, tokenizer, _ = load_student(student, None)
+    model, tokenizer = load_student(student, None)
     model.to(resolve_device("cpu"))
     greedy = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens, manifest.max_new_tokens,
                                 args.batch_size)

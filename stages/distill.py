@@ -226,11 +226,11 @@ class Trainer:
             if self.pt_reader.header.rollout is not None:
                 raise DDKCacheError(f"--pt-store {objective.pt_store} is a rollout store: give a cache of fixed text (teacher-dump or pack)")
         torch.manual_seed(config.seed)  # a student built from a config starts from the same seeded weights on every rank
-        self.model, self.tokenizer, _ = load_student(config.student, config.tokenizer, trainable_adapter=True)
-        self.lora = config.lora.enabled or is_adapter_folder(config.student)  # new adapters, or an adapter folder trained on
-        if config.lora.enabled and is_adapter_folder(config.student):
+        self.model, self.tokenizer = load_student(config.student, config.tokenizer, trainable_adapter=True)
+        adapter_student = is_adapter_folder(config.student)
+        if config.lora.enabled and adapter_student:
             raise SettingError(f"--student {config.student} is a LoRA adapter already: drop --lora-rank to train it further")
-        if self.lora and self.mode == "fsdp":
+        if (config.lora.enabled or adapter_student) and self.mode == "fsdp":  # new adapters, or an adapter folder trained on
             raise SettingError("LoRA students train with --parallel ddp (FSDP2 over peft's wrapped layers is not supported yet)")
         if config.lora.enabled:
             self.model = config.lora.apply(self.model)

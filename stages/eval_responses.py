@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ddk_cache.devices import resolve_device
-from ddk_cache.errors import DDKCacheError
 from ddk_cache.minillm.prompts import apply_chat_template, load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
@@ -47,9 +46,8 @@ def run_eval_responses(config: EvalResponsesConfig) -> ResponseScores:
     manifest = load_prompt_manifest(config.prompts)
     scored = CacheReader(config.scored, storage_options=config.storage_options) if config.scored else None
     reverse_kl = reverse_kl_estimate(scored) if scored is not None else None
-    model, tokenizer, from_config = load_student(config.student, None)
-    if from_config:  # a fresh random initialisation: answers (and their ROUGE-L) that change on every run
-        raise DDKCacheError(f"{config.student} holds a config without weights: evaluate a saved student (distill writes one)")
+    # a fresh random initialisation: answers (and their ROUGE-L) that change on every run
+    model, tokenizer = load_student(config.student, None, needs_weights="evaluate a saved student (distill writes one)")
     model.to(resolve_device(config.device))
     prompts = apply_chat_template(manifest, load_prompts(manifest, "test"), tokenizer, f"the student {config.student}")
     result = evaluate_responses(model, tokenizer, prompts, manifest.max_prompt_tokens, manifest.max_new_tokens,

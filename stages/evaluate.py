@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ddk_cache.devices import resolve_device
-from ddk_cache.errors import DDKCacheError
 from ddk_cache.ranges import AT_LEAST_ONE, check_ranges
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.student import check_compatible, load_student
@@ -19,10 +18,9 @@ def run_eval(model_path: str, store: str, tokenizer: str | None = None, max_wind
     check_ranges({"max_windows": max_windows, "batch_size": batch_size}, {"max_windows": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE})
     target = resolve_device(device, local_rank=0)
     reader = CacheReader(store, storage_options=storage_options)
-    model, tok, from_config = load_student(model_path, tokenizer)
-    if from_config and not random_init:
-        raise DDKCacheError(f"{model_path} holds a config without weights: its scores would be of a fresh random initialisation; "
-                            "evaluate a saved model (distill writes one), or pass --random-init to score the initialisation on purpose")
+    refusal = ("its scores would be of a fresh random initialisation; evaluate a saved model (distill writes one), or pass "
+               "--random-init to score the initialisation on purpose")
+    model, tok = load_student(model_path, tokenizer, needs_weights=None if random_init else refusal)
     check_compatible(model, tok, reader.header)
     model.to(target)
     autocast = torch.bfloat16 if target.type == "cuda" else None

@@ -26,7 +26,7 @@ from ddk_cache.devices import resolve_device
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.errors import DDKCacheError, StoreError
 from ddk_cache.minillm.objective import MiniLLMConfig
-from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
+from ddk_cache.minillm.prompts import apply_chat_template, load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.stages.distill import DistillConfig, ObjectiveSettings, run_distill
@@ -144,10 +144,10 @@ def _evaluate(config: MiniLLMRoundsConfig, manifest, r: int, student: str, store
     if config.rouge:
 
         with _timed(times, "rouge"):
-            model, tokenizer, _ = load_student(student, None)
+            model, tokenizer = load_student(student, None)
             model.to(resolve_device(config.device))
-            result = evaluate_responses(model, tokenizer, load_prompts(manifest, "test"), manifest.max_prompt_tokens,
-                                        manifest.max_new_tokens, config.batch_size)
+            prompts = apply_chat_template(manifest, load_prompts(manifest, "test"), tokenizer, f"the student {student}")  # as eval-responses
+            result = evaluate_responses(model, tokenizer, prompts, manifest.max_prompt_tokens, manifest.max_new_tokens, config.batch_size)
             rouge, tokens = result.rouge_l, result.mean_response_tokens
     return RoundRecord(r, student, reverse_kl_estimate(reader), reader.domain_info(manifest.name).teacher_valid_loss, rouge, tokens,
                        dict(times))

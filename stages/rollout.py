@@ -79,10 +79,8 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
         raise DDKCacheError(f"{config.out} already exists: pass --overwrite to replace it, or choose another --out")
     # the prompts first (reading them checks every column the template names), then the student: bad data fails in seconds
     prompts = {"valid": load_prompts(manifest, "test"), "train": load_prompts(manifest, "train", config.round)}
-    model, tokenizer, from_config = load_student(config.student, None)
-    if from_config:
-        raise DDKCacheError(f"{config.student} holds a config without weights: a round must update the weights that sampled, "
-                            "so roll out from a saved student (distill writes one; or save_pretrained)")
+    model, tokenizer = load_student(config.student, None, needs_weights="a round must update the weights that sampled, so roll "
+                                       "out from a saved student (distill writes one; or save_pretrained)")
     context = student_context(model)
     if context is not None and manifest.seq_len > context:  # the teacher scores, and distill trains on, whole windows
         raise DDKCacheError(f"a rollout window is max_prompt_tokens + max_new_tokens = {manifest.seq_len} tokens, longer than the "

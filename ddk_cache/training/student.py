@@ -36,11 +36,14 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32, trainable_adapter: bool = False):
+def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = torch.float32, trainable_adapter: bool = False,
+                 needs_weights: str | None = None):
     """A causal LM from a folder or hub id with weights, or built fresh from a folder holding only config.json, or a
     peft adapter folder: its base + the adapter (`trainable_adapter`: kept as adapters that train, else merged).
 
-    Returns `(model, tokenizer, built_from_config)`.
+    `needs_weights`: what to do instead, said when the folder holds a config without weights (evaluations and
+    rollouts: a fresh random initialisation describes no model), before anything is built; None: build it.
+    Returns `(model, tokenizer)`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads only when a model or tokenizer does
 
@@ -53,6 +56,8 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
         require_loadable(weights, f"the base model of adapter {adapter!r}")
     source = Path(weights)
     has_weights = not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("*.bin"))
+    if not has_weights and needs_weights is not None:
+        raise DDKCacheError(f"{student} holds a config without weights: {needs_weights}")
     try:
         with _quiet_loading():
             if has_weights:
@@ -77,7 +82,7 @@ def load_student(student: str, tokenizer_path: str | None, dtype: torch.dtype = 
         own = AutoTokenizer.from_pretrained(student)
         require_same_tokenizer(tokenizer, TokenizerInfo.from_dict(tokenizer_description(own)), "--tokenizer", f"the student's own in {student}",
                                "drop --tokenizer, or use a student made for that tokenizer")
-    return model, tokenizer, not has_weights
+    return model, tokenizer
 
 
 def student_context(model) -> int | None:
