@@ -86,11 +86,11 @@ class SparseHead(torch.autograd.Function):
         for start in range(0, vocab, vocab_chunk):  # d lse / d logits = softmax (at T: softmax of logits / T, over T)
             stop = min(start + vocab_chunk, vocab)
             logits = _chunk_logits(hidden, weight, bias, start, stop)
-            g = torch.exp(logits - lse[:, None]) * grad_lse[:, None]
-            if temperature != 1.0:
+            if temperature == 1.0:  # lse_t is lse: one softmax serves both gradients
+                g = torch.exp(logits - lse[:, None]) * (grad_lse + grad_lse_t)[:, None]
+            else:
+                g = torch.exp(logits - lse[:, None]) * grad_lse[:, None]
                 g = g + torch.exp(logits / temperature - lse_t[:, None]) * (grad_lse_t[:, None] / temperature)
-            elif grad_lse_t is not None:
-                g = g + torch.exp(logits - lse[:, None]) * grad_lse_t[:, None]
             grad_hidden += g @ weight[start:stop].float()
             grad_weight[start:stop] = g.t() @ h
             if grad_bias is not None:

@@ -52,11 +52,8 @@ class KDTrainer(Trainer):
                  temperature: float = 1.0, **kwargs: Any) -> None:
         self.kd = KDConfig(divergence=divergence, tail=tail, temperature=temperature, gamma=gamma)  # validates before the model loads
         kwargs.setdefault("data_collator", collate)
-        arguments = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if arguments is not None:
-            arguments.remove_unused_columns = False  # keep the teacher_* columns: compute_loss reads them
         super().__init__(*args, **kwargs)
-        self.args.remove_unused_columns = False  # also when the Trainer made its own default arguments
+        self.args.remove_unused_columns = False  # keep the teacher_* columns (read when the dataloader is built): compute_loss needs them
         # older transformers have no loss_is_scaled_for_ga: they skip the division (and count items) when the model takes
         # loss kwargs, which this loss does in effect
         self.model_accepts_loss_kwargs = True

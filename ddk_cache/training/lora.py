@@ -95,10 +95,11 @@ class LoRASettings:
 
 
 def save_merged(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:
-    """The adapter merged into a copy of the weights, saved as a plain model in `out/merged`."""
-    import copy
+    """The adapter merged into the weights, saved as a plain model in `out/merged`.
 
-    merged = copy.deepcopy(model).merge_and_unload()
+    Merged in place (no second copy of the weights): call it last, once the adapter itself is saved.
+    """
+    merged = model.merge_and_unload()
     folder = out / MERGED_FOLDER
     merged.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -96,12 +96,13 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        tags = scalars(record) if self._writer is not None or self._wandb is not None else {}
         if self._writer is not None:
-            for tag, value in scalars(record).items():
+            for tag, value in tags.items():
                 self._writer.add_scalar(tag, value, record["step"])
             self._writer.flush()
         if self._wandb is not None:
-            self._wandb.log(scalars(record), step=record["step"])
+            self._wandb.log(tags, step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
