@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import sys
 import time
@@ -93,6 +94,8 @@ def user_errors() -> Iterator[None]:
             error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         record_for_torchrun(message)
         sys.unraisablehook = _silent_after_the_line
+        # the same leftovers, when a pending read's Future is collected: asyncio logs "Future exception was never retrieved"
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
