@@ -25,19 +25,20 @@ def measure(impl: str, vocab: int, tokens: int, width: int, dim: int) -> dict:
     """In this (child) process: one loss + backward; its time and the process's peak memory."""
     import torch
 
+    from ddk_cache.lm_head import LMHead
     from ddk_cache.training.fused_loss import fused_distillation_loss
     from ddk_cache.training.losses import KDConfig, TeacherTargets, distillation_loss
 
     def loss_of(hidden, weight, labels, teacher):
         if impl == "fused":
-            return fused_distillation_loss(hidden, weight, labels, teacher, KDConfig()).total
+            return fused_distillation_loss(hidden, LMHead(weight), labels, teacher, KDConfig()).total
         return distillation_loss(hidden @ weight.t(), labels, teacher, KDConfig()).total
 
     torch.manual_seed(0)
     small = torch.randn(8, dim, requires_grad=True), torch.randn(256, dim, requires_grad=True)  # warm-up: first-call set-up not counted
     loss_of(*small, torch.zeros(8, dtype=torch.long), TeacherTargets(torch.zeros(8, width, dtype=torch.long), torch.zeros(8, width))).backward()
-    hidden = torch.randn(tokens, dim).requires_grad_()
-    weight = (0.02 * torch.randn(vocab, dim)).requires_grad_()
+    hidden = torch.empty(tokens, dim).normal_().requires_grad_()  # no temporaries: the peak before the loss is these tensors
+    weight = torch.empty(vocab, dim).normal_(0, 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,))
     ids = torch.randint(0, vocab, (tokens, width)).sort(-1).values
     teacher = TeacherTargets(ids, torch.log_softmax(torch.randn(tokens, width), -1) - 0.1)

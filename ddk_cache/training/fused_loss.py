@@ -1,148 +1,310 @@
-"""CE + KD on sparse teacher targets from the student's hidden states, never building `[tokens x vocabulary]` logits.
+"""Losses from the student's final hidden states and its head, never holding `[tokens x vocabulary]` logits.
 
-Why: a loss on a sparse cache needs, per position, only three things from the student's head: the
-log-sum-exp of its logits over the vocabulary (at T = 1 for CE, at T for KD), its logit at the label,
-and its logits at the W cached ids. The dense path (`losses.distillation_loss`) computes all V logits
-in float32, keeps them for the backward, and keeps their gradient as large again: at V = 128k-262k
-and 8 x 4,096 tokens that is 16-34 GB each, where these three things are O(tokens x W).
+Why: every loss here is a sum over positions of a term that needs one position's logits (CE, the sparse KD
+divergences, MiniLLM's terms). The dense path computes all `[N, V]` logits in float32, keeps them and their
+log-softmax for the backward, then builds their gradient as large again: at V = 128k-262k and 8 x 4,096
+tokens that is 16-34 GB each, where the loss keeps O(N x W).
 
-How: the log-sum-exp is a custom autograd function over vocabulary chunks. Its forward keeps a running
-log-sum-exp, chunk by chunk; its backward recomputes each chunk's logits, turns them into that chunk's
-softmax, and adds `softmax x grad` into the hidden states' and the head's gradients (Cut Cross-Entropy's
-idea, here for sparse teacher targets). Peak memory is one chunk, `[tokens x chunk]`, in both passes.
-The logits at the label and at the cached ids come from the head's rows, token chunk by token chunk, and
-their gradient goes back into those rows (an index_add into the one `[V, d]` gradient buffer), so the
-`[tokens x W x d]` rows are not kept either. Everything
-after that is the dense path's own code (`_kd_per_position`, `_combine`) on the same `[N, W]` student
-log-probs, so the two paths agree to float32 rounding for every divergence, tail, temperature and capture.
+How (Liger-Kernel's fused linear cross-entropy, here for any per-position loss, sparse teacher targets first):
+`ChunkedHeadLoss` walks the tokens a chunk at a time. For each chunk it computes that chunk's logits with the
+whole vocabulary, runs the *dense path's own code* on them (`losses.distillation_parts`, MiniLLM's terms),
+takes that chunk's gradient with respect to its logits at once (a local backward over `[rows x V]`), and
+turns it into the chunk's gradients of the hidden states and the head (two matmuls), which it keeps; the
+chunk's logits are then freed. The backward only scales the kept gradients by the incoming one. So the
+matmuls are the dense path's three (no recomputation), one chunk of logits is alive at a time, and the
+numbers are the dense path's to float32 rounding: the same code computes them, row by row.
+
+What it asks of a loss: to be a sum over chunks of rows, i.e. means must divide by a count known before the
+chunks run (the masked positions, the response tokens). Everything else (which divergence, tail, temperature,
+capture mode) is the dense code's business. The gradient it keeps is the one of its first output only; the
+others (the logged parts) are detached statistics.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
-from ddk_cache.training.losses import KDConfig, LossParts, TeacherTargets, _combine, _entries, _kd_per_position, _mean, _safe_ids
+from ddk_cache.lm_head import LMHead, rows_per_chunk
+from ddk_cache.training.losses import KDConfig, LossParts, TeacherTargets, _entries, _kd_per_position, _safe_ids, check_sampled_config, dense_parts
 
-CHUNK_ELEMENTS = 1 << 24  # one vocabulary chunk's logits, [tokens x chunk] float32: 64 MiB, whatever the tokens
-TOKEN_CHUNK = 1024  # rows of the head gathered at a time for the cached ids: [1024 x W x d]
-
-
-def vocab_chunk_for(tokens: int, vocab: int) -> int:
-    """Ids per vocabulary chunk: CHUNK_ELEMENTS logits at a time, at least 256 ids (the matmul stays efficient)."""
-    return max(256, min(vocab, CHUNK_ELEMENTS // max(1, tokens)))
+RowLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]  # (logits [n, V], rows) -> (loss, stats [k])
+SparseRowLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]  # (lse, lse_t, at_ids, rows)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-    logits = hidden @ weight[start:stop].t()
-    if bias is not None:
-        logits = logits + bias[start:stop]
-    return logits.float()
+def _kept(ctx, grad_hidden, grad_weight, grad_bias, weight, bias) -> None:
+    """The gradients a forward computed, kept for its backward (attributes, not saved tensors: the backward scales
+    them in place and hands them over, so no second `[V, d]` buffer is made)."""
+    ctx.grads = (grad_hidden, grad_weight, grad_bias)
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
 
 
-def _row_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-    """The logits at `ids` `[n, K]` from the head's rows `[n, K, d]` (one token chunk)."""
-    logits = torch.einsum("nd,nkd->nk", hidden, weight[ids]).float()
-    return logits if bias is None else logits + bias[ids].float()
+def _handed_over(ctx, grad_total):
+    if ctx.grads is None:
+        raise RuntimeError("the fused loss's backward ran twice: it hands its gradients over once (no retain_graph)")
+    (grad_hidden, grad_weight, grad_bias), ctx.grads = ctx.grads, None
+    weight_dtype, bias_dtype = ctx.dtypes
+    scaled = [None if g is None else (g if bool(grad_total == 1) else g.mul_(grad_total.to(g.dtype))) for g in (grad_hidden, grad_weight, grad_bias)]
+    return scaled[0], scaled[1].to(weight_dtype), None if scaled[2] is None else scaled[2].to(bias_dtype)
 
 
-class SparseHead(torch.autograd.Function):
-    """What a sparse loss needs of the LM head, without `[N, V]` logits: `(lse, lse_t, logits at ids)`.
+def _add_chunk_gradient(g: torch.Tensor, h: torch.Tensor, weight_c: torch.Tensor, piece: slice, grads) -> None:
+    """A chunk's gradient of its logits `[n, V]` into the hidden states' rows and the head's (and bias's) gradient."""
+    grad_hidden, grad_weight, grad_bias = grads
+    g_c = g.to(h.dtype)
+    torch.mm(g_c, weight_c, out=grad_hidden[piece])
+    if g_c.dtype == torch.float32:
+        grad_weight.addmm_(g_c.t(), h)  # in place: the [V, d] buffer is read and written once per chunk
+    else:
+        grad_weight += (g_c.t() @ h).float()
+    if grad_bias is not None:
+        grad_bias += g.sum(0)
 
-    `lse` `[N]` = logsumexp over the vocabulary of the logits, `lse_t` `[N]` the same of logits / T, `at_ids`
-    `[N, K]` the logits at `ids`. The forward runs over vocabulary chunks (a running log-sum-exp) and token
-    chunks (the head's rows at the ids); the backward recomputes each vocabulary chunk's logits to turn them
-    into softmax x gradient, and scatters the gradient of the gathered logits into the head's rows it came
-    from. The head's gradient is one `[V, d]` buffer, as the dense path's is.
+
+def _buffers(hidden, weight, bias):
+    return (torch.empty_like(hidden), torch.zeros(weight.shape, device=weight.device, dtype=torch.float32),
+            None if bias is None else torch.zeros(bias.shape, device=bias.device, dtype=torch.float32))
+
+
+def _exp_shifted(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`z` `[n, V]` turned in place into exp(z - row max), with the rows' log-sum-exp and sums of that exp: the
+    softmax is `z / sums` then, with no second `[n, V]` buffer (torch.logsumexp would allocate one)."""
+    top = z.amax(-1, keepdim=True)
+    sums = z.sub_(top).exp_().sum(-1)
+    return z, top[:, 0] + sums.log(), sums
+
+
+class SparseHeadLoss(torch.autograd.Function):
+    """`sum over chunks of row_loss(lse, lse_t, logits at ids)`: what every loss on sparse targets needs of the head.
+
+    Per token chunk: the chunk's logits `[n, V]` (one buffer), their log-sum-exp (at T = 1 and at T), and the
+    logits at `ids` `[n, K]` (the label and the cached entries). `row_loss` turns these small tensors into the
+    chunk's loss; its gradient with respect to them is taken at once, and the gradient of the logits is built
+    in the same buffer: softmax x d lse (+ softmax at T x d lse_t / T) + the scattered d at_ids, through the
+    model's scaling and soft-capping. Two matmuls then give the chunk's share of the hidden states' and the
+    head's gradients, kept for the backward. One `[n, V]` buffer (two at T != 1) is the whole working set.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature: float, vocab_chunk: int, token_chunk: int):
-        n, vocab = hidden.shape[0], weight.shape[0]
-        lse = torch.full((n,), -math.inf, device=hidden.device)
-        lse_t = lse.clone()
-        for start in range(0, vocab, vocab_chunk):
-            logits = _chunk_logits(hidden, weight, bias, start, start + vocab_chunk)
-            lse = torch.logaddexp(lse, logits.logsumexp(-1))
-            if temperature != 1.0:
-                lse_t = torch.logaddexp(lse_t, (logits / temperature).logsumexp(-1))
-        if temperature == 1.0:
-            lse_t = lse
-        at_ids = torch.cat([_row_logits(hidden[i:i + token_chunk], weight, bias, ids[i:i + token_chunk]) for i in range(0, n, token_chunk)])
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, lse_t)
-        ctx.settings = (temperature, vocab_chunk, token_chunk)
-        return lse, lse_t.clone() if temperature == 1.0 else lse_t, at_ids
+    def forward(ctx, hidden, weight, bias, head: LMHead, ids, temperature: float, row_loss: SparseRowLoss, rows: int):
+        n = hidden.shape[0]
+        grads = _buffers(hidden, weight, bias)
+        weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        total, stats = torch.zeros((), device=hidden.device), None
+        for start in range(0, n, rows):
+            piece = slice(start, min(start + rows, n))
+            h, chunk_ids = hidden[piece], ids[piece]
+            z = head.linear(h)
+            slope = None
+            if head.scale != 1.0:
+                z.mul_(head.scale)
+            if head.softcap is not None:
+                z.div_(head.softcap).tanh_()
+                slope = (1 - z * z).mul_(head.scale)  # d final / d linear = scale x (1 - tanh^2)
+                z.mul_(head.softcap)
+            at = z.gather(1, chunk_ids)
+            tempered = None if temperature == 1.0 else _exp_shifted(z / temperature)
+            probs, lse, sums = _exp_shifted(z)  # the logits' buffer, from here on their (unnormalised) softmax
+            lse_t = lse if tempered is None else tempered[1]
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (lse, lse_t, at)]
+                loss, chunk_stats = row_loss(*leaves, piece)
+                g_lse, g_lse_t, g_at = (torch.zeros_like(leaf) if g is None else g
+                                        for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True)))
+            total += loss.detach()
+            stats = chunk_stats.detach() if stats is None else stats + chunk_stats.detach()
+            if tempered is None:
+                g_lse = g_lse + g_lse_t
+            g = probs.mul_((g_lse / sums)[:, None])  # softmax x d lse, in the same buffer
+            if tempered is not None:  # d lse_t / d z = softmax(z / T) / T
+                g += tempered[0].mul_((g_lse_t / (temperature * tempered[2]))[:, None])
+            g.scatter_add_(1, chunk_ids, g_at)
+            if slope is not None:
+                g.mul_(slope)
+            elif head.scale != 1.0:
+                g.mul_(head.scale)
+            _add_chunk_gradient(g, h, weight_c, piece, grads)
+        _kept(ctx, *grads, weight, bias)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_lse_t, grad_at_ids):
-        hidden, weight, bias, ids, lse, lse_t = ctx.saved_tensors
-        temperature, vocab_chunk, token_chunk = ctx.settings
-        n, vocab = hidden.shape[0], weight.shape[0]
-        h = hidden.float()
-        grad_hidden = torch.zeros_like(h)
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        grad_bias = None if bias is None else torch.zeros(vocab, device=bias.device, dtype=torch.float32)
-        for start in range(0, vocab, vocab_chunk):  # d lse / d logits = softmax (at T: softmax of logits / T, over T)
-            stop = min(start + vocab_chunk, vocab)
-            logits = _chunk_logits(hidden, weight, bias, start, stop)
-            if temperature == 1.0:  # lse_t is lse: one softmax serves both gradients
-                g = torch.exp(logits - lse[:, None]) * (grad_lse + grad_lse_t)[:, None]
-            else:
-                g = torch.exp(logits - lse[:, None]) * grad_lse[:, None]
-                g = g + torch.exp(logits / temperature - lse_t[:, None]) * (grad_lse_t[:, None] / temperature)
-            grad_hidden += g @ weight[start:stop].float()
-            grad_weight[start:stop] = g.t() @ h
-            if grad_bias is not None:
-                grad_bias[start:stop] = g.sum(0)
-        for i in range(0, n, token_chunk):  # the gathered logits: each gradient goes back to the row it came from
-            rows, g = ids[i:i + token_chunk], grad_at_ids[i:i + token_chunk].float()
-            grad_hidden[i:i + token_chunk] += torch.einsum("nk,nkd->nd", g, weight[rows].float())
-            grad_weight.index_add_(0, rows.reshape(-1), (g[..., None] * h[i:i + token_chunk, None, :]).reshape(-1, h.shape[1]))
-            if grad_bias is not None:
-                grad_bias.index_add_(0, rows.reshape(-1), g.reshape(-1))
-        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype),
-                None, None, None, None)
+    def backward(ctx, grad_total, _grad_stats):
+        return (*_handed_over(ctx, grad_total), None, None, None, None, None)
 
 
-def sparse_head(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None = None, temperature: float = 1.0,
-                vocab_chunk: int | None = None, token_chunk: int = TOKEN_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(lse, lse_t, logits at ids)` of `hidden @ weight.T + bias` (see `SparseHead`); `ids` `[N, K]` int64."""
-    chunk = vocab_chunk or vocab_chunk_for(hidden.shape[0], weight.shape[0])
-    return SparseHead.apply(hidden, weight, bias, ids, temperature, chunk, token_chunk)
+class ChunkedHeadLoss(torch.autograd.Function):
+    """`sum over chunks of loss_of_rows(head.logits(hidden[rows]), rows)`, and the sum of its statistics: any loss
+    that needs whole rows of logits (KD against a live teacher's full distribution), the dense code run per chunk.
+
+    The gradient of each chunk's logits comes from a local backward through `loss_of_rows`; the rest is as
+    `SparseHeadLoss`. Several `[n, V]` buffers (log-softmax and its gradient) are alive per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head: LMHead, loss_of_rows: RowLoss, rows: int):
+        n = hidden.shape[0]
+        grads = _buffers(hidden, weight, bias)
+        weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        total, stats = torch.zeros((), device=hidden.device), None
+        for start in range(0, n, rows):
+            piece = slice(start, min(start + rows, n))
+            h = hidden[piece]
+            z = head.linear(h)
+            with torch.enable_grad():
+                z.requires_grad_()
+                loss, chunk_stats = loss_of_rows(head.finish(z), piece)
+                (g,) = torch.autograd.grad(loss, z, allow_unused=True)
+            total += loss.detach()
+            stats = chunk_stats.detach() if stats is None else stats + chunk_stats.detach()
+            _add_chunk_gradient(torch.zeros_like(z) if g is None else g, h, weight_c, piece, grads)
+        _kept(ctx, *grads, weight, bias)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_stats):
+        return (*_handed_over(ctx, grad_total), None, None, None)
+
+
+def _wants_grad(hidden: torch.Tensor, head: LMHead) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head.weight, head.bias))
+
+
+def chunked_head_loss(hidden: torch.Tensor, head: LMHead, loss_of_rows: RowLoss, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(loss, stats)` summed over token chunks of `hidden` `[N, d]` (see `ChunkedHeadLoss`).
+
+    Without a gradient to take (evaluation, `torch.no_grad()`, frozen head and body) the chunks are only summed.
+    """
+    rows = rows or rows_per_chunk(head.vocab)
+    if _wants_grad(hidden, head):
+        return ChunkedHeadLoss.apply(hidden, head.weight, head.bias, head, loss_of_rows, rows)
+    with torch.no_grad():
+        parts = [loss_of_rows(head.logits(hidden[i:i + rows]), slice(i, min(i + rows, hidden.shape[0]))) for i in range(0, hidden.shape[0], rows)]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def sparse_head_loss(hidden: torch.Tensor, head: LMHead, ids: torch.Tensor, row_loss: SparseRowLoss, temperature: float = 1.0,
+                     rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(loss, stats)` from `row_loss(lse, lse_t, logits at ids, rows)` over token chunks (see `SparseHeadLoss`);
+    `ids` `[N, K]` int64 (the label first, then the cached entries, by convention of the callers)."""
+    rows = rows or rows_per_chunk(head.vocab)
+    if _wants_grad(hidden, head):
+        return SparseHeadLoss.apply(hidden, head.weight, head.bias, head, ids, temperature, row_loss, rows)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], rows):
+            z = head.logits(hidden[i:i + rows])
+            lse = torch.logsumexp(z, -1)
+            lse_t = lse if temperature == 1.0 else torch.logsumexp(z / temperature, -1)
+            parts.append(row_loss(lse, lse_t, z.gather(1, ids[i:i + rows]), slice(i, min(i + rows, hidden.shape[0]))))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _counted(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """Per-position weights that turn a sum over chunks into the dense path's mean (over the masked positions)."""
+    if mask is None:
+        return torch.full((n,), 1.0 / max(1, n), device=device)
+    weights = mask.reshape(-1).float()
+    return weights / weights.sum().clamp_min(1.0)
 
 
 def fused_distillation_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: LMHead,
     targets: torch.Tensor,
     teacher: TeacherTargets | None,
     config: KDConfig,
-    bias: torch.Tensor | None = None,
     teacher_vocab: int | None = None,
     mask: torch.Tensor | None = None,
-    vocab_chunk: int | None = None,
-    token_chunk: int = TOKEN_CHUNK,
+    rows: int | None = None,
 ) -> LossParts:
-    """`losses.distillation_loss` from the final hidden states `[..., d]` and the LM head (`weight` `[V, d]`, `bias` `[V]`).
+    """`losses.distillation_loss` from the final hidden states `[..., d]` and the head: the same terms, means and mixing.
 
-    The same terms, means and mixing as the dense path, given what it would compute the logits from:
-    `logits = hidden @ weight.T + bias`. Shapes otherwise as there: targets `[...]`, entries `[..., W]`,
-    mask `[...]`.
+    Shapes as there: targets `[...]`, the teacher's entries `[..., W]`, mask `[...]`; `rows`: tokens per chunk.
     """
-    vocab = weight.shape[0]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1, 1).long()
-    weights = None if mask is None else mask.reshape(-1).float()
-    kd_weight = config.gamma if config.form == "add" else config.mix
+    flat_targets = targets.reshape(-1).long()
+    weights = _counted(mask, flat.shape[0], flat.device)
+    ce_weight, kd_weight = (1.0, config.gamma) if config.form == "add" else (1 - config.mix, config.mix)
     if teacher is None or kd_weight == 0:
-        lse, _, at_label = sparse_head(flat, weight, flat_targets, bias, 1.0, vocab_chunk, token_chunk)
-        ce = _mean(lse - at_label[:, 0], weights)
-        return LossParts(total=ce, ce=ce, kd=None)
-    ids, valid = _entries(teacher, vocab)
+        def lm_rows(lse, _lse_t, at, piece):
+            ce_sum = ((lse - at[:, 0]) * weights[piece]).sum()
+            return ce_sum, ce_sum[None]
+
+        total, stats = sparse_head_loss(flat, head, flat_targets[:, None], lm_rows, 1.0, rows)
+        return LossParts(total=total, ce=stats[0], kd=None)
+    entries = teacher.flat()
+    ids, valid = _entries(entries, head.vocab)
     t = config.temperature
-    lse, lse_t, logits = sparse_head(flat, weight, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1), bias, t, vocab_chunk, token_chunk)
-    ce = _mean(lse - logits[:, 0], weights)
-    s_top = logits[:, 1:] / t - lse_t[:, None]
-    kd = _mean(_kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab), weights)
-    return _combine(ce, kd, config)
+
+    def kd_rows(lse, lse_t, at, piece):  # the dense path's terms (`distillation_parts`) from what they need of the logits
+        w = weights[piece]
+        ce_sum = ((lse - at[:, 0]) * w).sum()
+        s_top = at[:, 1:] / t - lse_t[:, None]
+        kd_sum = (_kd_per_position(s_top, entries.rows(piece), valid[piece], config, head.vocab, teacher_vocab) * w).sum()
+        return ce_weight * ce_sum + kd_weight * kd_sum, torch.stack([ce_sum, kd_sum])
+
+    gathered = torch.cat([flat_targets[:, None], _safe_ids(ids, valid)], dim=-1)
+    total, stats = sparse_head_loss(flat, head, gathered, kd_rows, t, rows)
+    return LossParts(total=total, ce=stats[0], kd=stats[1])
+
+
+def fused_online_loss(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: LMHead,
+                      config: KDConfig, rows: int | None = None) -> LossParts:
+    """`losses.dense_distillation_loss` (KD against a live teacher's full distribution) with both heads applied a
+    token chunk at a time: neither side's `[N, V]` logits are built."""
+    flat, flat_teacher = hidden.reshape(-1, hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    weights = _counted(None, flat.shape[0], flat.device)
+    ce_weight, kd_weight = (1.0, config.gamma) if config.form == "add" else (1 - config.mix, config.mix)
+
+    def loss_of_rows(logits: torch.Tensor, piece: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            teacher_logits = teacher_head.logits(flat_teacher[piece])
+        ce, kd = dense_parts(logits, flat_targets[piece], teacher_logits, config)
+        ce_sum, kd_sum = (ce * weights[piece]).sum(), (kd * weights[piece]).sum()
+        return ce_weight * ce_sum + kd_weight * kd_sum, torch.stack([ce_sum, kd_sum])
+
+    total, stats = chunked_head_loss(flat, head, loss_of_rows, rows or rows_per_chunk(max(head.vocab, teacher_head.vocab)) // 2)
+    return LossParts(total=total, ce=stats[0], kd=stats[1])
+
+
+def fused_kd_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module | LMHead,
+    targets: TeacherTargets | dict,
+    labels: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    tail: str = "rest",
+    temperature: float = 1.0,
+    gamma: float = 0.2,
+    mask: torch.Tensor | None = None,
+    teacher_vocab: int | None = None,
+) -> LossParts:
+    """CE + gamma x KD for your own trainer, from the final hidden states `[B, L, d]` and the LM head (a module or an
+    `LMHead`), never building the `[B, L, V]` logits.
+
+    `targets`: a `TeacherTargets` or a batch of `ddk_cache.collate` (its `teacher_*` keys, and its `labels` when
+    `labels` is not given: the next token at each position). Take the hidden states with
+    `ddk_cache.hidden_states(model, input_ids)` (the model's own forward, the head recorded instead of run), or
+    `model.model(input_ids).last_hidden_state` for a model whose forward adds nothing after its head.
+    `.total` is what to call `.backward()` on; `.ce` and `.kd` are detached parts to log.
+    """
+    config = KDConfig(divergence=divergence, tail=tail, temperature=temperature, gamma=gamma)  # validates
+    teacher = targets if isinstance(targets, TeacherTargets) else TeacherTargets.from_batch(targets)
+    if teacher.sampled:
+        check_sampled_config(config)
+    if labels is None:
+        if isinstance(targets, TeacherTargets) or "labels" not in targets:
+            raise ValueError("give labels (the next token at each position), or a batch of ddk_cache.collate, which has them")
+        labels = targets["labels"]
+    if hidden.shape[:-1] != teacher.ids.shape[:-1]:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and teacher entries {tuple(teacher.ids.shape)} cover different positions: "
+                         "pass the hidden states of the batch's input_ids")
+    head = lm_head if isinstance(lm_head, LMHead) else LMHead(lm_head.weight, getattr(lm_head, "bias", None))
+    counted = labels.reshape(-1) >= 0
+    if mask is not None:
+        counted = counted & (mask.reshape(-1) > 0)
+    return fused_distillation_loss(hidden, head, labels.clamp_min(0), teacher, config, teacher_vocab=teacher_vocab, mask=counted.float())

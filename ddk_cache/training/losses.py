@@ -72,6 +72,17 @@ class TeacherTargets:
         return cls(batch["teacher_ids"], batch["teacher_logprobs"], batch.get("teacher_valid"), batch.get("teacher_rest"),
                    bool(torch.as_tensor(batch.get("teacher_sampled", False)).any()))  # a bool, or per-window flags
 
+    def flat(self) -> "TeacherTargets":
+        """The same targets with the positions flattened: entries `[N, W]`, rest `[N]` (what `rows` slices)."""
+        k = self.ids.shape[-1]
+        return TeacherTargets(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), None if self.valid is None else self.valid.reshape(-1, k),
+                              None if self.rest is None else self.rest.reshape(-1), self.sampled)
+
+    def rows(self, piece: slice) -> "TeacherTargets":
+        """Positions `piece` of flat targets (a token chunk of the fused losses)."""
+        return TeacherTargets(self.ids[piece], self.logprobs[piece], None if self.valid is None else self.valid[piece],
+                              None if self.rest is None else self.rest[piece], self.sampled)
+
 
 SAMPLED_DIVERGENCES = ("forward_kl",)
 
@@ -263,28 +274,42 @@ def distillation_loss(
 
     Shapes: logits `[..., V]`, targets `[...]`, entries `[..., W]`. With `teacher=None` (or
     gamma = 0 in the "add" form) the KD term is skipped: plain language-model training.
-    One log_softmax serves both terms at T = 1. `mask` `[...]` (1 = counts): both terms are means over
-    the masked positions only (a store of prompts and reference answers trains on the answers).
+    `mask` `[...]` (1 = counts): both terms are means over the masked positions only (a store of
+    prompts and reference answers trains on the answers). The dense reference: it holds `[N, V]`
+    logits; `fused_loss.fused_distillation_loss` computes the same from the hidden states.
     """
     vocab = student_logits.shape[-1]
-    flat_logits = student_logits.reshape(-1, vocab)
-    logprobs = torch.log_softmax(flat_logits.float(), dim=-1)
-    flat_targets = targets.reshape(-1, 1).long()
     kd_weight = config.gamma if config.form == "add" else config.mix
     weights = None if mask is None else mask.reshape(-1).float()
-    if teacher is None or kd_weight == 0:
-        ce = _mean(F.nll_loss(logprobs, flat_targets.squeeze(-1), reduction="none"), weights)
+    ce, kd = distillation_parts(student_logits.reshape(-1, vocab), targets.reshape(-1), None if kd_weight == 0 else teacher, config, teacher_vocab)
+    if kd is None:
+        ce = _mean(ce, weights)
         return LossParts(total=ce, ce=ce, kd=None)
+    return _combine(_mean(ce, weights), _mean(kd, weights), config)
+
+
+def distillation_parts(
+    logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTargets | None, config: KDConfig, teacher_vocab: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per position `[N]`: CE on the next token and the KD divergence on the cached entries (None without a teacher).
+
+    `logits` `[N, V]`, `targets` `[N]`, the teacher's entries `[N, W]`. The one place both loss paths compute
+    the terms: the dense one on all positions, the fused one a token chunk at a time. One log_softmax serves
+    both terms at T = 1, and one gather (a single sparse gradient instead of two dense ones).
+    """
+    vocab = logits.shape[-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    column = targets.reshape(-1, 1).long()
+    if teacher is None:
+        return -logprobs.gather(-1, column)[:, 0], None
     ids, valid = _entries(teacher, vocab)
     if config.temperature == 1.0:
-        # one gather serves CE and KD: a single sparse gradient instead of two dense ones
-        gathered = logprobs.gather(-1, torch.cat([flat_targets, _safe_ids(ids, valid)], dim=-1))
-        ce, s_top = _mean(-gathered[:, 0], weights), gathered[:, 1:]
+        gathered = logprobs.gather(-1, torch.cat([column, _safe_ids(ids, valid)], dim=-1))
+        ce, s_top = -gathered[:, 0], gathered[:, 1:]
     else:
-        ce = _mean(F.nll_loss(logprobs, flat_targets.squeeze(-1), reduction="none"), weights)
-        s_top = torch.log_softmax(flat_logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
-    kd = _mean(_kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab), weights)
-    return _combine(ce, kd, config)
+        ce = -logprobs.gather(-1, column)[:, 0]
+        s_top = torch.log_softmax(logits.float() / config.temperature, dim=-1).gather(-1, _safe_ids(ids, valid))
+    return ce, _kd_per_position(s_top, teacher, valid, config, vocab, teacher_vocab)
 
 
 def _mean(per_position: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -322,20 +347,26 @@ def dense_distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     as well, which is exactly the memory and the teacher GPU time the cache saves. A student
     vocabulary padded beyond the teacher's gets teacher probability 0 on the extra ids.
     """
-    vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
+    vocab = student_logits.shape[-1]
+    ce, kd = dense_parts(student_logits.reshape(-1, vocab), targets.reshape(-1), teacher_logits.reshape(-1, teacher_logits.shape[-1]), config)
+    return _combine(ce.mean(), kd.mean(), config)
+
+
+def dense_parts(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, config: KDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position `[N]`: CE and the divergence from the teacher's full distribution (`[N, V]` logits on both sides)."""
+    vocab, teacher_vocab = logits.shape[-1], teacher_logits.shape[-1]
     if teacher_vocab > vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) is larger than the student's ({vocab})")
-    flat = student_logits.reshape(-1, vocab).float()
+    flat = logits.float()
     logprobs = torch.log_softmax(flat, dim=-1)
-    ce = F.nll_loss(logprobs, targets.reshape(-1).long())
-    t_logits = teacher_logits.reshape(-1, teacher_vocab).float()
+    ce = -logprobs.gather(-1, targets.reshape(-1, 1).long())[:, 0]
+    t_logits = teacher_logits.float()
     if teacher_vocab < vocab:
         t_logits = F.pad(t_logits, (0, vocab - teacher_vocab), value=_ABSENT)
     t = config.temperature
     teacher_lp = torch.log_softmax(t_logits / t, dim=-1)
     student_lp = logprobs if t == 1.0 else torch.log_softmax(flat / t, dim=-1)
-    kd = divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha).mean()
-    return _combine(ce, kd, config)
+    return ce, divergence(teacher_lp, student_lp, config.divergence, beta=config.jsd_beta, alpha=config.skew_alpha)
 
 
 def kd_loss(
