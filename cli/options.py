@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ddk_cache.choices import LossImpl
 from ddk_cache.errors import DDKCacheError
 
 StorageOptions = Annotated[
@@ -26,6 +27,9 @@ StorageOptions = Annotated[
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N; under torchrun each rank takes cuda:LOCAL_RANK.",
                                      rich_help_panel="Devices and ranks")]
+LossImplOption = Annotated[LossImpl, typer.Option(
+    help="fused: the losses take the student's hidden states and head, a token chunk of logits at a time (never "
+         "[tokens x vocabulary]); dense: the model's whole logits, the reference. Equal to float32 rounding.")]
 Seed = Annotated[int, typer.Option(help="Seed of everything random in the run (data order, sampling, initialisation).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing store at --out (one made with other data or settings is otherwise refused).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file ('-': stdout alone, no table).")]

@@ -54,6 +54,11 @@ class Objective(str, Enum):
     minillm = "minillm"  # MiniLLM's update on a scored rollout store
 
 
+class LossImpl(str, Enum):
+    fused = "fused"  # from the hidden states and the head, a token chunk at a time (training/fused_loss.py)
+    dense = "dense"  # from the model's [tokens x vocabulary] logits: the reference
+
+
 class Responses(str, Enum):
     sampled = "sampled"  # the student's own answers (MiniLLM)
     references = "references"  # the prompt manifest's reference answers (SFT, word-level KD)

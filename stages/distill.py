@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddk_cache.choices import Objective, parse_choice
+from ddk_cache.choices import LossImpl, Objective, parse_choice
 from ddk_cache.errors import DDKCacheError, SettingError, first_line
 from ddk_cache.hub import require_loadable
 from ddk_cache.minillm.objective import MiniLLMConfig, MiniLLMObjective, MiniLLMParts
@@ -41,9 +41,9 @@ from ddk_cache.training.data_order import BatchSettings, BatchShape, GlobalBatch
 from ddk_cache.training.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.training.domain_samplers import COLLAPSE_WEIGHT, DDKSampler, DomainSampler, SamplerSettings
 from ddk_cache.training.lora import LoRASettings, is_adapter_folder, save_merged
-from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config, distillation_loss
+from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config
 from ddk_cache.training.metrics_log import METRICS_NAME, MetricsLog, ReportingSettings
-from ddk_cache.training.objectives import KDObjective, OnlineKDObjective, TrainingObjective
+from ddk_cache.training.objectives import KDObjective, OnlineKDObjective, TrainingObjective, language_model_loss
 from ddk_cache.training.optimizer import OptimizerSettings
 from ddk_cache.training.parallelize import (
     ParallelSettings,
@@ -57,6 +57,7 @@ from ddk_cache.training.parallelize import (
     uses_autocast,
 )
 from ddk_cache.training.student import check_compatible, load_student
+from ddk_cache.training.student_outputs import student_outputs
 from ddk_cache.training.validation_loss import DomainEval, evaluate_domains
 from ddk_cache.training.window_loader import Batch, WindowLoader, domain_orders
 
@@ -85,11 +86,13 @@ class ObjectiveSettings:
     pt_store: str | None = None  # minillm: a store of fixed text whose next-token CE is added (MiniLLM's L_PT)
     pt_weight: float = 1.0  # minillm: loss = policy gradient + single step + pt_weight * L_PT
     online_teacher: str | None = None
+    loss_impl: LossImpl = LossImpl.fused  # dense: the [tokens x vocabulary] logits, the reference
 
     RANGES: ClassVar[dict[str, Range]] = {"pt_weight": NON_NEGATIVE}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", parse_choice(Objective, self.name, "--objective"))
+        object.__setattr__(self, "loss_impl", parse_choice(LossImpl, self.loss_impl, "--loss-impl"))
         check_ranges({"pt_weight": self.pt_weight}, self.RANGES)
         if self.pt_store is not None and self.name != Objective.minillm:
             raise SettingError("--pt-store is MiniLLM's pretraining term: it belongs to --objective minillm")
@@ -346,14 +349,14 @@ class Trainer:
 
     def forward_loss(self, batch: Batch) -> LossParts | MiniLLMParts:
         with self._autocast():
-            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
-        return self.objective.loss(logits, batch)
+            outputs = student_outputs(self.model, batch.input_ids, self.config.objective.loss_impl)
+        return self.objective.loss(outputs, batch)
 
     def add_pretraining(self, parts: MiniLLMParts, batch: Batch) -> MiniLLMParts:
         """MiniLLM's L_PT: the student's next-token CE on a pretraining batch, weighted by `pt_weight`."""
         with self._autocast():
-            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
-        lm = distillation_loss(logits, batch.targets, None, self.config.objective.kd).ce
+            outputs = student_outputs(self.model, batch.input_ids, self.config.objective.loss_impl)
+        lm = language_model_loss(outputs, batch.targets)
         return dataclasses.replace(parts, total=parts.total + self.config.objective.pt_weight * lm, pretraining=lm)
 
     def validate(self) -> dict[str, Any]:
@@ -381,7 +384,8 @@ class Trainer:
     def evaluate(self) -> list[DomainEval]:
         model = unwrap(self.model)  # DDP needs no wrapper to run forwards; FSDP2 is the module itself
         sampler = self.config.sampler
-        evals = evaluate_domains(model, self.reader, self.domains, sampler.eval_windows, sampler.eval_batch_size, self.autocast_dtype, self.ctx)
+        evals = evaluate_domains(model, self.reader, self.domains, sampler.eval_windows, sampler.eval_batch_size, self.autocast_dtype, self.ctx,
+                                 self.config.objective.loss_impl)
         reshard(self.model)
         return evals
 

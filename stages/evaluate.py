@@ -12,7 +12,8 @@ from ddk_cache.training.validation_loss import DomainEval, evaluate_domains
 
 
 def run_eval(model_path: str, store: str, tokenizer: str | None = None, max_windows: int | None = None,
-             batch_size: int = 8, device: str = "auto", storage_options: dict | None = None, random_init: bool = False) -> list[DomainEval]:
+             batch_size: int = 8, device: str = "auto", storage_options: dict | None = None, random_init: bool = False,
+             loss_impl: str = "fused") -> list[DomainEval]:
     """Why a folder without weights is refused: transformers builds it from its config with fresh random weights,
     so the scores (about ln(vocab)) change on every run and describe no model; `random_init` asks for them on purpose."""
     check_ranges({"max_windows": max_windows, "batch_size": batch_size}, {"max_windows": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE})
@@ -24,4 +25,4 @@ def run_eval(model_path: str, store: str, tokenizer: str | None = None, max_wind
     check_compatible(model, tok, reader.header)
     model.to(target)
     autocast = torch.bfloat16 if target.type == "cuda" else None
-    return evaluate_domains(model, reader, reader.domains, max_windows, batch_size, autocast)
+    return evaluate_domains(model, reader, reader.domains, max_windows, batch_size, autocast, loss_impl=loss_impl)

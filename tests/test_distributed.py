@@ -1,7 +1,7 @@
 """`distill` on several processes: real `torchrun` launches, 2 ranks, gloo on CPU, a tiny student.
 
 For a fixed global batch and seed, 2-rank DDP, 2-rank FSDP2 and a single process follow the same
-loss curve and DDK weights; a SIGKILLed rank ends the job everywhere, and the run resumes at
+loss curve and DDK weights, with the fused loss (the default) as with the dense reference; a SIGKILLed rank ends the job everywhere, and the run resumes at
 either world size onto the uninterrupted curve; bad settings are one line from rank 0.
 """
 
@@ -65,12 +65,12 @@ def assert_close_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tiny_store, tiny_teacher, tmp_path_factory) -> dict[str, Path]:
-    """The same run three ways: one process, 2-rank DDP, 2-rank FSDP2."""
+    """The same run four ways: one process, 2-rank DDP, 2-rank FSDP2 (all fused), and one process with the dense loss."""
     tmp = tmp_path_factory.mktemp("distributed")
     student = make_student(tmp / "student", tiny_teacher)
-    outs = {"single": tmp / "single" / "run", "ddp": tmp / "ddp" / "run", "fsdp": tmp / "fsdp" / "run"}
+    outs = {"single": tmp / "single" / "run", "ddp": tmp / "ddp" / "run", "fsdp": tmp / "fsdp" / "run", "dense": tmp / "dense" / "run"}
     for name, out in outs.items():
-        ranks, extra = (1, ()) if name == "single" else (2, ("--parallel", name))
+        ranks, extra = {"single": (1, ()), "dense": (1, ("--loss-impl", "dense"))}.get(name, (2, ("--parallel", name)))
         result = launch(out, tiny_store, student, *extra, ranks=ranks)
         assert result.returncode == 0, result.stderr[-8000:]
     return {**outs, "student": student}
@@ -86,6 +86,16 @@ def test_two_rank_ddp_follows_the_single_process_run(runs):
     rank0, rank1 = rank_weights(runs["ddp"].parent, 0), rank_weights(runs["ddp"].parent, 1)
     assert len(rank0) == STEPS // 4 and rank0 == rank1
     np.testing.assert_allclose(rank0, rank_weights(runs["single"].parent, 0), rtol=1e-6)
+
+
+def test_the_fused_loss_follows_the_dense_reference_in_one_process_and_under_ddp(runs):
+    """Issue 26: the same curve (loss, CE, KD, DDK weights), evaluations and final weights whichever path computes the loss."""
+    dense = metrics(runs["dense"])
+    for fused in (metrics(runs["single"]), metrics(runs["ddp"])):
+        assert_same_curve(fused, dense)
+        for a, b in zip(fused[-1]["final_eval"], dense[-1]["final_eval"]):
+            assert a["student_loss"] == pytest.approx(b["student_loss"], rel=1e-5) and a["student_ece"] == pytest.approx(b["student_ece"], abs=1e-4)
+    assert_close_weights(runs["single"], runs["dense"])
 
 
 def test_two_rank_fsdp_follows_two_rank_ddp(runs):

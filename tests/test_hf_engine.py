@@ -100,3 +100,21 @@ def test_bfloat16_logits_select_the_entries_of_their_float32_copy():
     torch.testing.assert_close(logprobs.gather(-1, ids.long()), top.values, rtol=0, atol=1e-5)
     torch.testing.assert_close(target, logprobs.gather(-1, targets[..., None]).squeeze(-1), rtol=0, atol=1e-5)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()  # bf16 logits are not consumed
+
+
+@pytest.mark.parametrize("draws", [None, 6])
+def test_the_head_applied_in_row_blocks_captures_what_the_whole_logits_give(tiny_teacher, windows, monkeypatch, draws):
+    """Issue 26: the engine applies the head to row blocks of the recorded hidden states; with blocks of 7 rows (that
+    divide nothing) the top-k ids, log-probs, targets and the sampled draws (the same CPU generator) are today's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    x = torch.as_tensor(windows, dtype=torch.long)
+    with torch.inference_mode():
+        whole = hf_engine.topk_from_logits(model(input_ids=x[:, :-1]).logits, x[:, 1:], K, draws, torch.Generator().manual_seed(3))
+        monkeypatch.setattr(hf_engine, "LOGPROB_BLOCK_ELEMENTS", 7 * model.config.vocab_size)
+        hidden, head = hf_engine.hidden_states(model, x[:, :-1])
+        blocks = hf_engine.topk_from_hidden(hidden, head, x[:, 1:], K, draws, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(blocks[0], whole[0], rtol=0, atol=0)
+    for a, b in zip(blocks[1:3], whole[1:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    if draws is not None:
+        assert torch.equal(blocks[3], whole[3])

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddk_cache.choices import DDKScore, Divergence, Objective, ParallelMode, ReportTarget, SamplerName, Tail
+from ddk_cache.choices import DDKScore, Divergence, LossImpl, Objective, ParallelMode, ReportTarget, SamplerName, Tail
 from ddk_cache.cli.boundary import user_errors
-from ddk_cache.cli.options import Device, Progress, Seed, StorageOptions, parse_storage_options
+from ddk_cache.cli.options import Device, LossImplOption, Progress, Seed, StorageOptions, parse_storage_options
 from ddk_cache.cli.output import console, say
 from ddk_cache.devices import is_main_process
 from ddk_cache.tables import name_table
@@ -39,6 +39,7 @@ def distill(
     mix: Annotated[Optional[float], typer.Option(help="Use loss = (1 - mix) * CE + mix * KD instead (MiniLLM baseline: 0.5).", rich_help_panel="KD loss")] = None,
     jsd_beta: Annotated[float, typer.Option(help="jsd: the mixture weight.", rich_help_panel="KD loss")] = 0.5,
     skew_alpha: Annotated[float, typer.Option(help="skew_*_kl: the skew (DistiLLM: 0.1).", rich_help_panel="KD loss")] = 0.1,
+    loss_impl: LossImplOption = LossImpl.fused,
     objective: Annotated[Objective, typer.Option(
         help="kd: CE + KD on a cache of fixed text; minillm: MiniLLM's update (policy gradient + single-step reverse KL) on a "
              "scored rollout store (ddk-cache rollout, then teacher-dump).", rich_help_panel="MiniLLM")] = Objective.kd,
@@ -97,7 +98,7 @@ def distill(
             objective=stage.ObjectiveSettings(
                 name=objective, kd=stage.KDConfig.from_flags(divergence.value, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha),
                 minillm=stage.MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step), pt_store=pt_store, pt_weight=pt_weight,
-                online_teacher=online_teacher),
+                online_teacher=online_teacher, loss_impl=loss_impl),
             sampler=stage.SamplerSettings(name=sampler, alpha=ddk_alpha, smooth=ddk_smooth, score=ddk_score, temperature=ddk_temperature,
                                           update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size),
             parallel=stage.ParallelSettings(mode=parallel, device=device, dist_timeout=dist_timeout),

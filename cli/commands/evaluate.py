@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ddk_cache.choices import LossImpl
 from ddk_cache.cli.boundary import user_errors
-from ddk_cache.cli.options import Device, JsonOut, StorageOptions, parse_storage_options
+from ddk_cache.cli.options import Device, JsonOut, LossImplOption, StorageOptions, parse_storage_options
 from ddk_cache.cli.output import check_json_target, console, json_alone, write_json
 from ddk_cache.tables import name_table
 
@@ -21,6 +22,7 @@ def evaluate(
     device: Device = "auto",
     random_init: Annotated[bool, typer.Option(help="Score a folder that holds only config.json (a fresh random initialisation) on purpose; "
                                                     "refused otherwise.")] = False,
+    loss_impl: LossImplOption = LossImpl.fused,
     json_out: JsonOut = None,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -30,7 +32,7 @@ def evaluate(
     with user_errors():
         check_json_target(json_out)  # before a long evaluation
         results = run_eval(model, store, tokenizer, max_windows, batch_size, device, parse_storage_options(storage_options),
-                           random_init)
+                           random_init, loss_impl)
     table = name_table(f"eval: {model} on {store}", ("domain", "windows", "model loss", "model ppl", "model ECE", "teacher loss", "teacher ppl"))
     for e in results:
         table.add_row(e.domain, str(e.windows), f"{e.student_loss:.4f}", f"{e.student_ppl:.3f}", f"{e.student_ece:.4f}",

@@ -1,8 +1,10 @@
 """The embedded default engine: Hugging Face transformers, runs anywhere (CPU included).
 
-Memory: the full-vocabulary log_softmax is never materialised for a whole batch; it is
-computed over row blocks of at most `LOGPROB_BLOCK_ELEMENTS` floats, so a 128k vocabulary
-at long sequence lengths does not multiply the logits' footprint.
+Memory: neither the logits nor their log_softmax are materialised for a whole batch. The forward
+runs with the head recorded, not applied (`lm_head.hidden_states`), and the head is applied to row
+blocks of at most `LOGPROB_BLOCK_ELEMENTS` logits, each captured (top-k, target, samples) and freed
+before the next: a 256k-vocabulary teacher's batch costs `[tokens x d]` hidden states, not
+`[tokens x V]` logits in the model's dtype plus a float32 block.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ddk_cache.devices import resolve_device
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.errors import EngineError, first_line
 from ddk_cache.hub import require_loadable
+from ddk_cache.lm_head import LMHead, hidden_states
 
 LOGPROB_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of float32 per log_softmax block
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,9 +99,9 @@ class HFTeacherEngine(TeacherEngine):
         for start in range(0, len(windows), self.batch_size):
             batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long).to(self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = self.model(input_ids=inputs, use_cache=False).logits
-            copy = _HostCopy(topk_from_logits(logits, targets, k, draws, generator), int(inputs.numel()))
-            del logits
+            hidden, head = hidden_states(self.model, inputs)
+            copy = _HostCopy(topk_from_hidden(hidden, head, targets, k, draws, generator), int(inputs.numel()))
+            del hidden
             if in_flight is not None:
                 parts.append(in_flight.wait(progress))
             in_flight = copy
@@ -127,6 +130,19 @@ class _HostCopy:
         return TopKResult(ids, values, target_values, samples)
 
 
+def topk_from_hidden(
+    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`topk_from_logits` of `head.logits(hidden)`, the head applied a row block at a time: the same results, with one
+    block of logits alive instead of `[B, L, V]`. `hidden` `[B, L, d]`."""
+    b, length, _ = hidden.shape
+    flat = hidden.reshape(b * length, -1)
+    rows = max(1, LOGPROB_BLOCK_ELEMENTS // head.vocab)
+    blocks = [_capture_block(head.logits(flat[i : i + rows]), targets.reshape(-1, 1)[i : i + rows], k, draws, generator)
+              for i in range(0, flat.shape[0], rows)]
+    return _joined(blocks, b, length, k, draws)
+
+
 def topk_from_logits(
     logits: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -136,6 +152,17 @@ def topk_from_logits(
     Returns int32 ids `[B, L, k]`, float32 log-probs `[B, L, k]` (descending), float32 target log-probs
     `[B, L]` and, with `draws`, int32 samples `[B, L, draws]` drawn with replacement (inverse CDF of
     uniforms from the CPU `generator`, so the draws do not depend on the device or the batching).
+    """
+    b, length, vocab = logits.shape
+    flat_logits = logits.reshape(b * length, vocab)
+    rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
+    blocks = [_capture_block(flat_logits[i : i + rows], targets.reshape(-1, 1)[i : i + rows], k, draws, generator)
+              for i in range(0, flat_logits.shape[0], rows)]
+    return _joined(blocks, b, length, k, draws)
+
+
+def _capture_block(block: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None, generator: torch.Generator | None) -> tuple:
+    """One row block's `(ids, log-probs, target log-probs, samples)`; float32 blocks are consumed (overwritten).
 
     Why not log_softmax: the top-k and the target are read off the logits, and only the normaliser
     log(sum(exp)) is needed on top; computing it in place (subtract the row maximum, the top-1 logit,
@@ -143,35 +170,23 @@ def topk_from_logits(
     the forward (page faults of a fresh 200 MiB buffer per block). Sampling needs every log-prob and
     keeps log_softmax.
     """
-    b, length, vocab = logits.shape
-    flat_logits = logits.reshape(b * length, vocab)
-    flat_targets = targets.reshape(b * length, 1)
-    rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
-    ids, values, target_values, samples = [], [], [], []
-    for start in range(0, flat_logits.shape[0], rows):
-        block = flat_logits[start : start + rows]
-        if draws is not None:
-            logprobs = torch.log_softmax(block.float(), dim=-1)
-            top = logprobs.topk(k, dim=-1, sorted=True)
-            top_values, target = top.values, logprobs.gather(-1, flat_targets[start : start + rows]).squeeze(-1)
-            samples.append(sample_from_logprobs(logprobs, draws, generator))
-        else:
-            # top-k in the logits' own dtype: float(bf16) is exact and order-preserving, so the entries are
-            # the same as in float32, and the selection reads half the bytes
-            top = block.topk(k, dim=-1, sorted=True)
-            row_max = top.values[:, :1].float()
-            target = block.gather(-1, flat_targets[start : start + rows]).squeeze(-1).float()
-            log_normaliser = row_max + block.float().sub_(row_max).exp_().sum(-1, keepdim=True).log_()
-            top_values, target = top.values.float() - log_normaliser, target - log_normaliser.squeeze(-1)
-        ids.append(top.indices.to(torch.int32))
-        values.append(top_values)
-        target_values.append(target)
-    return (
-        torch.cat(ids).reshape(b, length, k),
-        torch.cat(values).reshape(b, length, k),
-        torch.cat(target_values).reshape(b, length),
-        torch.cat(samples).reshape(b, length, draws) if draws is not None else None,
-    )
+    if draws is not None:
+        logprobs = torch.log_softmax(block.float(), dim=-1)
+        top = logprobs.topk(k, dim=-1, sorted=True)
+        return top.indices.to(torch.int32), top.values, logprobs.gather(-1, targets).squeeze(-1), sample_from_logprobs(logprobs, draws, generator)
+    # top-k in the logits' own dtype: float(bf16) is exact and order-preserving, so the entries are
+    # the same as in float32, and the selection reads half the bytes
+    top = block.topk(k, dim=-1, sorted=True)
+    row_max = top.values[:, :1].float()
+    target = block.gather(-1, targets).squeeze(-1).float()
+    log_normaliser = row_max + block.float().sub_(row_max).exp_().sum(-1, keepdim=True).log_()
+    return top.indices.to(torch.int32), top.values.float() - log_normaliser, target - log_normaliser.squeeze(-1), None
+
+
+def _joined(blocks: list[tuple], b: int, length: int, k: int, draws: int | None) -> tuple:
+    ids, values, target_values, samples = zip(*blocks)
+    return (torch.cat(ids).reshape(b, length, k), torch.cat(values).reshape(b, length, k), torch.cat(target_values).reshape(b, length),
+            torch.cat(samples).reshape(b, length, draws) if draws is not None else None)
 
 
 def sample_from_logprobs(logprobs: torch.Tensor, draws: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -31,7 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from ddk_cache.errors import SettingError
-from ddk_cache.training.losses import TeacherTargets, kd_loss
+from ddk_cache.lm_head import LMHead
+from ddk_cache.training.fused_loss import sparse_head_loss
+from ddk_cache.training.losses import KDConfig, TeacherTargets, _entries, _kd_per_position, _safe_ids, kd_loss
+from ddk_cache.training.student_outputs import StudentOutputs
 from ddk_cache.training.window_loader import Batch
 
 
@@ -94,13 +97,18 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
     pessimistic of the two, so the gradient vanishes once the ratio has moved past 1 +- eps in the
     direction the advantage asks for.
     """
+    count = mask.sum().clamp_min(1.0)
+    per_token, held = _clipped_terms(logprobs, behaviour_logprobs, advantages, mask, clip)
+    return per_token.sum() / count, held.sum().detach() / count
+
+
+def _clipped_terms(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (0 outside the mask): the clipped surrogate, and 1 where the clip held the ratio."""
     ratio = torch.exp((logprobs - behaviour_logprobs.float()) * mask)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    count = mask.sum().clamp_min(1.0)
-    loss = (torch.maximum(unclipped, clipped) * mask).sum() / count
-    held = (((ratio < 1.0 - clip) | (ratio > 1.0 + clip)).float() * mask).sum() / count
-    return loss, held.detach()
+    return torch.maximum(unclipped, clipped) * mask, ((ratio < 1.0 - clip) | (ratio > 1.0 + clip)).float() * mask
 
 
 def sequence_reverse_kl(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,19 +134,61 @@ def minillm_loss(
     token. `student_logits` `[B, L, V]`, `teacher` the cached entries `[B, L, W]`."""
     mask = mask.float()
     logprobs = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        rewards = token_rewards(teacher_logprobs, behaviour_logprobs, mask)
-        advantages = normalised_returns(rewards, mask)
-        if config.whiten:
-            advantages = whiten(advantages, mask)
+    advantages = _advantages(teacher_logprobs, behaviour_logprobs, mask, config)
     policy_gradient, held = clipped_policy_loss(logprobs, behaviour_logprobs, advantages, mask, config.clip)
     single_step = kd_loss(student_logits, teacher, divergence="reverse_kl", tail="rest", mask=mask, teacher_vocab=teacher_vocab)
     total = policy_gradient + single_step if config.single_step else policy_gradient
+    return MiniLLMParts(total, policy_gradient, single_step, *_statistics(teacher_logprobs, behaviour_logprobs, mask), held)
+
+
+def fused_minillm_loss(
+    hidden: torch.Tensor,
+    head: LMHead,
+    response_ids: torch.Tensor,
+    teacher: TeacherTargets,
+    teacher_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    config: MiniLLMConfig = MiniLLMConfig(),
+    teacher_vocab: int | None = None,
+    rows: int | None = None,
+) -> MiniLLMParts:
+    """`minillm_loss` from the final hidden states `[B, L, d]` and the head, a token chunk at a time (`fused_loss.py`):
+    both terms need of the head only the log-sum-exp and the logits at the sampled token and the cached entries."""
+    mask = mask.float()
+    flat_mask = mask.reshape(-1)
+    advantages = _advantages(teacher_logprobs, behaviour_logprobs, mask, config).reshape(-1)
+    behaviour = behaviour_logprobs.reshape(-1)
+    count = flat_mask.sum().clamp_min(1.0)
+    entries = teacher.flat()
+    ids, valid = _entries(entries, head.vocab)
+    reverse = KDConfig(divergence="reverse_kl", tail="rest")
+
+    def rows_loss(lse, _lse_t, at, piece):
+        m = flat_mask[piece]
+        per_token, held = _clipped_terms(at[:, 0] - lse, behaviour[piece], advantages[piece], m, config.clip)
+        single = _kd_per_position(at[:, 1:] - lse[:, None], entries.rows(piece), valid[piece], reverse, head.vocab, teacher_vocab) * m
+        pg_sum, single_sum = per_token.sum() / count, single.sum() / count
+        return pg_sum + single_sum if config.single_step else pg_sum, torch.stack([pg_sum, single_sum, held.sum() / count])
+
+    gathered = torch.cat([response_ids.reshape(-1, 1).long(), _safe_ids(ids, valid)], dim=-1)
+    total, stats = sparse_head_loss(hidden.reshape(-1, hidden.shape[-1]), head, gathered, rows_loss, 1.0, rows)
+    return MiniLLMParts(total, stats[0], stats[1], *_statistics(teacher_logprobs, behaviour_logprobs, mask), stats[2])
+
+
+def _advantages(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor, config: MiniLLMConfig) -> torch.Tensor:
+    """The length-normalised returns of the per-token rewards, whitened over the batch: no gradient, from the store alone."""
     with torch.no_grad():
-        reward = rewards.sum() / mask.sum().clamp_min(1.0)
+        advantages = normalised_returns(token_rewards(teacher_logprobs, behaviour_logprobs, mask), mask)
+        return whiten(advantages, mask) if config.whiten else advantages
+
+
+def _statistics(teacher_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(reward, reverse_kl)` of the batch, as `MiniLLMParts` logs them."""
+    with torch.no_grad():
+        reward = token_rewards(teacher_logprobs, behaviour_logprobs, mask).sum() / mask.sum().clamp_min(1.0)
         has_response = mask.sum(-1) > 0
-        reverse_kl = sequence_reverse_kl(teacher_logprobs, behaviour_logprobs, mask)[has_response].mean()
-    return MiniLLMParts(total, policy_gradient, single_step, reward, reverse_kl, held)
+        return reward, sequence_reverse_kl(teacher_logprobs, behaviour_logprobs, mask)[has_response].mean()
 
 
 @dataclass(frozen=True)
@@ -149,9 +199,12 @@ class MiniLLMObjective:
     config: MiniLLMConfig
     teacher_vocab: int
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> MiniLLMParts:
+    def loss(self, outputs: StudentOutputs, batch: Batch) -> MiniLLMParts:
         rollout = batch.rollout
-        return minillm_loss(logits, batch.targets, batch.teacher, rollout.teacher_logprobs, rollout.behaviour_logprobs,
+        if outputs.fused:
+            return fused_minillm_loss(outputs.hidden, outputs.head, batch.targets, batch.teacher, rollout.teacher_logprobs,
+                                      rollout.behaviour_logprobs, rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab)
+        return minillm_loss(outputs.logits, batch.targets, batch.teacher, rollout.teacher_logprobs, rollout.behaviour_logprobs,
                             rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab)
 
     def log_parts(self, parts: MiniLLMParts) -> dict[str, float]:

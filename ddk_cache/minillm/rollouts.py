@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ddk_cache.lm_head import hidden_states, map_rows
 from ddk_cache.minillm.prompts import Prompt
 
 
@@ -119,13 +120,20 @@ def reference_rollouts(model, tokenizer, prompts: list[Prompt], max_prompt_token
 
 
 def sequence_logprobs(model, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """log q(token t + 1 | tokens <= t) for every position of every window, teacher-forced, `[n, L]` float32."""
+    """log q(token t + 1 | tokens <= t) for every position of every window, teacher-forced, `[n, L]` float32.
+
+    The head is applied a token chunk at a time (`lm_head.map_rows`): no `[tokens x vocabulary]` logits."""
     device = next(model.parameters()).device
     out = np.zeros((windows.shape[0], windows.shape[1] - 1), dtype=np.float32)
     with torch.no_grad():
         for first in range(0, len(windows), batch_size):
             tokens = torch.as_tensor(windows[first : first + batch_size], device=device).long()
-            logits = model(input_ids=tokens[:, :-1]).logits.float()
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-            out[first : first + len(tokens)] = picked.cpu().numpy()
+            hidden, head = hidden_states(model, tokens[:, :-1])
+            following = tokens[:, 1:].reshape(-1, 1)
+
+            def picked_logprobs(logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor]:
+                return (logits.gather(1, following[rows])[:, 0] - torch.logsumexp(logits, -1),)
+
+            picked = torch.cat([part[0] for part in map_rows(hidden.flatten(0, 1), head, picked_logprobs)])
+            out[first : first + len(tokens)] = picked.reshape(len(tokens), -1).cpu().numpy()
     return out

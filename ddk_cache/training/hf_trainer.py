@@ -16,6 +16,12 @@ its positions whatever the split into micro-batches and ranks, and `loss_is_scal
 Trainer not to divide again. Batches from `ddk_cache.collate` hold tensors only, so accelerate can
 dispatch them to several ranks; `remove_unused_columns` is turned off, or the Trainer would drop the
 `teacher_*` columns a `datasets` view carries.
+
+The loss is the fused one (`fused_loss.py`): the model's forward runs with its head recorded, not applied
+(`lm_head.hidden_states`), and CE + KD take the head a token chunk at a time, so a 128k-262k vocabulary
+never costs `[tokens x vocabulary]` float32 logits and their gradient. `loss_impl="dense"` keeps the
+plain logits path, the reference. Evaluation that asks for outputs (`prediction_loss_only=False`) gets
+the logits, built once for that.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
+from ddk_cache.choices import LossImpl, parse_choice
+from ddk_cache.errors import SettingError
 from ddk_cache.training.cache_datasets import collate
-from ddk_cache.training.losses import Divergence, KDConfig, TailMode, kd_loss
+from ddk_cache.training.losses import Divergence, KDConfig, TailMode, TeacherTargets, check_sampled_config
+from ddk_cache.training.objectives import KDObjective
+from ddk_cache.training.student_outputs import student_outputs
 
 IGNORE_INDEX = -100  # transformers' label for a position that is not a target
 
@@ -35,6 +44,24 @@ IGNORE_INDEX = -100  # transformers' label for a position that is not a target
 def target_positions(batch: dict[str, Any]) -> int:
     """The positions of a batch that count in the loss (labels that are not -100)."""
     return int(batch["labels"].ne(IGNORE_INDEX).sum())
+
+
+def _used_parameters_only(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Tell DDP every parameter is used, before the Trainer builds its accelerator.
+
+    The fused loss applies the head after the forward: DDP's search for unused parameters (the Trainer's default
+    without gradient checkpointing) would mark the head unused at the forward's end, then fail when its
+    gradient arrives ("Expected to mark a variable ready only once").
+    """
+    from transformers import TrainingArguments
+
+    if len(args) < 2 and kwargs.get("args") is None:
+        kwargs["args"] = TrainingArguments(output_dir="tmp_trainer")  # what the Trainer builds itself when given none
+    training_args = args[1] if len(args) >= 2 else kwargs["args"]
+    if training_args.ddp_find_unused_parameters:
+        raise SettingError("ddp_find_unused_parameters=True cannot work with the fused loss (it applies the head after the "
+                           "forward): leave it unset, or pass loss_impl='dense'")
+    training_args.ddp_find_unused_parameters = False
 
 
 class KDTrainer(Trainer):
@@ -49,9 +76,12 @@ class KDTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss normalises by the step's positions itself (module docstring)
 
     def __init__(self, *args: Any, gamma: float = 0.2, divergence: Divergence = "forward_kl", tail: TailMode = "rest",
-                 temperature: float = 1.0, **kwargs: Any) -> None:
+                 temperature: float = 1.0, loss_impl: LossImpl | str = LossImpl.fused, **kwargs: Any) -> None:
         self.kd = KDConfig(divergence=divergence, tail=tail, temperature=temperature, gamma=gamma)  # validates before the model loads
+        self.loss_impl = parse_choice(LossImpl, loss_impl, "loss_impl")
         kwargs.setdefault("data_collator", collate)
+        if self.loss_impl == LossImpl.fused:
+            _used_parameters_only(args, kwargs)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # keep the teacher_* columns (read when the dataloader is built): compute_loss needs them
         # older transformers have no loss_is_scaled_for_ga: they skip the division (and count items) when the model takes
@@ -69,16 +99,21 @@ class KDTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        logits = model(input_ids=inputs["input_ids"]).logits  # labels are already shifted: not given to the model
+        outputs = student_outputs(model, inputs["input_ids"], self.loss_impl)  # labels are already shifted: not given to the model
         labels = inputs["labels"]
         counted = labels.ne(IGNORE_INDEX)
         positions = counted.sum()
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        kd = kd_loss(logits, inputs, divergence=self.kd.divergence, tail=self.kd.tail, temperature=self.kd.temperature, mask=counted)
-        self.kd_history.append(kd.item())
-        loss = ce + self.kd.gamma * kd  # the micro-batch's mean over its positions
+        teacher = TeacherTargets.from_batch(inputs)
+        if teacher.sampled:
+            check_sampled_config(self.kd)
+        parts = KDObjective(self.kd, teacher_vocab=None).loss_on(outputs, labels.clamp_min(0), teacher, counted.float())
+        self.kd_history.append(float(parts.kd))
+        loss = parts.total  # the micro-batch's mean over its positions
         if num_items_in_batch is not None and model.training:  # training: a share of the step's mean (module docstring)
             loss = loss * positions / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size
-        return (loss, {"logits": logits}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, {"logits": outputs.logits if not outputs.fused else outputs.head.logits(outputs.hidden.flatten(0, 1)).reshape(
+            *outputs.hidden.shape[:-1], -1)}

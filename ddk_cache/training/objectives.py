@@ -1,10 +1,11 @@
-"""What a training step minimises, as one object the loop calls: `loss(logits, batch)` and `log_parts(parts)`.
+"""What a training step minimises, as one object the loop calls: `loss(outputs, batch)` and `log_parts(parts)`.
 
 Why an object (torchtitan's loop calls one loss function it was handed): the step used to choose between KD
 on a cache, KD against a live teacher and MiniLLM's update by string and `isinstance` in three places
 (the forward, the parts it logs, the checks). Each objective now carries its own settings and knows its own
 parts; the loop does not know which one it runs. MiniLLM's objective lives with MiniLLM
-(`minillm/objective.py`) and fulfils the same protocol.
+(`minillm/objective.py`) and fulfils the same protocol. Each takes the student's outputs in either form
+(`student_outputs.py`: logits, or hidden states and head for the fused losses) and computes the same loss.
 """
 
 from __future__ import annotations
@@ -16,16 +17,27 @@ from typing import Any, Protocol
 
 import torch
 
-from ddk_cache.training.losses import KDConfig, LossParts, dense_distillation_loss, distillation_loss
+from ddk_cache.lm_head import hidden_states
+from ddk_cache.training.fused_loss import fused_distillation_loss, fused_online_loss
+from ddk_cache.training.losses import KDConfig, LossParts, TeacherTargets, dense_distillation_loss, distillation_loss
+from ddk_cache.training.student_outputs import StudentOutputs
 from ddk_cache.training.window_loader import Batch
 
 
 class TrainingObjective(Protocol):
-    """The loss of one micro-batch from the student's logits, and the named scalars a step logs from it."""
+    """The loss of one micro-batch from the student's outputs, and the named scalars a step logs from it."""
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> Any: ...
+    def loss(self, outputs: StudentOutputs, batch: Batch) -> Any: ...
 
     def log_parts(self, parts: Any) -> dict[str, float]: ...
+
+
+def language_model_loss(outputs: StudentOutputs, targets: torch.Tensor) -> torch.Tensor:
+    """The next-token CE alone (MiniLLM's L_PT term), in either form."""
+    config = KDConfig()
+    if outputs.fused:
+        return fused_distillation_loss(outputs.hidden, outputs.head, targets, None, config).total
+    return distillation_loss(outputs.logits, targets, None, config).total
 
 
 def kd_log_parts(parts: LossParts) -> dict[str, float]:
@@ -37,11 +49,16 @@ class KDObjective:
     """CE + KD on the cached sparse targets (DDK's loss). A store of reference answers trains on the answers only."""
 
     kd: KDConfig
-    teacher_vocab: int
+    teacher_vocab: int | None
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> LossParts:
-        mask = batch.rollout.response_mask if batch.rollout is not None else None
-        return distillation_loss(logits, batch.targets, batch.teacher, self.kd, teacher_vocab=self.teacher_vocab, mask=mask)
+    def loss(self, outputs: StudentOutputs, batch: Batch) -> LossParts:
+        return self.loss_on(outputs, batch.targets, batch.teacher, batch.rollout.response_mask if batch.rollout is not None else None)
+
+    def loss_on(self, outputs: StudentOutputs, targets: torch.Tensor, teacher: TeacherTargets | None, mask: torch.Tensor | None) -> LossParts:
+        """The loss of next tokens `targets` and the teacher's entries, means over `mask` (None: every position)."""
+        if outputs.fused:
+            return fused_distillation_loss(outputs.hidden, outputs.head, targets, teacher, self.kd, self.teacher_vocab, mask)
+        return distillation_loss(outputs.logits, targets, teacher, self.kd, teacher_vocab=self.teacher_vocab, mask=mask)
 
     def log_parts(self, parts: LossParts) -> dict[str, float]:
         return kd_log_parts(parts)
@@ -55,10 +72,15 @@ class OnlineKDObjective:
     kd: KDConfig
     autocast: Callable[[], AbstractContextManager]  # the student's autocast, so both forwards run alike
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> LossParts:
+    def loss(self, outputs: StudentOutputs, batch: Batch) -> LossParts:
         with self.autocast(), torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch.input_ids, use_cache=False).logits
-        return dense_distillation_loss(logits, batch.targets, teacher_logits, self.kd)
+            if outputs.fused:  # both heads a token chunk at a time: neither side's [N, V] logits
+                teacher_hidden, teacher_head = hidden_states(self.teacher, batch.input_ids)
+            else:
+                teacher_logits = self.teacher(input_ids=batch.input_ids, use_cache=False).logits
+        if outputs.fused:
+            return fused_online_loss(outputs.hidden, outputs.head, batch.targets, teacher_hidden, teacher_head, self.kd)
+        return dense_distillation_loss(outputs.logits, batch.targets, teacher_logits, self.kd)
 
     def log_parts(self, parts: LossParts) -> dict[str, float]:
         return kd_log_parts(parts)

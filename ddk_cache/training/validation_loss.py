@@ -20,9 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddk_cache.choices import LossImpl
+from ddk_cache.lm_head import map_rows
 from ddk_cache.store.format import RESPONSE_MASK, TARGET_LOGPROBS, TOKENS
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.distributed import ParallelContext, all_reduce_sum
+from ddk_cache.training.student_outputs import StudentOutputs, student_outputs
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ def evaluate_domains(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
     ctx: ParallelContext | None = None,
+    loss_impl: LossImpl | str = LossImpl.fused,
 ) -> list[DomainEval]:
     """Mean next-token CE (nats) of `model` and of the teacher on the first `max_windows` valid windows.
 
@@ -63,7 +67,8 @@ def evaluate_domains(
     Under torchrun the windows of each domain are split into contiguous per-rank slices, and the
     per-domain sums (losses, counts, calibration bins) are all-reduced once at the end: every
     rank returns the same numbers, equal (up to float summation order) to a single process's.
-    Every rank runs the same number of forward passes (a rank with a shorter slice runs one on a
+    `loss_impl`: fused (the default) scores the positions from the hidden states a token chunk of logits at a
+    time; dense from the model's `[tokens x vocabulary]` logits. Every rank runs the same number of forward passes (a rank with a shorter slice runs one on a
     window that counts for nothing): FSDP2 gathers parameters in every forward, collectively.
     """
     ctx = ctx or ParallelContext(device=next(model.parameters()).device)
@@ -91,13 +96,13 @@ def evaluate_domains(
             batch = torch.as_tensor(rows, dtype=torch.long, device=ctx.device)
             autocast = torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
             with autocast:
-                logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+                outputs = student_outputs(model, batch[:, :-1], loss_impl)
             if real == 0:
                 continue
             keep = torch.as_tensor(counted[begin : begin + batch_size], device=ctx.device).flatten()
-            flat_logits, flat_targets = logits.float().flatten(0, 1)[keep], batch[:, 1:].flatten()[keep]
-            student_total += float(F.cross_entropy(flat_logits, flat_targets, reduction="sum"))
-            calibration.add(flat_logits, flat_targets)
+            loss, confidence, prediction = _scores(outputs, batch[:, 1:].flatten(), keep)
+            student_total += loss
+            calibration.add(confidence, prediction, batch[:, 1:].flatten()[keep])
         sums[d, :3] = torch.tensor([student_total, float(-np.sum(teacher[counted], dtype=np.float64)), counted.sum()], dtype=torch.float64)
         sums[d, 3:] = calibration.as_tensor()
     sums = all_reduce_sum(ctx, sums)
@@ -107,6 +112,25 @@ def evaluate_domains(
         student, teacher, count = (float(v) for v in sums[d, :3])
         results.append(DomainEval(domain, windows[d], student / count, teacher / count, CalibrationBins.from_tensor(sums[d, 3:]).ece()))
     return results
+
+
+def _scores(outputs: StudentOutputs, targets: torch.Tensor, keep: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The summed CE of the kept positions, and their top-1 probability and prediction (for the ECE).
+
+    Fused: from the hidden states, a token chunk of logits at a time (`lm_head.map_rows`); dense: from all of them.
+    """
+    if not outputs.fused:
+        logits = outputs.logits.float().flatten(0, 1)[keep]
+        return (float(F.cross_entropy(logits, targets[keep], reduction="sum")), *torch.softmax(logits, dim=-1).max(dim=-1))
+    hidden, kept_targets = outputs.hidden.flatten(0, 1)[keep], targets[keep]
+
+    def score(logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
+        lse = torch.logsumexp(logits, -1)
+        top, prediction = logits.max(-1)
+        return (lse - logits.gather(1, kept_targets[rows, None])[:, 0]).sum(), torch.exp(top - lse), prediction
+
+    parts = map_rows(hidden, outputs.head, score)
+    return float(sum(p[0] for p in parts)), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
 def _share(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -130,9 +154,8 @@ class CalibrationBins:
         self.confidence = torch.zeros(bins, dtype=torch.float64)
         self.correct = torch.zeros(bins, dtype=torch.float64)
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        probs = torch.softmax(logits.float(), dim=-1)
-        confidence, prediction = probs.max(dim=-1)
+    def add(self, confidence: torch.Tensor, prediction: torch.Tensor, targets: torch.Tensor) -> None:
+        """Positions with their top-1 probability and top-1 id, and the true next token."""
         index = (confidence * self.bins).long().clamp_(max=self.bins - 1).cpu()
         self.count += torch.bincount(index, minlength=self.bins).double()
         self.confidence += torch.bincount(index, weights=confidence.double().cpu(), minlength=self.bins)
