@@ -51,6 +51,11 @@ def expected_failure(exc: BaseException) -> str | None:
         return f"cannot read model weights ({first_line(exc)}): the file is truncated or corrupt; copy or download it again"
     if name == "OutOfMemoryError":
         return f"out of GPU memory ({first_line(exc)}): lower --batch-size (or use more GPUs / --parallel fsdp)"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        wanted = str(exc).split("you tried to allocate ", 1)[-1].split(" bytes", 1)[0]
+        size = f" ({int(wanted) / 2**20:,.0f} MiB more)" if wanted.isdigit() else ""
+        return (f"out of host memory{size}: lower --batch-size (keep the step with --global-batch-size), and keep --loss-impl fused "
+                "(the default), which never builds [tokens x vocabulary] logits")
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         if exc.errno == errno.ENOSPC:

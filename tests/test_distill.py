@@ -336,3 +336,41 @@ def test_eval_refuses_a_folder_without_weights_unless_asked_to_score_a_random_in
     scored = CliRunner().invoke(app, ["eval", str(student), str(tiny_store), "--device", "cpu", "--random-init", "--json", "-"])
     assert scored.exit_code == 0, scored.output
     assert all(row["student_loss"] > 4 for row in json.loads(scored.stdout))  # about ln(vocab): the initialisation's loss
+
+
+# The CLI in a child process that reports its peak address space (VmPeak, KiB) on stderr when it exits
+PEAK_REPORTING_CLI = textwrap.dedent("""
+    import atexit, sys
+    atexit.register(lambda: print("VmPeak", next(l for l in open("/proc/self/status") if l.startswith("VmPeak")).split()[1], file=sys.stderr))
+    from ddk_cache.cli.main import main
+    sys.argv = ["ddk-cache", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_a_128k_vocabulary_student_trains_fused_in_a_memory_limit_the_dense_loss_cannot_fit(tiny_store, tiny_teacher, tmp_path):
+    """Issue 26's "done when": a 128,256-token student (a tiny body, where the logits dominate) trains with 64-window
+    micro-batches (960 tokens: dense logits of 470 MiB, their log-softmax and gradient as large) under an address-space
+    limit (RLIMIT_AS) of the fused run's own peak + 384 MiB; the dense loss runs out of it, in one line."""
+    import resource
+
+    student = make_student(tmp_path / "student", tiny_teacher, vocab_size=128256)
+    common = ("--store", str(tiny_store), "--student", str(student), "--steps", "2", "--batch-size", "64", "--global-batch-size", "64",
+              "--update-every", "2", "--eval-windows", "2", "--eval-batch-size", "64", "--reader-threads", "1", "--device", "cpu",
+              "--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def distill(impl: str, out: str, limit: int | None = None) -> subprocess.CompletedProcess:
+        limited = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+        return subprocess.run([sys.executable, "-c", PEAK_REPORTING_CLI, "distill", *common, "--out", str(tmp_path / out), "--loss-impl", impl],
+                              capture_output=True, text=True, env=env, timeout=300, preexec_fn=limited)
+
+    free = distill("fused", "free")
+    assert free.returncode == 0, free.stderr[-3000:]
+    limit = int(free.stderr.rsplit("VmPeak", 1)[1].split()[0]) * 1024 + (384 << 20)
+    fused = distill("fused", "fused", limit)
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    dense = distill("dense", "dense", limit)
+    assert dense.returncode != 0
+    errors = [line for line in dense.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: out of host memory") and "Traceback" not in dense.stderr, dense.stderr[-3000:]
