@@ -24,8 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.data_order import GlobalBatchPlanner
 from ddk_cache.training.domain_samplers import UniformSampler
-from ddk_cache.training.losses import KDConfig, distillation_loss
+from ddk_cache.training.losses import KDConfig
+from ddk_cache.training.objectives import KDObjective
 from ddk_cache.training.optimizer import build_optimizer
+from ddk_cache.training.student_outputs import student_outputs
 from ddk_cache.training.window_loader import WindowLoader, domain_orders
 
 
@@ -40,17 +42,18 @@ def build_student(tokenizer_dir: str, out: Path, hidden: int, layers: int) -> to
     return model
 
 
-def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: int, device: torch.device) -> float:
-    """Student tokens/s over `batches` with the KD loss (kd) or CE only (kd=None); bf16 autocast on GPU as distill does."""
+def train_rate(model, optimizer, batches, kd: KDConfig | None, teacher_vocab: int, device: torch.device, loss_impl: str = "fused") -> float:
+    """Student tokens/s over `batches` with the KD loss (kd) or CE only (kd=None); bf16 autocast on GPU as distill does,
+    the loss computed as distill's `--loss-impl` would."""
     tokens, start = 0, time.perf_counter()
     for batch in batches:
         batch = batch.to(device)  # host-to-device copy counted: the trainer pays it too
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=batch.input_ids, use_cache=False).logits
+            outputs = student_outputs(model, batch.input_ids, loss_impl)
         if kd is None:
-            parts = distillation_loss(logits, batch.targets, None, KDConfig(gamma=0.0))
+            parts = KDObjective(KDConfig(gamma=0.0), teacher_vocab).loss_on(outputs, batch.targets, None, None)
         else:
-            parts = distillation_loss(logits, batch.targets, batch.teacher, kd, teacher_vocab=teacher_vocab)
+            parts = KDObjective(kd, teacher_vocab).loss_on(outputs, batch.targets, batch.teacher, None)
         parts.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="CE/KD block pairs, alternating")
     parser.add_argument("--reader-threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, as distill on a GPU)")
+    parser.add_argument("--loss-impl", default="fused", choices=["fused", "dense"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -125,11 +129,11 @@ def main() -> None:
     batcher_rate = sum(b.input_ids.numel() for b in produced) / (time.perf_counter() - start)
     batcher.loader.close()
 
-    train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab, device)  # warm-up
+    train_rate(model, optimizer, batches[:2], KDConfig(), teacher_vocab, device, args.loss_impl)  # warm-up
     ce_rates, kd_rates = [], []
     for _ in range(args.blocks):
-        ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab, device))
-        kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab, device))
+        ce_rates.append(train_rate(model, optimizer, batches, None, teacher_vocab, device, args.loss_impl))
+        kd_rates.append(train_rate(model, optimizer, batches, KDConfig(), teacher_vocab, device, args.loss_impl))
     decode = decode_rate(reader, args.reader_threads)
     # what the integrity checks cost: decoding with and without them, alternated, each reader warm (a trainer's reader
     # lives for the whole run: opening arrays and checking their metadata happen once per split, not per chunk)

@@ -1,5 +1,9 @@
 """Distil from a ddk-cache store in a plain PyTorch loop: a DataLoader, a student, CE + gamma * KD.
 
+The loss is the fused one: from the student's final hidden states and its head, a token chunk of logits at a
+time, so a 128k-262k vocabulary never costs `[tokens x vocabulary]` logits (`ddk_cache.kd_loss` on the model's
+logits gives the same KD term, the dense way).
+
     python examples/plain_loop.py --store cache.zarr --student ./student --steps 200
 """
 
@@ -9,7 +13,6 @@ import argparse
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -25,14 +28,13 @@ def train(store: str, student: str, steps: int, batch_size: int = 4, lr: float =
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     history = []
     for step, batch in enumerate(itertools.islice(loader, steps)):
-        logits = model(input_ids=batch["input_ids"]).logits
-        ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-        kd = ddk_cache.kd_loss(logits, batch)  # forward KL on the cached entries + the rest bucket, T = 1
-        (ce + gamma * kd).backward()
+        hidden, head = ddk_cache.hidden_states(model, batch["input_ids"])  # the model's forward, its head not applied
+        parts = ddk_cache.fused_kd_loss(hidden, head, batch, gamma=gamma)  # CE + forward KL on the entries + the rest bucket
+        parts.total.backward()
         optimizer.step()
         optimizer.zero_grad()
-        history.append(kd.item())
-        print(f"step {step}: ce {ce.item():.3f} kd {kd.item():.3f}")
+        history.append(parts.kd.item())
+        print(f"step {step}: ce {parts.ce.item():.3f} kd {parts.kd.item():.3f}")
     return model, history
 
 
