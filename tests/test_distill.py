@@ -363,7 +363,7 @@ def test_a_128k_vocabulary_student_trains_fused_in_a_memory_limit_the_dense_loss
     def distill(impl: str, out: str, limit: int | None = None) -> subprocess.CompletedProcess:
         limited = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
         return subprocess.run([sys.executable, "-c", PEAK_REPORTING_CLI, "distill", *common, "--out", str(tmp_path / out), "--loss-impl", impl],
-                              capture_output=True, text=True, env=env, timeout=300, preexec_fn=limited)
+                              capture_output=True, text=True, env=env, timeout=300, preexec_fn=limited, cwd=tmp_path)  # not the checkout's ddk_cache/
 
     free = distill("fused", "free")
     assert free.returncode == 0, free.stderr[-3000:]

@@ -105,3 +105,55 @@ def test_the_lease_is_renewed_while_held(tmp_path):
         time.sleep(0.6)
         assert json.loads(lease_file.read_text())["expires"] > first
     assert not lease_file.exists()
+
+
+def test_a_lease_being_written_is_never_taken_for_a_half_written_one(tmp_path, monkeypatch):
+    """Two writers racing for one place, every write of the lease slowed down: exactly one gets it. Before the lease
+    appeared whole (created empty, then written), the second read it empty, took it for a killed holder's and took it
+    over: both wrote the store (a CI run's racing-writers test crashed on a group the other had just created)."""
+    import builtins
+    import threading
+
+    from ddk_cache.store import lease as lease_module
+
+    class SlowFile:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            time.sleep(0.3)
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+    monkeypatch.setattr(lease_module, "open", lambda *a, **k: SlowFile(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(lease_module.os, "fdopen", lambda *a, **k: SlowFile(real_fdopen(*a, **k)))
+    store, start, outcomes, held = str(tmp_path / "raced.zarr"), threading.Barrier(2), [], []
+
+    def writer() -> None:
+        lease = WriterLease(store, "node-0", "teacher-dump")
+        start.wait()
+        try:
+            lease.acquire()
+            held.append(lease)
+            outcomes.append("acquired")
+        except StoreError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for lease in held:
+        lease.release()
+    assert sorted(o == "acquired" for o in outcomes) == [False, True], outcomes
+    assert "is being written by another process" in next(o for o in outcomes if o != "acquired")

@@ -11,7 +11,7 @@ The lease of place `name` (`node-0` for a single writer, `node-r` for node r of 
 beside the store rather than in it, because creating a store replaces everything inside it. It holds
 an owner id, host, pid and an expiry that a background thread renews every `ttl / 4` seconds.
 
-- Acquiring creates it only if absent: `O_CREAT | O_EXCL` on a local or shared POSIX disk; a
+- Acquiring creates it only if absent, whole: a hard link of a written file on a local or shared POSIX disk; a
   conditional PUT (`If-None-Match: *`) on S3, which AWS and moto honour. On a server that ignores the
   condition, the lease is read back after `SETTLE_S` and whoever does not find its own id there
   gives up, so writers started more than that apart still exclude each other; closer starts are
@@ -158,7 +158,13 @@ def _pid_exists(pid: int) -> bool:
 
 
 class _LocalBackend:
-    """A local or shared POSIX path: O_EXCL is atomic."""
+    """A local or shared POSIX path: the lease appears whole, at once, or not at all (a hard link is atomic).
+
+    Why not `O_CREAT | O_EXCL` and then a write: between the two, a racing writer reads an empty lease, takes it
+    for a half-written one of a killed holder and takes it over, and both write the store (seen in CI: two dumps
+    started together, one crashed creating a group the other had just made). The record is written to a file
+    of this process's own first, then linked to the lease's name, which fails if that name exists.
+    """
 
     conditional = True
 
@@ -166,14 +172,24 @@ class _LocalBackend:
         self.path = path
 
     def create(self, data: bytes) -> bool:
-        try:
+        mine = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        for _ in range(3):  # a releasing holder may remove the folder between our makedirs and our link
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return True
+            try:
+                with open(mine, "wb") as handle:
+                    handle.write(data)
+                os.link(mine, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                continue
+            finally:
+                try:
+                    os.unlink(mine)
+                except FileNotFoundError:
+                    pass
+        raise FileNotFoundError(f"the lease folder {os.path.dirname(self.path)} kept disappearing")
 
     def overwrite(self, data: bytes) -> None:
         temp = f"{self.path}.{os.getpid()}.tmp"
