@@ -1,7 +1,8 @@
 """The fused loss path (`training/fused_loss.py`, `lm_head.py`) against the dense one: memory and time, side by side.
 
-Three measurements, each fused / dense (or chunked / whole) alternating in one run, each in its own child process
-so that its peak resident memory (`ru_maxrss`, what the machine has to have) is its own, measured the same way:
+Three measurements, each fused / dense (or chunked / whole) alternating in one run, each in its own child process;
+memory is the growth of the peak resident memory (VmHWM, reset with `clear_refs` just before; what the machine has
+to have) over the measured part, measured the same way for both:
 
 - `loss`: CE + KD (DDK's: forward KL, rest tail, gamma 0.2) and its backward alone, from random final hidden
   states `[tokens, d]` (d = 576, SmolLM2-135M's width) and a random head `[V, d]`, targets a top-W cache.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import resource  # RLIMIT_AS for the micro-batch search
 import statistics
 import subprocess
 import sys
@@ -33,8 +34,21 @@ from pathlib import Path
 DIM = 576
 
 
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
+
+
+def _start_peak() -> float:
+    """Reset the process's peak resident memory (Linux: `clear_refs` 5) and return the resident memory now, so that
+    `_peak_mib() - _start_peak()` is the growth of what follows alone, whatever came before (a model's initialisation)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_mib("VmRSS")
+
+
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mib("VmHWM")
 
 
 def measure_loss(impl: str, vocab: int, tokens: int, width: int) -> dict:
@@ -58,7 +72,7 @@ def measure_loss(impl: str, vocab: int, tokens: int, width: int) -> dict:
     labels = torch.randint(0, vocab, (tokens,))
     ids = torch.randint(0, vocab, (tokens, width)).sort(-1).values
     teacher = TeacherTargets(ids, torch.log_softmax(torch.randn(tokens, width), -1) - 0.1)
-    before = _peak_mib()
+    before = _start_peak()
     start = time.perf_counter()
     loss = loss_of(hidden, weight, labels, teacher)
     loss.backward()
@@ -96,7 +110,7 @@ def measure_step(impl: str, vocab: int, windows: int) -> dict:
         return float(loss)
 
     step(1)
-    before = _peak_mib()
+    before = _start_peak()
     start = time.perf_counter()
     loss = step(windows)
     return {"seconds": time.perf_counter() - start, "memory_mib": _peak_mib() - before, "loss": loss}
@@ -131,7 +145,7 @@ def measure_teacher(impl: str, vocab: int, tokens: int) -> dict:
         hf_engine.hidden_states = lambda m, inputs: (m(input_ids=inputs, use_cache=False).logits, _WholeLogits(vocab))
     with torch.inference_mode():
         engine.score(windows[:1, :9], 64) if impl != "forward" else model(input_ids=torch.as_tensor(windows[:1, :8]))
-        before = _peak_mib()
+        before = _start_peak()
         start = time.perf_counter()
         if impl == "forward":
             model(input_ids=torch.as_tensor(windows[:, :-1]), use_cache=False)
