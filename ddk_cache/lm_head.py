@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddk_cache.errors import SettingError
+
 CHUNK_ELEMENTS = 1 << 24  # logits per token chunk: [rows x V] float32 of 64 MiB
 MIN_ROWS = 128  # below this, the head's [V, d] gradient, read and written once per chunk, costs more than the matmuls
 
@@ -69,6 +71,9 @@ class LMHead:
         """The head of a Hugging Face causal LM (DDP's wrapper looked through), with its config's logit post-processing."""
         model = getattr(model, "module", model)
         head = model.get_output_embeddings()
+        if hasattr(head, "base_layer"):  # peft's LoRA (or another adapter) on the head: its weight alone is not the head
+            raise SettingError("the fused loss applies the head's weight itself, and the student has an adapter on its head "
+                               "(lm_head in --lora-targets): leave the head out of the adapted modules, or use --loss-impl dense")
         config = model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         softcap = getattr(text, "final_logit_softcapping", None)

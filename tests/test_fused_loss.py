@@ -185,3 +185,24 @@ def test_minillm_from_the_hidden_states_equals_the_dense_update(single_step):
         assert_close(getattr(results[0][0], name), getattr(results[1][0], name))
     for a, b_ in zip(results[0][1], results[1][1]):
         assert_close(a, b_)
+
+
+def test_an_adapter_on_the_head_is_refused_not_ignored():
+    """peft's LoRA on lm_head wraps it: its weight alone is the base head, so the fused loss would train as if the
+    adapter were not there. Refused in one line; an adapter elsewhere is fine."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ddk_cache.errors import SettingError
+
+    def student():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=2))
+
+    tokens = torch.randint(0, 97, (2, 5))
+    adapted = peft.get_peft_model(student(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(SettingError, match="adapter on its head"):
+        hidden_states(adapted, tokens)
+    body_only = peft.get_peft_model(student(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    hidden, head = hidden_states(body_only, tokens)
+    assert hidden.shape == (2, 5, 32) and head.vocab == 97
