@@ -162,7 +162,8 @@ def open_packed(url: str, storage_options: dict | None) -> tuple[StoreHeader, li
     if header.status in ("packing", "creating"):
         raise StoreError(unfinished(url, header))  # the reader's rule: which job left it so, and what finishes it
     if header.format_version != FORMAT_VERSION:
-        raise StoreError(f"{url} is a format version {header.format_version} store; this ddk-cache scores version {FORMAT_VERSION} stores")
+        raise StoreError(f"{url} is a format version {header.format_version} store; this ddk-cache scores version {FORMAT_VERSION} stores: "
+                         "pack the manifest again (the windows are the same)")
     domains = []
     for name in header.domains:
         splits = {split: StoredSplit(root[f"{name}/{split}/{TOKENS}"].shape[0], root[f"{name}/{split}/{TOKENS}"]) for split in SPLITS}

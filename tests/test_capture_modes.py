@@ -148,6 +148,48 @@ def test_resuming_a_version_1_store_is_refused_naming_the_version(tiny_store, ti
     write_version_1_copy(tiny_store, old)
     result = dump(tiny_teacher, corpus_manifest, old, "--k", "8")
     assert result.exit_code == 2
-    assert "is a cache format version 1 store and this ddk-cache writes version 2: it can be read but not resumed" in result.stderr
+    assert "is a cache format version 1 store and this ddk-cache writes version 3: it can be read but not resumed" in result.stderr
     assert "--overwrite" in result.stderr and "Traceback" not in result.output
     assert CacheReader(str(old)).format_version == 1  # untouched
+
+
+def write_version_2_copy(src: Path, dst: Path) -> None:
+    """The same store as format 2 wrote it: ids, log-probs and target log-probs transformed inside zarr by numcodecs'
+    `delta` and `fixedscaleoffset` codecs (the arrays TensorStore cannot open), checksums of the decoded values."""
+    import shutil
+
+    from ddk_cache.store import format as store_format
+    from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
+
+    shutil.copytree(src, dst)
+    reader, root = CacheReader(str(src)), zarr.open_group(str(dst), mode="r+")
+    layout = reader._layout()
+    old = store_format.StoreLayout(layout.seq_len, layout.capture, layout.vocab_size, layout.chunk_windows, layout.shard_windows, 2)
+    specs = old.array_specs()
+    for domain in reader.domains:
+        for split in SPLITS:
+            group = root[f"{domain}/{split}"]
+            for name in ("ids", "logprobs", "target_logprobs"):
+                values = reader.read_array(domain, split, name)
+                del group[name]
+                store_format._create(group, name, specs[name], len(values), old)
+                stored = values.astype(specs[name].dtype)
+                group[name][:] = stored
+                write_checksums(group, name, 0, decoded_like_zarr(stored, group[name].dtype, group[name].filters), old.chunk_windows)
+    header = dict(root.attrs["ddk_cache"])
+    header.update(format_version=2, identity={**header["identity"], "format_version": 2})
+    root.attrs["ddk_cache"] = header
+
+
+def test_format_2_stores_are_still_read_with_the_same_values(tiny_store, tmp_path):
+    old = tmp_path / "v2.zarr"
+    write_version_2_copy(tiny_store, old)
+    meta = zarr.open_group(str(old), mode="r")["math/train/logprobs"].metadata.to_dict()
+    assert "numcodecs.fixedscaleoffset" in str(meta)  # truly the format-2 codec chain
+    v2, v3 = CacheReader(str(old)), CacheReader(str(tiny_store))
+    assert v2.format_version == 2 and v3.format_version == 3
+    for domain in v3.domains:
+        for split in SPLITS:
+            a, b = v2.read(domain, split), v3.read(domain, split)
+            for field in ("tokens", "ids", "logprobs", "valid", "rest_logprobs", "target_logprobs"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{domain}/{split}/{field}")

@@ -43,7 +43,7 @@ def test_inspect_json_is_the_header_and_sizes(tiny_store):
     result = CliRunner().invoke(app, ["inspect", str(tiny_store), "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # stdout holds the JSON alone
-    assert data["status"] == "complete" and data["header"]["format_version"] == 2
+    assert data["status"] == "complete" and data["header"]["format_version"] == 3
     assert {(row["domain"], row["split"]) for row in data["splits"]} == {(d, s) for d in ("prose", "code", "math") for s in ("train", "valid")}
     assert all(row["bytes_per_token"] > 0 for row in data["splits"])
 

@@ -58,7 +58,7 @@ def edited_scale(store: Path) -> tuple[str, str]:
     text = meta_path.read_text()
     assert '"scale": 32' in text
     meta_path.write_text(text.replace('"scale": 32', '"scale": 16'))
-    return "code/train/logprobs has codecs", "code/train/logprobs has codecs [('numcodecs.fixedscaleoffset', {'offset': 0, 'scale': 16"
+    return "code/train/logprobs has encoding", "code/train/logprobs has encoding {'name': 'fixed_scale', 'scale': 16}"
 
 
 def truncated_chunk(store: Path) -> tuple[str, str]:

@@ -36,14 +36,17 @@ def test_every_array_describing_field_of_the_header_matches_the_arrays(tiny_stor
                 codecs = {codec["name"]: codec.get("configuration", {}) for codec in inner_codecs(meta)}
                 blosc = codecs["blosc"]
                 assert f"blosc({blosc['cname']} clevel {blosc['clevel']}, {blosc['shuffle']})" in profile[name], (name, profile[name])
-                assert ("delta" in profile[name]) == ("numcodecs.delta" in codecs)
+                encoding = meta.get("attributes", {}).get("ddk_cache_encoding")
+                assert ("delta" in profile[name]) == (encoding is not None and encoding["name"] == "delta")
+                assert not any(codec.startswith("numcodecs.") for codec in codecs), (name, codecs)  # format 3: Zarr v3 core codecs only
                 assert meta["codecs"][0]["configuration"]["chunk_shape"][0] == layout.chunk_windows
                 assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == layout.shard_windows
             tokens, ids = array_json(tiny_store, domain, split, "tokens"), array_json(tiny_store, domain, split, "ids")
             assert tokens["shape"][1] == layout.seq_len + 1 and ids["shape"][1:] == [layout.seq_len, capture.width]
             assert ids["data_type"] == ("uint16" if layout.vocab_size <= 1 << 16 else "int32")
-            scale = {c["name"]: c.get("configuration", {}) for c in inner_codecs(array_json(tiny_store, domain, split, "logprobs"))}
-            assert scale["numcodecs.fixedscaleoffset"]["scale"] == capture.logprob_scale
+            logprobs = array_json(tiny_store, domain, split, "logprobs")
+            assert logprobs["attributes"]["ddk_cache_encoding"] == {"name": "fixed_scale", "scale": capture.logprob_scale}
+            assert logprobs["data_type"] == "int16"
             sizes = store.split(domain, split)
             assert sizes.windows == tokens["shape"][0] == ids["shape"][0] and sizes.tokens == sizes.windows * layout.seq_len
 

@@ -18,7 +18,7 @@ from ddk_cache.training.losses import KDConfig, TeacherTargets, distillation_los
 def test_open_store_describes_the_store(tiny_store):
     store = ddk_cache.open_store(str(tiny_store))
     reader = CacheReader(str(tiny_store))
-    assert store.format_version == 2 and store.capture.mode == "topk" and store.capture.k == 8
+    assert store.format_version == 3 and store.capture.mode == "topk" and store.capture.k == 8
     assert store.domains == reader.domains and set(store.splits) == {"train", "valid"}
     assert store.seq_len == reader.header.capture.seq_len and store.vocab_size == reader.header.teacher.vocab_size
     assert store.tokenizer.fingerprint.startswith("sha256:")

@@ -30,7 +30,7 @@ def test_a_dumped_header_round_trips_exactly_and_is_typed(tiny_store):
     assert header.to_dict() == raw and header.extra == {}
     assert header.scored and header.complete and header.capture.capture.k == 8 and header.layout.capture == header.capture.capture
     assert header.teacher.vocab_size == header.layout.vocab_size and header.tokenizer.fingerprint.startswith("sha256:")
-    assert header.engine.name == "hf" and header.identity["format_version"] == 2
+    assert header.engine.name == "hf" and header.identity["format_version"] == 3
     assert list(header.manifest_weights()) == list(header.domains)
     for domain in header.domains:
         info = zarr.open_group(str(tiny_store), mode="r")[domain].attrs["ddk_cache_domain"]

@@ -41,7 +41,7 @@ def store(tmp_path, tiny_teacher, corpus_manifest) -> Path:
 def test_store_is_plain_zarr_v3_with_documented_layout(store, corpus_manifest, tiny_teacher):
     root = zarr.open_group(str(store), mode="r")  # any Zarr v3 reader, no ddk-cache code
     header = root.attrs["ddk_cache"]
-    assert header["format"] == "ddk-cache" and header["format_version"] == 2 and header["status"] == "complete"
+    assert header["format"] == "ddk-cache" and header["format_version"] == 3 and header["status"] == "complete"
     assert header["domains"] == ["prose", "code", "math"]
     assert header["capture"] == {**header["capture"], "mode": "topk", "k": K, "seq_len": 16, "temperature": 1.0}
     assert header["manifest"]["domains"][2]["weight"] == 2.0
@@ -52,12 +52,21 @@ def test_store_is_plain_zarr_v3_with_documented_layout(store, corpus_manifest, t
     assert json.loads((store / "zarr.json").read_text())["zarr_format"] == 3
     split = root["prose/train"]
     n = root["prose"].attrs["ddk_cache_domain"]["train"]["windows"]
-    expected = {"tokens": ((n, 17), "int32"), "ids": ((n, 16, K), "uint16"), "logprobs": ((n, 16, K), "float32"),
-                "n_entries": ((n, 16), "uint8"), "rest_logprobs": ((n, 16), "float16"), "target_logprobs": ((n, 16), "float32")}
+    expected = {"tokens": ((n, 17), "int32"), "ids": ((n, 16, K), "uint16"), "logprobs": ((n, 16, K), "int16"),
+                "n_entries": ((n, 16), "uint8"), "rest_logprobs": ((n, 16), "float16"), "target_logprobs": ((n, 16), "int32")}
     for name, (shape, dtype) in expected.items():
         assert split[name].shape == shape and str(split[name].dtype) == dtype
         assert split[name].shards[0] == 8 and split[name].chunks[0] == 4
     assert split["shard_done"][:].tolist() == [1] * math.ceil(n / 8)
+    # format 3: the stored integers and the documented rule give the values, with no ddk-cache code
+    stored_ids = split["ids"][:4]
+    assert split["ids"].attrs["ddk_cache_encoding"] == {"name": "delta", "axis": -1}
+    reader = CacheReader(str(store))
+    block = reader.read("prose", "train", 0, 4)
+    np.testing.assert_array_equal(np.cumsum(stored_ids, axis=-1, dtype=np.int64), block.ids)
+    scale = split["logprobs"].attrs["ddk_cache_encoding"]["scale"]
+    np.testing.assert_array_equal((split["logprobs"][:4] / scale).astype(np.float32), block.logprobs)
+    np.testing.assert_array_equal((split["target_logprobs"][:4] / 1024).astype(np.float32), block.target_logprobs)
 
 
 def test_stored_values_equal_the_teacher_on_the_same_windows(store, corpus_manifest, tiny_teacher):
@@ -155,7 +164,7 @@ def test_reader_refuses_incomplete_and_newer_stores(store):
         CacheReader(str(store))
     assert not CacheReader(str(store), allow_incomplete=True).complete
     root.attrs["ddk_cache"] = {**header, "format_version": 99}
-    with pytest.raises(StoreError, match="format version 99; this ddk-cache reads versions 1, 2: upgrade ddk-cache"):
+    with pytest.raises(StoreError, match="format version 99; this ddk-cache reads versions 1, 2, 3: upgrade ddk-cache"):
         CacheReader(str(store))
     with pytest.raises(StoreError, match="no ddk-cache store"):
         CacheReader(str(store.parent / "missing.zarr"))

@@ -11,6 +11,7 @@ import zarr
 from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
+from ddk_cache.store.encodings import array_encoding, decoded
 from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
 
 
@@ -50,17 +51,20 @@ def test_a_missing_shard_object_is_reported_although_it_reads_as_zeros(store):
 
 
 def rewrite(group: zarr.Group, name: str, rows: slice, values: np.ndarray) -> None:
-    """What a faulty writer would do: store malformed values *with* matching checksums (so the form checks see them)."""
+    """What a faulty writer would do: store malformed values *with* matching checksums (so the form checks see them);
+    `values` are the array's values, stored through its format-3 encoding where it has one."""
     array = group[name]
-    array[rows] = values
-    write_checksums(group, name, rows.start, decoded_like_zarr(values, array.dtype, array.filters), array.chunks[0])
+    encoding = array_encoding(array.attrs)
+    stored = values if encoding is None else encoding.encode(values, array.dtype)
+    array[rows] = stored
+    write_checksums(group, name, rows.start, decoded_like_zarr(stored, array.dtype, array.filters), array.chunks[0])
 
 
 def test_malformed_entries_and_unmarked_shards_are_reported(store):
     group = zarr.open_group(str(store), mode="r+")["prose/train"]
     rewrite(group, "n_entries", slice(0, 8), np.full_like(group["n_entries"][:8], 9))  # more entries than the width (8)
     group["shard_done"][1] = 0
-    rewrite(group, "ids", slice(8, 16), group["ids"][8:16][..., ::-1])  # descending: not the documented order
+    rewrite(group, "ids", slice(8, 16), decoded(group["ids"], slice(8, 16))[..., ::-1])  # descending: not the documented order
     result = verify(store)
     assert result.exit_code == 1
     assert "prose/train shard 0: n_entries outside 1..8" in result.stderr

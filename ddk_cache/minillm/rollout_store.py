@@ -17,6 +17,7 @@ import zarr
 
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.minillm.rollouts import Rollouts
+from ddk_cache.store.encodings import array_encoding
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
     HEADER_ATTR,
@@ -57,7 +58,8 @@ def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollout
             region = layout.shard_slice(shard, n)
             for name, data in values.items():
                 array = target[name]
-                stored = np.asarray(data[region]).astype(array.dtype, copy=False)
+                encoding = array_encoding(array.attrs)
+                stored = np.asarray(data[region]).astype(array.dtype, copy=False) if encoding is None else encoding.encode(data[region], array.dtype)
                 array[region] = stored
                 write_checksums(target, name, region.start, decoded_like_zarr(stored, array.dtype, array.filters), layout.chunk_windows)
         digest = hashlib.sha256(np.ascontiguousarray(rollouts.tokens, dtype="<i4").tobytes()).hexdigest()

@@ -37,7 +37,7 @@ class SplitSummary:
 
 
 class Store:
-    """A finished, scored ddk-cache store, opened read-only (format versions 1 and 2)."""
+    """A finished, scored ddk-cache store, opened read-only (format versions 1, 2 and 3)."""
 
     def __init__(self, reader: CacheReader) -> None:
         if reader.capture is None:

@@ -1,21 +1,24 @@
 """The on-disk contract of a ddk-cache store (Zarr v3); `docs/cache-format.md` is its prose twin.
 
-Layout (format version 2)::
+Layout (format version 3)::
 
     <store>/                        root group, attrs["ddk_cache"] = header (provenance, capture, status)
       <domain>/                     one group per manifest domain, attrs["ddk_cache_domain"]
         train/ and valid/           one group per split, each holding:
           tokens           int32        [N, seq_len + 1]     packed window; targets are tokens[:, 1:]
-          ids              uint16|int32 [N, seq_len, W]      entry token ids, ascending per position
-          logprobs         float32*     [N, seq_len, W]      raw log-probs (topk, topp), quantized
+          ids              uint16|int32 [N, seq_len, W]      entry token ids, ascending per position (delta*)
+          logprobs         int16*       [N, seq_len, W]      raw log-probs (topk, topp), quantized
           counts           uint8        [N, seq_len, W]      draws per id (sampled)
           n_entries        uint8|uint16 [N, seq_len]         valid entries per position
           rest_logprobs    float16      [N, seq_len]         log of the mass outside the entries (topk, topp)
-          target_logprobs  float32*     [N, seq_len]         log-prob of the actual next token
+          target_logprobs  int32*       [N, seq_len]         log-prob of the actual next token
           shard_done       uint8        [n_shards]           1 once every array's shard i is written
           crc32/<array>    uint32       [n_chunks]           CRC-32 of each inner chunk's decoded values
 
-(* stored as scaled integers by numcodecs' FixedScaleOffset; zarr decodes them to float32.)
+(* stored integers whose rule back to the values is the array's `ddk_cache_encoding` attribute (`encodings.py`):
+per-position deltas for the ids, integer x 1/scale for the log-probs. Every codec is a Zarr v3 core one, so any
+Zarr v3 reader opens every array. Version 2 stores did the same transforms with numcodecs' `delta` and
+`fixedscaleoffset` codecs inside zarr, which only zarr-python reads; they are still read here.)
 The header and each domain's attribute are typed in `header.py` (`StoreHeader`, `DomainInfo`) and read
 by `header_versions.py`.
 Version 1 stores (rank-ordered `topk_ids` int32 and `topk_logprobs` float16, always k entries)
@@ -36,6 +39,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.store.capture import Capture
+from ddk_cache.store.encodings import ENCODING_ATTR, Encoding
 from ddk_cache.store.header import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS  # noqa: F401  (the header's typed metadata)
 from ddk_cache.store.integrity import create_checksum_array
 
@@ -77,11 +81,12 @@ class ArraySpec:
     """One data array of a split: per-window trailing shape, logical dtype and codec chain."""
 
     trailing: tuple[int, ...]
-    dtype: str
-    filters: tuple = ()
+    dtype: str  # what zarr decodes: the stored integers of an encoded array
+    filters: tuple = ()  # format 2's numcodecs transforms (read, never written any more)
     compressor_dtype_size: int = 4
     shuffle: BloscShuffle = BloscShuffle.bitshuffle
     clevel: int = 6  # blosc's clevel 6 runs zstd at level 11 (blosc maps c to 2c - 1)
+    encoding: Encoding | None = None  # format 3: the rule from the stored integers to the values
 
     def compressors(self) -> tuple:
         """blosc/zstd over the (filtered) bytes, then a checksum so corruption is detected on read."""
@@ -110,6 +115,7 @@ class StoreLayout:
     vocab_size: int | None  # the teacher's; decides the id dtype (set once the engine is up)
     chunk_windows: int
     shard_windows: int
+    format_version: int = FORMAT_VERSION  # the arrays' version: a format-2 store's are checked as format 2 wrote them
 
     @classmethod
     def choose(
@@ -129,6 +135,7 @@ class StoreLayout:
     def to_attrs(self) -> dict:
         attrs = asdict(self)
         attrs["capture"] = self.capture.to_attrs()
+        del attrs["format_version"]  # the header's own key
         return attrs
 
     @property
@@ -149,18 +156,20 @@ class StoreLayout:
             raise ValueError("the layout's vocab_size must be known before arrays are created")
         id_dtype = "uint16" if self.vocab_size <= 1 << 16 else "int32"
         id_size = np.dtype(id_dtype).itemsize
+        v2 = self.format_version == 2
         specs = {
             TOKENS: token_spec(length),
-            # sorted ids, delta-coded along the flattened chunk (the wrap at each position's first id is exact in uint)
-            IDS: ArraySpec((length, width), id_dtype, (_numcodecs("Delta", dtype=np.dtype(id_dtype).str),), id_size, BloscShuffle.shuffle),
+            # sorted ids, delta-coded per position (format 2: along the flattened chunk, by numcodecs)
+            IDS: (ArraySpec((length, width), id_dtype, (_numcodecs("Delta", dtype=np.dtype(id_dtype).str),), id_size, BloscShuffle.shuffle) if v2
+                  else ArraySpec((length, width), id_dtype, (), id_size, BloscShuffle.shuffle, encoding=Encoding("delta"))),
             N_ENTRIES: ArraySpec((length,), "uint8" if width <= 255 else "uint16", compressor_dtype_size=1 if width <= 255 else 2),
-            TARGET_LOGPROBS: ArraySpec((length,), "float32", (_fixed_scale(TARGET_LOGPROB_SCALE, "<i4"),)),
+            TARGET_LOGPROBS: _scaled((length,), TARGET_LOGPROB_SCALE, "int32", v2),
         }
         if capture.mode == "sampled":
             specs[COUNTS] = ArraySpec((length, width), "uint8", compressor_dtype_size=1, shuffle=BloscShuffle.noshuffle)
         else:
             if capture.logprob_scale:
-                specs[LOGPROBS] = ArraySpec((length, width), "float32", (_fixed_scale(capture.logprob_scale, "<i2"),), 2)
+                specs[LOGPROBS] = _scaled((length, width), capture.logprob_scale, "int16", v2)
             else:
                 specs[LOGPROBS] = ArraySpec((length, width), "float16", compressor_dtype_size=2)
             specs[REST_LOGPROBS] = ArraySpec((length,), "float16", compressor_dtype_size=2, shuffle=BloscShuffle.shuffle)
@@ -180,7 +189,8 @@ def _describe_codec(codec: dict[str, Any]) -> str | None:
 
 
 def describe_codecs(array: zarr.Array) -> str:
-    """An array's codec chain as its zarr.json records it, e.g. `delta > blosc(zstd clevel 6, shuffle) > crc32c`.
+    """An array's codec chain as its zarr.json records it, e.g. `[delta, uint16] > blosc(zstd clevel 6, shuffle) > crc32c`
+    (in brackets: a format-3 array's encoding attribute and stored dtype; format 2 wrote `delta > blosc(...)`).
 
     Why read back instead of describing `ArraySpec`: the header's description is a promise to
     every later reader, and the arrays' own metadata is what they will decode with.
@@ -188,7 +198,9 @@ def describe_codecs(array: zarr.Array) -> str:
     codecs = [codec.to_dict() for codec in array.metadata.codecs]
     if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":  # the chain of the inner chunks
         codecs = [codec if isinstance(codec, dict) else codec.to_dict() for codec in codecs[0]["configuration"]["codecs"]]
-    return " > ".join(filter(None, map(_describe_codec, codecs)))
+    encoding = array.attrs.get(ENCODING_ATTR)  # format 3: the stored integers' rule, applied by the reader
+    stored = [] if encoding is None else [f"[{encoding['name']}{' x' + str(encoding['scale']) if encoding.get('scale') else ''}, {array.dtype}]"]
+    return " > ".join(stored + list(filter(None, map(_describe_codec, codecs))))
 
 
 def codec_profile(split: zarr.Group) -> str:
@@ -201,18 +213,23 @@ def token_spec(seq_len: int) -> ArraySpec:
     return ArraySpec((seq_len + 1,), "int32", shuffle=BloscShuffle.shuffle, clevel=5)
 
 
-def rollout_specs(seq_len: int) -> dict[str, ArraySpec]:
+def rollout_specs(seq_len: int, format_version: int = FORMAT_VERSION) -> dict[str, ArraySpec]:
     """The arrays `ddk-cache rollout` writes beside `tokens` (MiniLLM rounds): which positions predict a sampled
     response token, and the sampling student's log-prob of it (1/1024 nat, as `target_logprobs`)."""
     return {
         RESPONSE_MASK: ArraySpec((seq_len,), "uint8", compressor_dtype_size=1),
-        BEHAVIOUR_LOGPROBS: ArraySpec((seq_len,), "float32", (_fixed_scale(TARGET_LOGPROB_SCALE, "<i4"),)),
+        BEHAVIOUR_LOGPROBS: _scaled((seq_len,), TARGET_LOGPROB_SCALE, "int32", format_version == 2),
     }
 
 
-def _fixed_scale(scale: int, astype: str):
-    """Stored integer = round(value * scale); zarr decodes it back to float32 (value / scale)."""
-    return _numcodecs("FixedScaleOffset", offset=0, scale=scale, dtype="<f4", astype=astype)
+def _scaled(trailing: tuple[int, ...], scale: int, stored: str, v2: bool) -> ArraySpec:
+    """Log-probs kept as integers x 1/scale: format 3 stores the integers (a `fixed_scale` encoding); format 2 had
+    numcodecs' FixedScaleOffset turn them back to float32 inside zarr."""
+    size = np.dtype(stored).itemsize
+    if v2:
+        return ArraySpec(trailing, "float32", (_numcodecs("FixedScaleOffset", offset=0, scale=scale, dtype="<f4", astype=np.dtype(stored).str),),
+                         size)
+    return ArraySpec(trailing, stored, (), size, encoding=Encoding("fixed_scale", scale))
 
 
 def logprob_floor(scale: int, astype_bits: int = 16) -> float:
@@ -288,6 +305,7 @@ def _create(group: zarr.Group, name: str, spec: ArraySpec, n_windows: int, layou
         compressors=spec.compressors(),
         fill_value=0,
         config={"write_empty_chunks": True},
+        attributes={ENCODING_ATTR: spec.encoding.to_dict()} if spec.encoding is not None else None,
     )
 
 

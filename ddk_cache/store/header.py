@@ -27,8 +27,9 @@ from ddk_cache.store.capture import Capture, capture_from_attrs
 from ddk_cache.store.metadata import HeaderError, Metadata, short, take, take_object, unknown
 
 FORMAT_NAME = "ddk-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SAME_HEADER_VERSIONS = (2, 3)  # format 3 changed the arrays' encodings, not the header: one class reads both
 # "creating"/"writing": a dump; "packing"/"packed": `ddk-cache pack`; "complete": readable for training
 STATUSES = ("creating", "packing", "packed", "writing", "complete")
 LOGPROBS_NOTE = "raw log_softmax of the teacher's logits at temperature 1, computed in float32"
@@ -280,7 +281,7 @@ class StoreHeader(Metadata):
         store is scored yet, and the status and domain names have rules of their own."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise HeaderError("is not a ddk-cache store (no 'ddk_cache' header)", damaged=False, not_ddk_cache=True)
-        if raw.get("format_version") != FORMAT_VERSION:
+        if raw.get("format_version") not in SAME_HEADER_VERSIONS:
             raise HeaderError(f"has cache format version {raw.get('format_version')!r}, not {FORMAT_VERSION}: "
                               "read it with `ddk_cache.store.header_versions.parse_header`", damaged=False)
         status, scored, domains = check_status(raw), "capture" in raw or "identity" in raw, check_domains(raw)
@@ -288,7 +289,7 @@ class StoreHeader(Metadata):
         capture, engine = take_object(raw, "capture", "", optional=not scored), take_object(raw, "engine", "", optional=not scored)
         rollout = take_object(raw, "rollout", "", optional=True)
         return cls(
-            format_version=FORMAT_VERSION, status=status, created_by=take(raw, "created_by", str, ""),
+            format_version=raw["format_version"], status=status, created_by=take(raw, "created_by", str, ""),
             created_at=take(raw, "created_at", str, ""),
             tokenizer=TokenizerInfo.from_dict(take_object(raw, "tokenizer", "")),
             layout=LayoutInfo.from_dict(take_object(raw, "layout", ""), scored=scored),

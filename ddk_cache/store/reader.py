@@ -19,6 +19,7 @@ from zarr.core.sync import sync
 
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.store.capture import Capture, sampled_logprobs
+from ddk_cache.store.encodings import ENCODING_ATTR, Encoding, array_encoding
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
     COUNTS,
@@ -43,6 +44,7 @@ from ddk_cache.store.format import (
 from ddk_cache.store.header import DomainInfo, StoreHeader
 from ddk_cache.store.header_versions import read_domain_info, read_header
 from ddk_cache.store.integrity import CHECKSUM_GROUP, aligned, filters_signature, has_checksums, mismatched_chunks
+from ddk_cache.store.metadata import HeaderError
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class CacheReader:
         else:
             self.data_arrays = tuple(self._layout().array_specs())
         if header.rollout is not None:  # a rollout store (MiniLLM rounds): the sampled responses' mask and behaviour log-probs
-            self.data_arrays += tuple(rollout_specs(header.seq_len))
+            self.data_arrays += tuple(rollout_specs(header.seq_len, self.format_version))
 
     @property
     def complete(self) -> bool:
@@ -186,7 +188,7 @@ class CacheReader:
         if (domain, split) in self._checked or self.format_version == 1:
             return
         expected = {TOKENS: token_spec(self.header.seq_len)} if self.capture is None else self._layout().array_specs()
-        expected.update(rollout_specs(self.header.seq_len))
+        expected.update(rollout_specs(self.header.seq_len, self.format_version))
         layout = self.header.layout
         for name in self.data_arrays:
             array, spec = self.array(domain, split, name), expected[name]
@@ -201,6 +203,8 @@ class CacheReader:
                           f"{layout.chunk_windows} / {layout.shard_windows}"
             elif filters_signature(array.filters) != filters_signature(spec.filters):
                 problem = f"codecs {filters_signature(array.filters)}, the layout says {filters_signature(spec.filters)}"
+            elif self._encoding(array) != spec.encoding:  # a checksum covers the stored integers, not an edited scale
+                problem = f"encoding {array.attrs.get(ENCODING_ATTR)}, the layout says {spec.encoding and spec.encoding.to_dict()}"
             if problem:
                 raise StoreError(f"{self.url}: {domain}/{split}/{name} has {problem}: the store is damaged or edited; "
                                  f"run `ddk-cache verify {self.url}`")
@@ -208,7 +212,7 @@ class CacheReader:
 
     def _layout(self) -> StoreLayout:
         layout = self.header.layout
-        return StoreLayout(layout.seq_len, self.capture, layout.vocab_size, layout.chunk_windows, layout.shard_windows)
+        return StoreLayout(layout.seq_len, self.capture, layout.vocab_size, layout.chunk_windows, layout.shard_windows, self.format_version)
 
     def read_array(self, domain: str, split: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows `[start, stop)` of one data array, decoded and checked against its chunk checksums."""
@@ -255,7 +259,21 @@ class CacheReader:
                 shard = bad[0] * chunk // array.shards[0] if array.shards else bad[0]
                 raise StoreError(f"{self.url}: {domain}/{split}/{name} chunk {bad[0]} (shard {shard}) does not match its checksum "
                                  f"(missing, moved or edited data): the store is damaged; run `ddk-cache verify {self.url}`")
-        return {name: value[start - first : stop - first] for name, value in values.items()}
+        return {name: self._values(arrays[name], value[start - first : stop - first]) for name, value in values.items()}
+
+    def _encoding(self, array: zarr.Array) -> Encoding | None:
+        key = ("encoding", array.path)
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = array_encoding(array.attrs)
+            except HeaderError as exc:
+                raise StoreError(f"{self.url}: {array.path}: {exc}: the store is damaged or edited") from None
+        return self._arrays[key]
+
+    def _values(self, array: zarr.Array, stored: np.ndarray) -> np.ndarray:
+        """Format 3: the stored integers through the array's encoding (checked against the layout's in check_arrays)."""
+        encoding = self._encoding(array)
+        return stored if encoding is None else encoding.decode(stored)
 
     def shards_done(self, domain: str, split: str) -> tuple[int, int]:
         if self.capture is None:

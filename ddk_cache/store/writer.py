@@ -22,6 +22,7 @@ from ddk_cache.data.packing import PackedDomain, PackedSplit
 from ddk_cache.data.streamed_packing import PackProgress
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.store.capture import EncodedTargets
+from ddk_cache.store.encodings import array_encoding, decoded
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
     COUNTS,
@@ -243,7 +244,8 @@ class CacheWriter:
             if name == TOKENS and self.tokens_stored:
                 continue
             array = group[name]
-            stored = values.astype(array.dtype, copy=False)
+            encoding = array_encoding(array.attrs)  # format 3: the integers the array's own attribute says it stores
+            stored = values.astype(array.dtype, copy=False) if encoding is None else encoding.encode(values, array.dtype)
             array[region] = stored
             if self._has_checksums(domain, split, name):  # after the data, before the marker: a marked shard has both
                 write_checksums(group, name, region.start, decoded_like_zarr(stored, array.dtype, array.filters), self.layout.chunk_windows)
@@ -283,7 +285,7 @@ class CacheWriter:
         In a rollout store only response positions count: prompts and padding are not the student's text.
         """
         group = self.split_group(domain, "valid")
-        target = group[TARGET_LOGPROBS][:]
+        target = decoded(group[TARGET_LOGPROBS])
         loss, ppl = teacher_loss(target[group[RESPONSE_MASK][:] > 0] if RESPONSE_MASK in group else target)
         info = dataclasses.replace(self.domain_info(domain), teacher_valid_loss=loss, teacher_valid_ppl=ppl)
         self.set_domain_info(info)

@@ -1,0 +1,81 @@
+"""A second Zarr v3 implementation reads a format-3 store: TensorStore (Google's C++ implementation) opens every
+array of a store of every capture mode and decodes the same values zarr-python does (issue 27). Format 2 stored
+`ids` and `logprobs` through numcodecs codecs, which TensorStore refuses ("Error parsing object member codecs")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from ddk_cache.store.capture import Capture
+from ddk_cache.store.format import SPLITS
+from ddk_cache.store.reader import CacheReader
+
+tensorstore = pytest.importorskip("tensorstore", reason="TensorStore is the second Zarr v3 reader (the test extra installs it)")
+
+CAPTURES = {"topk": Capture(k=8), "topp": Capture(mode="topp", k=8, top_p=0.9), "sampled": Capture(mode="sampled", draws=12)}
+
+
+@pytest.fixture(scope="module", params=sorted(CAPTURES))
+def store(request, tiny_teacher, tmp_path_factory) -> Path:
+    from conftest import write_corpus_manifest
+
+    from ddk_cache.engines import EngineOptions
+    from ddk_cache.stages.teacher_dump import LayoutSettings, TeacherDumpConfig, run_teacher_dump
+
+    tmp = tmp_path_factory.mktemp(f"store_{request.param}")
+    out = tmp / "cache.zarr"
+    run_teacher_dump(TeacherDumpConfig(teacher=str(tiny_teacher), manifest=write_corpus_manifest(tmp), out=str(out),
+                                       capture=CAPTURES[request.param], engine_options=EngineOptions(device="cpu"),
+                                       layout=LayoutSettings(chunk_windows=4, shard_windows=8), progress=False))
+    return out
+
+
+def opened(path: Path):
+    return tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
+
+
+def test_tensorstore_reads_every_array_with_zarr_pythons_values(store):
+    root = zarr.open_group(str(store), mode="r")
+    arrays = 0
+    for domain in root.attrs["ddk_cache"]["domains"]:
+        for split in SPLITS:
+            group = root[f"{domain}/{split}"]
+            for name, array in [*group.arrays(), *group["crc32"].arrays()]:
+                path = store / domain / split / ("crc32/" + name if array.path.split("/")[-2] == "crc32" else name)
+                np.testing.assert_array_equal(opened(path).read().result(), array[:], err_msg=array.path)
+                arrays += 1
+    assert arrays >= 3 * 2 * 2 * 5
+
+
+def test_the_documented_rules_turn_tensorstores_integers_into_the_cache_values(store):
+    """docs/cache-format.md alone: ids are per-position deltas (cumulative sum), log-probs integer / scale."""
+    reader = CacheReader(str(store))
+    domain = reader.domains[0]
+    block = reader.read(domain, "train")
+    split = store / domain / "train"
+    attrs = zarr.open_group(str(store), mode="r")[f"{domain}/train"]
+    np.testing.assert_array_equal(np.cumsum(opened(split / "ids").read().result(), axis=-1), block.ids)
+    scale = attrs["target_logprobs"].attrs["ddk_cache_encoding"]["scale"]
+    np.testing.assert_array_equal((opened(split / "target_logprobs").read().result() / scale).astype(np.float32), block.target_logprobs)
+    if reader.capture.mode != "sampled":
+        scale = attrs["logprobs"].attrs["ddk_cache_encoding"]["scale"]
+        n = opened(split / "n_entries").read().result()
+        logprobs = (opened(split / "logprobs").read().result() / scale).astype(np.float32)
+        real = np.arange(logprobs.shape[-1]) < n[..., None]
+        np.testing.assert_array_equal(np.where(real, logprobs, 0), np.where(real, block.logprobs, 0))
+
+
+def test_tensorstore_refuses_the_format_2_arrays_this_format_replaces(tiny_store, tmp_path):
+    """Why format 3 exists: the same data as format 2 wrote it does not open outside zarr-python."""
+    from test_capture_modes import write_version_2_copy
+
+    old = tmp_path / "v2.zarr"
+    write_version_2_copy(tiny_store, old)
+    opened(old / "math" / "train" / "tokens")  # core codecs only: opens
+    for name in ("ids", "logprobs"):
+        with pytest.raises(ValueError, match="codecs"):
+            opened(old / "math" / "train" / name)
