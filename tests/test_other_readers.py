@@ -79,3 +79,51 @@ def test_tensorstore_refuses_the_format_2_arrays_this_format_replaces(tiny_store
     for name in ("ids", "logprobs"):
         with pytest.raises(ValueError, match="codecs"):
             opened(old / "math" / "train" / name)
+
+
+NODE_READER = Path(__file__).with_name("node") / "read_position.mjs"
+ZARRITA = ("zarrita@0.5.4", "@zarrita/storage@0.2.0")
+
+
+@pytest.fixture(scope="session")
+def node_modules(tmp_path_factory) -> Path:
+    """zarrita from the npm registry, once per test session (skipped where node or npm is missing or the registry is not reachable)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed for the JavaScript reader")
+    folder = tmp_path_factory.mktemp("zarrita")
+    result = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder), *ZARRITA],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.skip(f"npm could not install zarrita: {result.stderr.strip()[-300:]}")
+    return folder
+
+
+def test_a_javascript_reader_written_from_the_format_page_gets_open_stores_entries(store, node_modules):
+    """tests/node/read_position.mjs knows only docs/cache-format.md: zarrita decodes the chunks (sharding, blosc,
+    crc32c), the page's rules give ids and log-probs; they equal `open_store`'s for a window of each capture mode."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    import ddk_cache
+
+    reader_copy = node_modules / NODE_READER.name  # next to its node_modules, where node resolves "zarrita"
+    shutil.copy(NODE_READER, reader_copy)
+    cache = ddk_cache.open_store(str(store))
+    domain = cache.domains[1]
+    result = subprocess.run(["node", str(reader_copy), str(store), domain, "train", "2"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NODE_PATH": str(node_modules / "node_modules")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    decoded = json.loads(result.stdout)
+    block = cache.read(domain, "train", 2, 3)
+    assert decoded["mode"] == cache.capture.mode and len(decoded["positions"]) == cache.seq_len
+    for t, position in enumerate(decoded["positions"]):
+        n = len(position["ids"])
+        assert n == (int(block.valid[0, t].sum()) if block.valid is not None else block.ids.shape[-1])
+        np.testing.assert_array_equal(position["ids"], block.ids[0, t, :n])
+        np.testing.assert_allclose(position["logprobs"], block.logprobs[0, t, :n], rtol=0, atol=1e-6)
+        assert position["target"] == pytest.approx(float(block.target_logprobs[0, t]), abs=1e-6)
