@@ -155,30 +155,14 @@ def test_resuming_a_version_1_store_is_refused_naming_the_version(tiny_store, ti
 
 def write_version_2_copy(src: Path, dst: Path) -> None:
     """The same store as format 2 wrote it: ids, log-probs and target log-probs transformed inside zarr by numcodecs'
-    `delta` and `fixedscaleoffset` codecs (the arrays TensorStore cannot open), checksums of the decoded values."""
-    import shutil
+    `delta` and `fixedscaleoffset` codecs (the arrays TensorStore cannot open), checksums of the decoded values.
+    benchmarks/bench_format3.py's copy, which measures the two formats' sizes on the same values."""
+    import importlib.util
 
-    from ddk_cache.store import format as store_format
-    from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
-
-    shutil.copytree(src, dst)
-    reader, root = CacheReader(str(src)), zarr.open_group(str(dst), mode="r+")
-    layout = reader._layout()
-    old = store_format.StoreLayout(layout.seq_len, layout.capture, layout.vocab_size, layout.chunk_windows, layout.shard_windows, 2)
-    specs = old.array_specs()
-    for domain in reader.domains:
-        for split in SPLITS:
-            group = root[f"{domain}/{split}"]
-            for name in ("ids", "logprobs", "target_logprobs"):
-                values = reader.read_array(domain, split, name)
-                del group[name]
-                store_format._create(group, name, specs[name], len(values), old)
-                stored = values.astype(specs[name].dtype)
-                group[name][:] = stored
-                write_checksums(group, name, 0, decoded_like_zarr(stored, group[name].dtype, group[name].filters), old.chunk_windows)
-    header = dict(root.attrs["ddk_cache"])
-    header.update(format_version=2, identity={**header["identity"], "format_version": 2})
-    root.attrs["ddk_cache"] = header
+    spec = importlib.util.spec_from_file_location("bench_format3", Path(__file__).parents[1] / "benchmarks" / "bench_format3.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.format_2_copy(str(src), str(dst))
 
 
 def test_format_2_stores_are_still_read_with_the_same_values(tiny_store, tmp_path):
