@@ -173,18 +173,23 @@ def median_pair(args: list[str], impls: tuple[str, ...], repeats: int) -> dict[s
     return {impl: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for impl, rs in runs.items()}
 
 
+def fused_vs_dense(m: dict[str, dict]) -> tuple[dict, str]:
+    """The two ratios of a fused / dense pair of medians, and the line that says them."""
+    ratios = {"memory_ratio": m["fused"]["memory_mib"] / m["dense"]["memory_mib"], "time_ratio": m["fused"]["seconds"] / m["dense"]["seconds"]}
+    return ratios, (f"memory dense {m['dense']['memory_mib']:8.1f} MiB, fused {m['fused']['memory_mib']:7.1f} MiB ({ratios['memory_ratio']:.3f}x); "
+                    f"time dense {m['dense']['seconds']:6.2f} s, fused {m['fused']['seconds']:6.2f} s ({ratios['time_ratio']:.2f}x)")
+
+
 def run_loss(args) -> list[dict]:
     rows = []
     for vocab in args.vocab:
         for tokens in args.tokens:
             for width in args.width:
                 m = median_pair(["loss", str(vocab), str(tokens), str(width)], ("dense", "fused"), args.repeats)
-                row = {"vocab": vocab, "tokens": tokens, "width": width, **m, "memory_ratio": m["fused"]["memory_mib"] / m["dense"]["memory_mib"],
-                       "time_ratio": m["fused"]["seconds"] / m["dense"]["seconds"], "loss_difference": abs(m["fused"]["loss"] - m["dense"]["loss"])}
+                ratios, said = fused_vs_dense(m)
+                row = {"vocab": vocab, "tokens": tokens, "width": width, **m, **ratios, "loss_difference": abs(m["fused"]["loss"] - m["dense"]["loss"])}
                 rows.append(row)
-                print(f"loss V={vocab:>7} N={tokens:>5} W={width:>3}: memory dense {m['dense']['memory_mib']:8.1f} MiB, fused "
-                      f"{m['fused']['memory_mib']:7.1f} MiB ({row['memory_ratio']:.3f}x); time dense {m['dense']['seconds']:6.2f} s, "
-                      f"fused {m['fused']['seconds']:6.2f} s ({row['time_ratio']:.2f}x); |loss difference| {row['loss_difference']:.1e}", flush=True)
+                print(f"loss V={vocab:>7} N={tokens:>5} W={width:>3}: {said}; |loss difference| {row['loss_difference']:.1e}", flush=True)
     return rows
 
 
@@ -197,12 +202,10 @@ def run_step(args) -> list[dict]:
             largest[impl], windows = 0, 1
             while windows <= args.max_windows and child(["step", impl, str(vocab), str(windows)], int(args.budget_gib * 2**30)) is not None:
                 largest[impl], windows = windows, windows * 2
-        row = {"vocab": vocab, "windows": args.step_windows, "seq": STEP_SEQ, **m, "memory_ratio": m["fused"]["memory_mib"] / m["dense"]["memory_mib"],
-               "time_ratio": m["fused"]["seconds"] / m["dense"]["seconds"], "budget_gib": args.budget_gib, "largest_windows": largest}
-        rows.append(row)
-        print(f"step V={vocab:>7} {args.step_windows} x {STEP_SEQ} tokens: memory dense {m['dense']['memory_mib']:8.1f} MiB, fused "
-              f"{m['fused']['memory_mib']:7.1f} MiB ({row['memory_ratio']:.3f}x); time dense {m['dense']['seconds']:6.2f} s, fused "
-              f"{m['fused']['seconds']:6.2f} s ({row['time_ratio']:.2f}x); largest micro-batch in {args.budget_gib} GiB: dense "
+        ratios, said = fused_vs_dense(m)
+        rows.append({"vocab": vocab, "windows": args.step_windows, "seq": STEP_SEQ, **m, **ratios, "budget_gib": args.budget_gib,
+                     "largest_windows": largest})
+        print(f"step V={vocab:>7} {args.step_windows} x {STEP_SEQ} tokens: {said}; largest micro-batch in {args.budget_gib} GiB: dense "
               f"{largest['dense']} windows, fused {largest['fused']} (max tried {args.max_windows})", flush=True)
     return rows
 

@@ -32,6 +32,12 @@ def rows_per_chunk(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
     return max(MIN_ROWS, elements // max(1, vocab))
 
 
+def row_pieces(n: int, rows: int) -> Iterator[slice]:
+    """The token chunks of `n` rows, `rows` at a time (the last may be shorter): every chunked loop here walks these."""
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
 @dataclass(frozen=True)
 class LMHead:
     """`transform(hidden @ weight.T + bias)`: the head's weight `[V, d]` (tied or not), bias `[V]`, and what the model
@@ -120,6 +126,5 @@ def map_rows(hidden: torch.Tensor, head: LMHead, fn: Callable[[torch.Tensor, sli
     What evaluation and the teacher's capture need: per-row results (a loss, a top-1 probability, top-k ids)
     with one chunk of logits alive at a time.
     """
-    rows = rows or rows_per_chunk(head.vocab)
     with torch.no_grad():
-        return [fn(head.logits(hidden[i:i + rows]), slice(i, min(i + rows, hidden.shape[0]))) for i in range(0, hidden.shape[0], rows)]
+        return [fn(head.logits(hidden[piece]), piece) for piece in row_pieces(hidden.shape[0], rows or rows_per_chunk(head.vocab))]

@@ -18,7 +18,7 @@ from ddk_cache.devices import resolve_device
 from ddk_cache.engines.base import ProgressCallback, TeacherEngine, TopKResult
 from ddk_cache.errors import EngineError, first_line
 from ddk_cache.hub import require_loadable
-from ddk_cache.lm_head import LMHead, hidden_states
+from ddk_cache.lm_head import LMHead, hidden_states, row_pieces
 
 LOGPROB_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of float32 per log_softmax block
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,8 +138,7 @@ def topk_from_hidden(
     b, length, _ = hidden.shape
     flat = hidden.reshape(b * length, -1)
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // head.vocab)
-    blocks = [_capture_block(head.logits(flat[i : i + rows]), targets.reshape(-1, 1)[i : i + rows], k, draws, generator)
-              for i in range(0, flat.shape[0], rows)]
+    blocks = [_capture_block(head.logits(flat[piece]), targets.reshape(-1, 1)[piece], k, draws, generator) for piece in row_pieces(flat.shape[0], rows)]
     return _joined(blocks, b, length, k, draws)
 
 
@@ -156,8 +155,8 @@ def topk_from_logits(
     b, length, vocab = logits.shape
     flat_logits = logits.reshape(b * length, vocab)
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
-    blocks = [_capture_block(flat_logits[i : i + rows], targets.reshape(-1, 1)[i : i + rows], k, draws, generator)
-              for i in range(0, flat_logits.shape[0], rows)]
+    blocks = [_capture_block(flat_logits[piece], targets.reshape(-1, 1)[piece], k, draws, generator)
+              for piece in row_pieces(flat_logits.shape[0], rows)]
     return _joined(blocks, b, length, k, draws)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from ddk_cache.lm_head import LMHead, rows_per_chunk
+from ddk_cache.lm_head import LMHead, map_rows, row_pieces, rows_per_chunk
 from ddk_cache.training.losses import KDConfig, LossParts, TeacherTargets, _entries, _kd_per_position, _safe_ids, check_sampled_config, dense_parts
 
 RowLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]  # (logits [n, V], rows) -> (loss, stats [k])
@@ -75,6 +75,26 @@ def _exp_shifted(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return z, top[:, 0] + sums.log(), sums
 
 
+ChunkGradient = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (h, rows) -> (loss, stats, d logits)
+
+
+def _chunked_forward(ctx, hidden, weight, bias, rows: int, chunk: ChunkGradient) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward both functions share: walk the token chunks, sum each chunk's loss and statistics, turn its logits'
+    gradient into the hidden states' and the head's (kept for the backward)."""
+    grads = _buffers(hidden, weight, bias)
+    weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    total, stats = torch.zeros((), device=hidden.device), None
+    for piece in row_pieces(hidden.shape[0], rows):
+        h = hidden[piece]
+        loss, chunk_stats, g = chunk(h, piece)
+        total += loss.detach()
+        stats = chunk_stats.detach() if stats is None else stats + chunk_stats.detach()
+        _add_chunk_gradient(g, h, weight_c, piece, grads)
+    _kept(ctx, *grads, weight, bias)
+    ctx.mark_non_differentiable(stats)
+    return total, stats
+
+
 class SparseHeadLoss(torch.autograd.Function):
     """`sum over chunks of row_loss(lse, lse_t, logits at ids)`: what every loss on sparse targets needs of the head.
 
@@ -88,13 +108,8 @@ class SparseHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: LMHead, ids, temperature: float, row_loss: SparseRowLoss, rows: int):
-        n = hidden.shape[0]
-        grads = _buffers(hidden, weight, bias)
-        weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        total, stats = torch.zeros((), device=hidden.device), None
-        for start in range(0, n, rows):
-            piece = slice(start, min(start + rows, n))
-            h, chunk_ids = hidden[piece], ids[piece]
+        def chunk(h: torch.Tensor, piece: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            chunk_ids = ids[piece]
             z = head.linear(h)
             slope = None
             if head.scale != 1.0:
@@ -112,8 +127,6 @@ class SparseHeadLoss(torch.autograd.Function):
                 loss, chunk_stats = row_loss(*leaves, piece)
                 g_lse, g_lse_t, g_at = (torch.zeros_like(leaf) if g is None else g
                                         for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True)))
-            total += loss.detach()
-            stats = chunk_stats.detach() if stats is None else stats + chunk_stats.detach()
             if tempered is None:
                 g_lse = g_lse + g_lse_t
             g = probs.mul_((g_lse / sums)[:, None])  # softmax x d lse, in the same buffer
@@ -124,10 +137,9 @@ class SparseHeadLoss(torch.autograd.Function):
                 g.mul_(slope)
             elif head.scale != 1.0:
                 g.mul_(head.scale)
-            _add_chunk_gradient(g, h, weight_c, piece, grads)
-        _kept(ctx, *grads, weight, bias)
-        ctx.mark_non_differentiable(stats)
-        return total, stats
+            return loss, chunk_stats, g
+
+        return _chunked_forward(ctx, hidden, weight, bias, rows, chunk)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):
@@ -144,24 +156,15 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: LMHead, loss_of_rows: RowLoss, rows: int):
-        n = hidden.shape[0]
-        grads = _buffers(hidden, weight, bias)
-        weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        total, stats = torch.zeros((), device=hidden.device), None
-        for start in range(0, n, rows):
-            piece = slice(start, min(start + rows, n))
-            h = hidden[piece]
+        def chunk(h: torch.Tensor, piece: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             z = head.linear(h)
             with torch.enable_grad():
                 z.requires_grad_()
                 loss, chunk_stats = loss_of_rows(head.finish(z), piece)
                 (g,) = torch.autograd.grad(loss, z, allow_unused=True)
-            total += loss.detach()
-            stats = chunk_stats.detach() if stats is None else stats + chunk_stats.detach()
-            _add_chunk_gradient(torch.zeros_like(z) if g is None else g, h, weight_c, piece, grads)
-        _kept(ctx, *grads, weight, bias)
-        ctx.mark_non_differentiable(stats)
-        return total, stats
+            return loss, chunk_stats, torch.zeros_like(z) if g is None else g
+
+        return _chunked_forward(ctx, hidden, weight, bias, rows, chunk)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):
@@ -172,6 +175,10 @@ def _wants_grad(hidden: torch.Tensor, head: LMHead) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head.weight, head.bias))
 
 
+def _summed(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
 def chunked_head_loss(hidden: torch.Tensor, head: LMHead, loss_of_rows: RowLoss, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(loss, stats)` summed over token chunks of `hidden` `[N, d]` (see `ChunkedHeadLoss`).
 
@@ -180,9 +187,7 @@ def chunked_head_loss(hidden: torch.Tensor, head: LMHead, loss_of_rows: RowLoss,
     rows = rows or rows_per_chunk(head.vocab)
     if _wants_grad(hidden, head):
         return ChunkedHeadLoss.apply(hidden, head.weight, head.bias, head, loss_of_rows, rows)
-    with torch.no_grad():
-        parts = [loss_of_rows(head.logits(hidden[i:i + rows]), slice(i, min(i + rows, hidden.shape[0]))) for i in range(0, hidden.shape[0], rows)]
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return _summed(map_rows(hidden, head, loss_of_rows, rows))
 
 
 def sparse_head_loss(hidden: torch.Tensor, head: LMHead, ids: torch.Tensor, row_loss: SparseRowLoss, temperature: float = 1.0,
@@ -192,14 +197,12 @@ def sparse_head_loss(hidden: torch.Tensor, head: LMHead, ids: torch.Tensor, row_
     rows = rows or rows_per_chunk(head.vocab)
     if _wants_grad(hidden, head):
         return SparseHeadLoss.apply(hidden, head.weight, head.bias, head, ids, temperature, row_loss, rows)
-    parts = []
-    with torch.no_grad():
-        for i in range(0, hidden.shape[0], rows):
-            z = head.logits(hidden[i:i + rows])
-            lse = torch.logsumexp(z, -1)
-            lse_t = lse if temperature == 1.0 else torch.logsumexp(z / temperature, -1)
-            parts.append(row_loss(lse, lse_t, z.gather(1, ids[i:i + rows]), slice(i, min(i + rows, hidden.shape[0]))))
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def rows_loss(z: torch.Tensor, piece: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(z, -1)
+        return row_loss(lse, lse if temperature == 1.0 else torch.logsumexp(z / temperature, -1), z.gather(1, ids[piece]), piece)
+
+    return _summed(map_rows(hidden, head, rows_loss, rows))
 
 
 def _counted(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
