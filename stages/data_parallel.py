@@ -5,8 +5,8 @@ fixed shapes from the start, so processes that write *different shards* never to
 same object; each shard's `shard_done` marker is its own object too. The parent therefore:
 
 1. starts N workers (spawned, never forked: CUDA and zarr's I/O thread do not survive a
-   fork), each pinned to its GPUs through CUDA_VISIBLE_DEVICES, which load the engine and
-   report what it is (`EngineInfo`);
+   fork), each pinned to its GPUs through CUDA_VISIBLE_DEVICES (on a CPU node: to its own
+   slice of the cores), which load the engine and report what it is (`EngineInfo`);
 2. creates or resumes the store with that identity (only the parent writes metadata);
 3. puts every pending shard on one job queue, so a faster worker simply takes more;
 4. collects progress, and finishes the store once every worker has exited cleanly.
@@ -29,6 +29,7 @@ from multiprocessing.queues import Queue
 from typing import Any
 
 from ddk_cache.engines import EngineInfo, create_engine
+from ddk_cache.engines.vllm_cpu import worker_cores_environment
 from ddk_cache.errors import DDKCacheError, first_line
 from ddk_cache.stages.scoring import ScoringPlan, ShardJob, progress_bar, score_jobs
 from ddk_cache.store.format import StoreLayout
@@ -47,12 +48,11 @@ def run_data_parallel(
     """Score the store with `plan.processes.data_parallel` engine processes; the store opened by `open_writer` once they
     are up, the shards `plan_jobs` names. Returns the writer and the seconds spent scoring."""
     n = plan.processes.data_parallel
-    device_groups = assign_devices(n, plan.engine_options.tensor_parallel_size)
+    environments = worker_environments(n, plan.engine_options.tensor_parallel_size)
     context = mp.get_context("spawn")
     jobs_queue, events = context.Queue(), context.Queue()
     workers = []
-    for rank, devices in enumerate(device_groups):
-        env = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    for rank, env in enumerate(environments):
         args = (rank, engine_name, plan, layout, jobs_queue, events)
         with _environment(env):  # a spawned child copies the parent's environment when it starts
             # not daemonic: a worker's engine may start processes of its own (vLLM does); `finally` below ends them
@@ -81,12 +81,36 @@ def run_data_parallel(
             process.join(timeout=30)
 
 
-def assign_devices(n: int, tensor_parallel: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES for each worker: disjoint groups of `tensor_parallel` GPUs, or None on CPU."""
+def worker_environments(n: int, tensor_parallel: int) -> list[dict[str, str]]:
+    """What each of `n` workers' environment pins it to: disjoint groups of `tensor_parallel` GPUs
+    (CUDA_VISIBLE_DEVICES), or on a CPU node disjoint groups of the cores this process may run on."""
     import torch  # heavy: torch only when this runs
 
     if not torch.cuda.is_available():
-        return [None] * n
+        return [worker_cores_environment(groups) for groups in assign_cores(n, tensor_parallel)]
+    return [{"CUDA_VISIBLE_DEVICES": devices} for devices in assign_devices(n, tensor_parallel)]
+
+
+def assign_cores(n: int, tensor_parallel: int) -> list[list[list[int]]]:
+    """Per worker, its `tensor_parallel` groups of cores: the allowed cores cut into n x tensor_parallel contiguous
+    slices, the first ones one core larger where they do not divide evenly."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    slices = n * tensor_parallel
+    if slices > len(cores):
+        raise DDKCacheError(
+            f"--data-parallel {n} x --tensor-parallel-size {tensor_parallel} needs {slices} CPU cores on a node without "
+            f"GPUs, this one allows {len(cores)}: lower --data-parallel"
+        )
+    size, extra = divmod(len(cores), slices)
+    bounds = [r * size + min(r, extra) for r in range(slices + 1)]
+    groups = [cores[bounds[r] : bounds[r + 1]] for r in range(slices)]
+    return [groups[r * tensor_parallel : (r + 1) * tensor_parallel] for r in range(n)]
+
+
+def assign_devices(n: int, tensor_parallel: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each worker: disjoint groups of `tensor_parallel` GPUs."""
+    import torch  # heavy: torch only when this runs
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
     if n * tensor_parallel > len(gpus):

@@ -128,3 +128,32 @@ def test_data_parallel_resumes_a_killed_single_process_dump(tmp_path, tiny_teach
     assert resumed.returncode == 0, resumed.stderr
     assert "already done 9" in resumed.stdout
     assert_same_store(out, reference)
+
+
+def test_data_parallel_workers_on_a_cpu_node_own_disjoint_cores(monkeypatch):
+    """Each worker gets its own cores, and vLLM's CPU build is told to bind its threads to them (left to itself, every
+    engine binds to every core of the node, twice as many threads as cores)."""
+    import os
+
+    from ddk_cache.engines.vllm_cpu import BIND_VARIABLE
+    from ddk_cache.stages.data_parallel import assign_cores, worker_environments
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6})
+    assert assign_cores(3, 1) == [[[0, 1, 2]], [[3, 4]], [[5, 6]]]
+    assert assign_cores(2, 2) == [[[0, 1], [2, 3]], [[4, 5], [6]]]
+    monkeypatch.delenv(BIND_VARIABLE, raising=False)
+    assert worker_environments(2, 2)[1] == {"OMP_NUM_THREADS": "1", BIND_VARIABLE: "4,5|6"}
+    monkeypatch.setenv(BIND_VARIABLE, "nobind")  # the user's own binding is theirs
+    assert worker_environments(2, 1)[0] == {"OMP_NUM_THREADS": "4"}
+
+
+def test_more_data_parallel_workers_than_cores_are_refused_before_anything_is_written(tmp_path, tiny_teacher, reference_store):
+    import os
+
+    manifest, _ = reference_store
+    out = tmp_path / "dp.zarr"
+    cores = len(os.sched_getaffinity(0))
+    result = run_dump(tiny_teacher, manifest, out, extra=("--data-parallel", str(cores + 1)))
+    assert result.returncode == 2, result.stderr
+    assert f"--data-parallel {cores + 1} x --tensor-parallel-size 1 needs {cores + 1} CPU cores" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
