@@ -20,6 +20,7 @@ class CaptureMode(str, Enum):
     topk = "topk"
     topp = "topp"
     sampled = "sampled"
+    headtail = "headtail"
 
 
 class EngineName(str, Enum):

@@ -215,11 +215,11 @@ class Trainer:
         self.mode = resolve_parallel_mode(config.parallel.mode.value, self.ctx)
         self.reader = CacheReader(config.store, storage_options=config.data.storage_options)
         self.reader.check_metadata()  # a damaged zarr.json is refused now, before the run writes anything
-        if self.reader.capture.mode == "sampled" and objective.online_teacher is None:
+        if self.reader.capture.drawn and objective.online_teacher is None:
             try:
                 check_sampled_config(objective.kd)
             except ValueError as exc:
-                raise DDKCacheError(f"{config.store} holds sampled targets: {exc}") from None
+                raise DDKCacheError(f"{config.store} holds {self.reader.capture.mode} targets: {exc}") from None
         self.resume = resolve_resume(config.out, config.checkpoint.resume)
         check_objective(config, self.reader, self.resume)
         self.pt_reader = None
@@ -464,9 +464,9 @@ def check_objective(config: DistillConfig, reader: CacheReader, resume: bool) ->
                                 "make one with `ddk-cache rollout`, then score it with teacher-dump")
         if objective.online_teacher is not None:
             raise DDKCacheError("--online-teacher is the dense KD reference; it does not apply to --objective minillm")
-        if reader.capture.mode == "sampled":
-            raise DDKCacheError(f"{config.store} holds sampled teacher targets: MiniLLM's single-step reverse KL needs the teacher's "
-                                "probabilities; score the rollouts with --mode topk or topp")
+        if reader.capture.drawn:
+            raise DDKCacheError(f"{config.store} holds {reader.capture.mode} teacher targets: MiniLLM's single-step reverse KL needs the "
+                                "teacher's probabilities; score the rollouts with --mode topk or topp")
         student = weights_sha256(config.student) if Path(config.student).is_dir() else None
         if rollout.student_weights_sha256 and student and student != rollout.student_weights_sha256 and not resume:
             raise DDKCacheError(f"{config.student} is not the student that sampled {config.store} (round {rollout.round}, "

@@ -120,7 +120,7 @@ def score_jobs(
 
     Consecutive shards are grouped until the engine's `preferred_windows` is reached, so an
     engine that batches internally (vLLM) always has a deep queue; results are split back
-    into whole shards for the writer. In sampled mode each shard is scored alone, with draws
+    into whole shards for the writer. In sampled and headtail mode each shard is scored alone, with draws
     seeded by the shard's identity, so a resumed or data-parallel dump draws the same samples.
 
     Why several writer threads: on a GPU the teacher outruns one CPU thread's encoding and zstd
@@ -130,12 +130,12 @@ def score_jobs(
     """
     with ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="ddk-writer") as pool:
         in_flight: deque[Future] = deque()
-        sampled = capture.mode == "sampled"
-        for group in group_jobs(jobs, 1 if sampled else engine.preferred_windows):
+        for group in group_jobs(jobs, 1 if capture.drawn else engine.preferred_windows):
             windows = np.concatenate([job.load(writer) for job in group]) if len(group) > 1 else group[0].load(writer)
-            if sampled:
+            if capture.drawn:
                 seed = capture.shard_seed(group[0].domain, group[0].split, group[0].shard)
-                result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed)
+                result = engine.score(windows, capture.engine_k, progress=progress, draws=capture.draws, seed=seed,
+                                      tail=capture.mode == "headtail")
             else:
                 result = engine.score(windows, capture.engine_k, progress=progress)
             if len(in_flight) >= writer_threads:

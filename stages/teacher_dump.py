@@ -97,9 +97,9 @@ def run_teacher_dump(config: TeacherDumpConfig, engine: TeacherEngine | None = N
                             "delete the store (or run node 0 alone with --overwrite) first")
     # what the options and the capture mode decide, before the data is read: a wrong flag fails at once. `auto` with
     # no engine option decides in `_dump`, knowing the job's size (tokens=0 here: no vLLM import for this check)
-    engine_name = choose_engine(config.engine.value, config.engine_options, sampled=capture.mode == "sampled", tokens=0).name
+    engine_name = choose_engine(config.engine.value, config.engine_options, drawn=capture.drawn, tokens=0).name
     check_applicable(engine_name, config.engine_options)
-    if capture.mode == "sampled" and engine_name == "vllm":
+    if capture.drawn and engine_name == "vllm":
         from ddk_cache.engines.vllm_engine import SAMPLING_UNSUPPORTED  # the engine a run does not use is never imported (torch / vLLM)
 
         raise EngineError(SAMPLING_UNSUPPORTED)
@@ -144,6 +144,8 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
             raise EngineError(f"tokenizer has {len(tokenizer)} tokens but the teacher only {info.vocab_size}: pass the teacher's own tokenizer")
         if capture.mode != "sampled" and capture.k > info.vocab_size:
             raise EngineError(f"--k {capture.k} exceeds the teacher's vocabulary size {info.vocab_size}")
+        if capture.mode == "headtail" and capture.k >= info.vocab_size:
+            raise EngineError(f"--k {capture.k} leaves no tail to draw from in the teacher's {info.vocab_size}-token vocabulary: lower --k")
         sized = replace(layout, vocab_size=info.vocab_size)  # the id dtype follows the teacher's vocabulary
         header = scoring_header(packed_header, config, info, sized, choice)
         if node.creates_store:
@@ -220,7 +222,7 @@ def engine_choice(config: TeacherDumpConfig, engine: TeacherEngine | None, domai
         return EngineChoice(engine.name, "a loaded engine was passed to run_teacher_dump")
     windows = sum(getattr(domain, split).n_windows for domain in domains for split in SPLITS)
     tokens = windows * seq_len // node.count
-    return choose_engine(config.engine.value, config.engine_options, sampled=config.capture.mode == "sampled", tokens=tokens)
+    return choose_engine(config.engine.value, config.engine_options, drawn=config.capture.drawn, tokens=tokens)
 
 
 def scoring_header(packed: StoreHeader, config: TeacherDumpConfig, engine: EngineInfo, layout: StoreLayout,

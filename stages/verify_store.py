@@ -9,22 +9,25 @@ for every shard of every data array of every split:
   every inner chunk's decoded values match the checksum recorded at its place (`integrity.py`: a
   shard copied over another, a deleted one read as zeros, an edited scale all fail here);
 - metadata: each array's dtype, window shape, chunking and value-changing codecs are the layout's;
-- form (format version 2): 1 <= n_entries <= width, ids strictly ascending and inside the teacher's
-  vocabulary, log-probs <= 0 (up to their quantization), draws counted exactly once, and
-  actual-token log-probs <= 0;
+- form (format versions 2 and 3): 1 <= n_entries <= width, ids strictly ascending (headtail: within the
+  head and within the tail, no tail id in the head) and inside the teacher's vocabulary, log-probs <= 0
+  (up to their quantization), draws counted exactly once (headtail: the tail's shares sum to 1, up to
+  their quantization), and actual-token log-probs <= 0;
 
 and, per domain, that the teacher's validation loss was recorded. It reads the whole store once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from zarr.core.sync import sync
 
 from ddk_cache.errors import StoreError
-from ddk_cache.store.format import COUNTS, N_ENTRIES, SHARD_DONE, SPLITS
+from ddk_cache.store.encodings import decoded
+from ddk_cache.store.format import COUNTS, LOGPROBS, N_ENTRIES, SHARD_DONE, SPLITS
 from ddk_cache.store.reader import CacheReader
 
 
@@ -175,12 +178,33 @@ def _form_problems(reader: CacheReader, domain: str, split: str, start: int, sto
         return problems
     ids = np.where(valid, block.ids.astype(np.int64), np.iinfo(np.int64).max)
     gaps = np.diff(ids, axis=-1)
-    if np.any((gaps <= 0) & valid[..., 1:]):
-        problems.append("entry ids not strictly ascending")
-    if capture.mode == "sampled":
+    ascending = valid[..., 1:]
+    if capture.mode == "headtail":
+        ascending = ascending & (np.arange(1, ids.shape[-1]) != capture.k)  # the tail starts again from its own smallest id
+    if np.any((gaps <= 0) & ascending):
+        problems.append("entry ids not strictly ascending" + (" within the head and within the tail" if capture.mode == "headtail" else ""))
+    if capture.mode == "headtail":
+        problems += _head_and_tail_problems(ids, valid, decoded(reader.array(domain, split, LOGPROBS), slice(start, stop)), capture)
+    elif capture.mode == "sampled":
         counts = reader.array(domain, split, COUNTS)[start:stop].astype(np.int64)
         if np.any(counts.sum(-1) != capture.draws):
             problems.append(f"draw counts do not sum to {capture.draws}")
     elif np.any(np.where(valid, block.logprobs, 0) > (0.5 / capture.logprob_scale if capture.logprob_scale else 1e-3)):
+        problems.append("entry log-probs above 0")
+    return problems
+
+
+def _head_and_tail_problems(ids: np.ndarray, valid: np.ndarray, stored: np.ndarray, capture) -> list[str]:
+    """headtail: a tail id never repeats a head id (the draws come from outside the head), and each position's tail
+    values log(count / draws) add up to 1 draw in all, up to their quantization (half a level each, relatively)."""
+    k, problems = capture.k, []
+    head, tail = ids[..., :k, None], np.where(valid[..., k:], ids[..., k:], -1)[..., None, :]
+    if np.any(head == tail):
+        problems.append("a tail id repeats a head id")
+    shares = np.where(valid[..., k:], np.exp(stored[..., k:].astype(np.float64)), 0.0).sum(-1)
+    slack = math.expm1(0.5 / capture.logprob_scale) + 1e-6 if capture.logprob_scale else 2e-3
+    if np.any(np.abs(shares - 1.0) > slack):
+        problems.append("tail shares do not sum to one draw in all")
+    if np.any(np.where(valid, stored, 0) > (0.5 / capture.logprob_scale if capture.logprob_scale else 1e-3)):
         problems.append("entry log-probs above 0")
     return problems

@@ -1,4 +1,4 @@
-"""The three capture modes end to end through the CLI, and version-1 stores still read and train."""
+"""The four capture modes end to end through the CLI, and version-1 stores still read and train."""
 
 from __future__ import annotations
 
@@ -68,8 +68,76 @@ def test_distill_on_sampled_targets_trains_and_refuses_biased_losses(sampled_sto
     assert result.exit_code == 0, result.output
     result = distill(sampled_store, student, tmp_path / "run2", "--steps", "6", "--divergence", "reverse_kl")
     assert result.exit_code == 2
-    assert "holds sampled targets: sampled targets are unbiased only with --divergence forward_kl" in result.stderr
+    assert "holds sampled targets: sampled targets (sampled, headtail) are unbiased only with --divergence forward_kl" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def headtail_store(tiny_teacher, tmp_path_factory) -> Path:
+    from conftest import write_corpus_manifest
+
+    tmp = tmp_path_factory.mktemp("headtail")
+    out = tmp / "headtail.zarr"
+    result = dump(tiny_teacher, write_corpus_manifest(tmp), out, "--mode", "headtail", "--k", "4", "--draws", "16", "--seed", "5")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_headtail_store_holds_the_exact_head_then_the_tails_draws(headtail_store, tiny_teacher, tmp_path):
+    """Issue 27: the first k entries are a top-k store's (same ids, same log-probs, same rest), then the distinct
+    tail draws, none of them a head id, with log(count / draws) adding up to one; read back, the tail carries the
+    rest's mass shared out by the draws, and the entries sum to one."""
+    from conftest import write_corpus_manifest
+
+    reader = CacheReader(str(headtail_store))
+    capture = reader.header.capture.capture
+    assert (capture.mode, capture.k, capture.draws, capture.width) == ("headtail", 4, 16, 20)
+    group = zarr.open_group(str(headtail_store), mode="r")["code/train"]
+    assert set(group.array_keys()) == {"tokens", "ids", "logprobs", "n_entries", "rest_logprobs", "target_logprobs", "shard_done"}
+    topk = tmp_path / "topk.zarr"
+    assert dump(tiny_teacher, write_corpus_manifest(tmp_path), topk, "--k", "4").exit_code == 0
+    exact = CacheReader(str(topk)).read("code", "train")
+    block = reader.read("code", "train")
+    np.testing.assert_array_equal(block.ids[..., :4], exact.ids)
+    np.testing.assert_array_equal(block.logprobs[..., :4], exact.logprobs)
+    assert block.rest_logprobs is None and block.valid[..., :5].all() and (block.valid.sum(-1) <= 20).all()
+    tail_ids = np.where(block.valid[..., 4:], block.ids[..., 4:], -1)
+    assert not (tail_ids[..., None, :] == block.ids[..., :4, None]).any()
+    assert all(np.all(np.diff(row[row >= 0]) > 0) for row in tail_ids.reshape(-1, 16))
+    tail_mass = np.where(block.valid[..., 4:], np.exp(block.logprobs[..., 4:].astype(np.float64)), 0).sum(-1)
+    np.testing.assert_allclose(tail_mass, np.exp(exact.rest_logprobs.astype(np.float64)), rtol=2e-3)
+    total = np.where(block.valid, np.exp(block.logprobs.astype(np.float64)), 0).sum(-1)
+    np.testing.assert_allclose(total, 1.0, atol=0.05)
+    assert CliRunner().invoke(app, ["verify", str(headtail_store)]).exit_code == 0
+
+
+def test_distill_on_headtail_targets_trains_and_refuses_biased_losses(headtail_store, tiny_teacher, tmp_path):
+    student = make_student(tmp_path / "student", tiny_teacher)
+    result = distill(headtail_store, student, tmp_path / "run", "--steps", "4", "--update-every", "2")
+    assert result.exit_code == 0, result.output
+    result = distill(headtail_store, student, tmp_path / "run2", "--steps", "4", "--temperature", "2")
+    assert result.exit_code == 2
+    assert "holds headtail targets: sampled targets (sampled, headtail) are draws at temperature 1" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+def test_verify_finds_a_tail_id_that_repeats_a_head_id(headtail_store, tmp_path):
+    import shutil
+
+    from test_verify import rewrite
+
+    from ddk_cache.stages.verify_store import verify_url
+    from ddk_cache.store.encodings import decoded
+
+    copy = tmp_path / "edited.zarr"
+    shutil.copytree(headtail_store, copy)
+    group = zarr.open_group(str(copy), mode="r+")["math/valid"]
+    ids, n = decoded(group["ids"], slice(0, 8)), group["n_entries"][0, 0]
+    ids[0, 0, 4:n] = ids[0, 0, 0] + np.arange(n - 4)  # still ascending, but starting at the first head id
+    assert ids[0, 0, n - 1] < CacheReader(str(copy)).header.teacher.vocab_size
+    rewrite(group, "ids", slice(0, 8), ids)
+    report = verify_url(str(copy))
+    assert report.problems == ["math/valid shard 0: a tail id repeats a head id"], report.problems
 
 
 def test_topp_store_has_variable_entries_and_trains(tiny_teacher, corpus_manifest, tmp_path):
@@ -90,8 +158,10 @@ def test_topp_store_has_variable_entries_and_trains(tiny_teacher, corpus_manifes
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--draws", "16"], "--draws belongs to --mode sampled, not topk"),
+    (["--draws", "16"], "--draws belongs to --mode sampled or headtail, not topk"),
     (["--mode", "sampled"], "sampled mode needs --draws"),
+    (["--mode", "headtail", "--k", "4"], "headtail mode needs --draws"),
+    (["--mode", "headtail", "--draws", "300"], "headtail mode needs --draws between 1 and 255, got 300"),
     (["--mode", "topp"], "topp mode needs --top-p"),
     (["--logprob-scale", "5000"], "--logprob-scale must be"),
 ])
@@ -101,11 +171,12 @@ def test_bad_capture_flags_exit_2_with_one_line(tiny_teacher, corpus_manifest, t
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_sampled_mode_refuses_the_vllm_engine_before_reading_data(tiny_teacher, corpus_manifest, tmp_path):
+@pytest.mark.parametrize("mode", ["sampled", "headtail"])
+def test_drawn_modes_refuse_the_vllm_engine_before_reading_data(tiny_teacher, corpus_manifest, tmp_path, mode):
     args = ["teacher-dump", "--teacher", str(tiny_teacher), "--manifest", str(corpus_manifest), "--out", str(tmp_path / "x.zarr"),
-            "--mode", "sampled", "--draws", "8", "--engine", "vllm", "--no-progress"]
+            "--mode", mode, "--draws", "8", "--engine", "vllm", "--no-progress"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "the vllm engine cannot capture --mode sampled" in result.stderr
+    assert result.exit_code == 2 and "the vllm engine cannot capture --mode sampled or headtail" in result.stderr
     assert not (tmp_path / "x.zarr").exists()
 
 

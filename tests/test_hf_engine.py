@@ -118,3 +118,34 @@ def test_the_head_applied_in_row_blocks_captures_what_the_whole_logits_give(tiny
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     if draws is not None:
         assert torch.equal(blocks[3], whole[3])
+
+
+def test_tail_draws_come_from_the_distribution_outside_the_head():
+    """headtail capture (issue 27): the draws never hit a head id, and their frequencies are the teacher's
+    distribution restricted to the tail (p / tail mass): with 40,000 draws of a 12-token vocabulary every tail
+    frequency is within 5 standard errors of it. The head and target are what a plain top-k capture gives."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 12) * 2
+    targets = torch.randint(0, 12, (2, 3))
+    head = 3
+    ids, values, target, draws = hf_engine.topk_from_logits(logits.clone(), targets, head, 40_000, torch.Generator().manual_seed(0), tail=True)
+    plain = hf_engine.topk_from_logits(logits.clone(), targets, head)
+    torch.testing.assert_close(ids, plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(values, plain[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(target, plain[2], rtol=0, atol=1e-5)
+    probs = torch.softmax(logits.double(), -1).reshape(-1, 12)
+    for row, (row_ids, row_draws) in enumerate(zip(ids.reshape(-1, head), draws.reshape(-1, 40_000))):
+        assert not torch.isin(row_draws, row_ids).any(), "a tail draw hit a head id"
+        tail = probs[row].clone()
+        tail[row_ids.long()] = 0
+        tail /= tail.sum()
+        frequency = torch.bincount(row_draws.long(), minlength=12).double() / 40_000
+        error = (tail * (1 - tail) / 40_000).sqrt()
+        assert torch.all((frequency - tail).abs() <= 5 * error + 1e-12), (frequency, tail)
+
+
+def test_a_head_as_large_as_the_vocabulary_leaves_no_tail_and_is_refused(tiny_teacher, windows):
+    engine = create_engine("hf", str(tiny_teacher), EngineOptions(device="cpu"))
+    vocab = int(engine.config.vocab_size)
+    with pytest.raises(EngineError, match="leaves no tail to draw from"):
+        engine.score(windows[:1], vocab, draws=4, tail=True)

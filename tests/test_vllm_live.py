@@ -283,7 +283,7 @@ def test_auto_takes_vllm_for_a_long_job_and_hf_for_a_short_one():
     assert long.name == "vllm" and install.version in long.reason
     assert choose_engine("auto", EngineOptions(device="cpu"), tokens=10**9).reason == "auto: --device is an option of the hf engine"
     assert choose_engine("auto", EngineOptions(enforce_eager=True), tokens=1).name == "vllm", "a vLLM option chooses vLLM"
-    assert choose_engine("auto", sampled=True, tokens=10**9).name == "hf", "sampled capture needs the hf engine"
+    assert choose_engine("auto", drawn=True, tokens=10**9).name == "hf", "sampled capture needs the hf engine"
 
 
 def test_a_dump_with_auto_says_which_engine_ran_and_why(vllm_teacher, corpus, tmp_path):

@@ -20,12 +20,12 @@ def teacher_dump(
     manifest: Annotated[Optional[Path], typer.Option(
         help="Data manifest (YAML): pack its domains and score them in one command. Without it, --out must be a store "
              "that `ddk-cache pack` wrote: its windows are scored in place.")] = None,
-    mode: Annotated[CaptureMode, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k) or sampled (--draws samples: distinct ids + counts, unbiased).", rich_help_panel="Capture")] = CaptureMode.topk,
-    k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp).", rich_help_panel="Capture")] = 64,
+    mode: Annotated[CaptureMode, typer.Option(help="What to keep per position: topk (k most likely), topp (fewest reaching --top-p, at most --k), sampled (--draws samples: distinct ids + counts, unbiased) or headtail (the --k most likely exactly, plus --draws samples of the rest: unbiased, the variance only in the tail). sampled and headtail train with forward KL, --tail rest and T = 1 only, on the hf engine.", rich_help_panel="Capture")] = CaptureMode.topk,
+    k: Annotated[int, typer.Option(help="Entries per position (topk), their maximum (topp), the exact head (headtail).", rich_help_panel="Capture")] = 64,
     top_p: Annotated[Optional[float], typer.Option(help="topp mode: probability mass to keep, e.g. 0.95.", rich_help_panel="Capture")] = None,
-    draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64.", rich_help_panel="Capture")] = None,
+    draws: Annotated[Optional[int], typer.Option(help="sampled mode: samples per position (1-255), e.g. 32 or 64; headtail: samples of the tail, e.g. 16 or 24.", rich_help_panel="Capture")] = None,
     logprob_scale: Annotated[int, typer.Option(help="Log-prob quantization levels per nat (stored as round(lp * scale)); 0 keeps float16.", rich_help_panel="Capture")] = 32,
-    seed: Annotated[int, typer.Option(help="sampled mode: seed of the draws.", rich_help_panel="Capture")] = 0,
+    seed: Annotated[int, typer.Option(help="sampled and headtail mode: seed of the draws.", rich_help_panel="Capture")] = 0,
     engine: Annotated[EngineName, typer.Option(help="Teacher engine: auto (vLLM with a GPU where it imports, else hf; README 'vLLM on a CPU'), hf or vllm.")] = EngineName.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...", rich_help_panel="HF engine")] = "auto",
     dtype: Annotated[DType, typer.Option(help="auto: bf16 on GPU, float32 on CPU.")] = DType.auto,

@@ -26,7 +26,7 @@ class TopKResult:
     topk_ids: np.ndarray  # int32 [B, L, k], descending log-prob
     topk_logprobs: np.ndarray  # float32 [B, L, k]
     target_logprobs: np.ndarray  # float32 [B, L], log p(window[t + 1] | window[: t + 1])
-    samples: np.ndarray | None = None  # int32 [B, L, n]: n draws from the full distribution (sampled capture)
+    samples: np.ndarray | None = None  # int32 [B, L, n]: n draws from the full distribution (sampled capture) or its tail (headtail)
 
     def __post_init__(self) -> None:
         b, length, k = self.topk_ids.shape
@@ -70,16 +70,18 @@ class TeacherEngine(ABC):
     def describe(self) -> dict[str, Any]:
         """Engine name, version and every setting that can change the numbers it produces."""
 
-    # Whether `score` can draw samples from the full distribution (sampled capture).
+    # Whether `score` can draw samples from the full distribution (sampled and headtail capture).
     supports_sampling: bool = False
 
     @abstractmethod
     def score(
-        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0,
+        tail: bool = False,
     ) -> TopKResult:
         """Top-k distributions for `windows` (int32 `[B, seq_len + 1]`); calls `progress(tokens)` as it goes.
 
-        With `draws`, also `draws` samples per position from the full distribution, reproducible from `seed`.
+        With `draws`, also `draws` samples per position from the full distribution, reproducible from `seed`;
+        with `tail` too, from the distribution restricted to the ids outside the top-k (headtail capture).
         """
 
     def value_settings(self) -> dict[str, Any]:

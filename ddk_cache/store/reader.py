@@ -18,7 +18,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ddk_cache.errors import StoreError, first_line
-from ddk_cache.store.capture import Capture, sampled_logprobs
+from ddk_cache.store.capture import Capture, estimated_logprobs, sampled_logprobs
 from ddk_cache.store.encodings import ENCODING_ATTR, Encoding, array_encoding
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
@@ -51,10 +51,12 @@ from ddk_cache.store.metadata import HeaderError
 class WindowBlock:
     """Decoded rows `[start, stop)` of one split: the teacher's sparse targets, ready for the losses.
 
-    `ids` / `logprobs` `[n, L, W]`: entries (log-probs as float32; in sampled mode log(count / draws)).
+    `ids` / `logprobs` `[n, L, W]`: entries (log-probs as float32; in sampled mode log(count / draws); in
+    headtail mode the head's log-probs, then each tail id's estimated log-prob, `capture.estimated_logprobs`).
     `valid` `[n, L, W]` marks real entries (None when every slot is one: fixed top-k).
     `rest_logprobs` `[n, L]`: log of the teacher mass outside the entries (None: derive it as
-    1 - sum(exp(logprobs)), version 1 stores; or no mass outside, sampled stores).
+    1 - sum(exp(logprobs)), version 1 stores; or no mass outside, sampled and headtail stores, whose
+    entries estimate the whole distribution).
     """
 
     tokens: np.ndarray
@@ -303,11 +305,14 @@ class CacheReader:
             logprobs = sampled_logprobs(read(COUNTS), int(self.capture.draws))
             logprobs[~valid] = 0.0
             return WindowBlock(tokens, ids, logprobs, valid, None, target, **rollout)
+        if self.capture.mode == "headtail":
+            logprobs = estimated_logprobs(read(LOGPROBS), valid, read(REST_LOGPROBS), self.capture.k)
+            return WindowBlock(tokens, ids, logprobs, valid, None, target, **rollout)
         return WindowBlock(tokens, ids, read(LOGPROBS).astype(np.float32), valid, read(REST_LOGPROBS).astype(np.float32), target,
                            **rollout)
 
     def mean_entries(self, domain: str, split: str) -> float:
-        """Mean number of entries per position (variable in topp and sampled stores)."""
+        """Mean number of entries per position (variable in topp, sampled and headtail stores)."""
         if self.capture is None:
             return 0.0
         if self.format_version == 1 or self.capture.mode == "topk":

@@ -105,7 +105,7 @@ class CacheDataset(Dataset):
         self.domain, self.split = domain, split
         self.windows = self.store.split(domain, split).windows  # also checks domain and split
         self._domain_index = self.store.domains.index(domain)
-        self._sampled = self.store.capture.mode == "sampled"
+        self._sampled = self.store.capture.drawn
         self._chunks = _ChunkCache(self.store, max(1, cached_chunks))
 
     def __len__(self) -> int:
@@ -148,7 +148,7 @@ class CacheMixture(IterableDataset):
         self.weights = np.array([raw[d] / total for d in self.domains])
         self._orders = domain_orders(self.store.reader, self.domains, seed, split)  # the visiting order distill uses
         self._domain_index = [domains.index(d) for d in self.domains]
-        self._sampled = self.store.capture.mode == "sampled"
+        self._sampled = self.store.capture.drawn
         self._cached_chunks = max(1, cached_chunks)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

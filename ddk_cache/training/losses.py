@@ -13,6 +13,9 @@ or ids with sample counts whose log(count / draws) estimates the teacher distrib
   no teacher rest: forward KL against counts / draws then has the same expected gradient as
   forward KL against the full teacher distribution (the estimate is unbiased and the loss
   is linear in it); other divergences, renorm and T != 1 are not linear in it and are refused.
+  Headtail targets (an exact head, and the tail's exact mass shared out by draws) are read as
+  the same kind of estimate (`store.capture.estimated_logprobs`) and take the same rules: only
+  the tail is estimated, so the gradient's variance is the tail's alone.
 - `renorm`: both distributions are renormalised over the teacher's top-k ids (what many
   offline-KD tools do). Biased when the top-k misses mass, but insensitive to the tail.
 
@@ -88,13 +91,13 @@ SAMPLED_DIVERGENCES = ("forward_kl",)
 
 
 def check_sampled_config(config: "KDConfig") -> None:
-    """Refuse the settings whose loss is not unbiased on sampled targets (see the module docstring)."""
+    """Refuse the settings whose loss is not unbiased on sampled or headtail targets (see the module docstring)."""
     if config.divergence not in SAMPLED_DIVERGENCES:
-        raise SettingError(f"sampled targets are unbiased only with --divergence forward_kl, not {config.divergence}")
+        raise SettingError(f"sampled targets (sampled, headtail) are unbiased only with --divergence forward_kl, not {config.divergence}")
     if config.tail != "rest":
-        raise SettingError("sampled targets have no tail to renormalise: use --tail rest")
+        raise SettingError("sampled targets (sampled, headtail) estimate the whole distribution, there is no tail to renormalise: use --tail rest")
     if config.temperature != 1.0:
-        raise SettingError("sampled targets are draws at temperature 1: use --temperature 1")
+        raise SettingError("sampled targets (sampled, headtail) are draws at temperature 1: use --temperature 1")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ if (header.format_version !== 3) throw new Error(`format version ${header.format
 async function row(name) {  // one window of an array: its stored values, and the array's encoding attribute
   const array = await zarr.open(root.resolve(`${domain}/${split}/${name}`), { kind: "array" });
   const chunk = await zarr.get(array, [zarr.slice(window, window + 1), ...array.shape.slice(1).map(() => null)]);
-  return { data: Array.from(chunk.data, Number), shape: chunk.shape.slice(1), encoding: array.attrs.ddk_cache_encoding };
+  return { data: Array.from(chunk.data, Number), shape: chunk.shape.slice(1), encoding: array.attrs.ddk_cache_encoding, dtype: array.dtype };
 }
 
 function fixedScale(stored) {  // "Encodings": stored / S
@@ -27,6 +27,8 @@ if (ids.encoding?.name !== "delta") throw new Error("ids are not delta-encoded")
 const [seqLen, width] = ids.shape;
 const mode = header.capture.mode;
 const values = mode === "sampled" ? (await row("counts")).data : fixedScale(await row("logprobs"));
+// "Encodings": the sum wraps modulo 2^16 in a uint16 array (headtail's first tail id is below the last head id)
+const modulus = ids.dtype === "uint16" ? 65536 : 2 ** 32;
 // rest_logprobs is float16, which zarrita 0.5 cannot read (JavaScript has no float16 array in Node 20): left out
 const targets = fixedScale(target);
 const positions = [];
@@ -35,9 +37,10 @@ for (let t = 0; t < seqLen; t++) {
   let id = 0;
   const entryIds = [], entryValues = [];
   for (let j = 0; j < width; j++) {  // the cumulative sum of the deltas along the position
-    id += ids.data[t * width + j];
+    id = (id + ids.data[t * width + j]) % modulus;
     if (j < n) { entryIds.push(id); entryValues.push(mode === "sampled" ? Math.log(values[t * width + j] / header.capture.draws) : values[t * width + j]); }
   }
+  // headtail: the first header.capture.k entries are the head's log-probs, the others each tail id's log(count / draws)
   positions.push({ ids: entryIds, logprobs: entryValues, target: targets[t] });
 }
 console.log(JSON.stringify({ mode, positions }));
