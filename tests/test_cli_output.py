@@ -65,7 +65,7 @@ def test_eval_json_to_stdout_and_to_a_file(tiny_store, tiny_teacher, tmp_path):
 def test_usage_errors_are_one_line_and_exit_2():
     for args, fragment in [
         (["distill", "--store", "x"], "error: Missing option '--student'. (see ddk-cache distill --help)"),
-        (["teacher-dump", "--teacher", "t", "--out", "o", "--mode", "beam"], "'beam' is not one of 'topk', 'topp', 'sampled'."),
+        (["teacher-dump", "--teacher", "t", "--out", "o", "--mode", "beam"], "'beam' is not one of 'topk', 'topp', 'sampled', 'headtail'."),
         (["distill", "--store", "x", "--student", "y", "--out", "z", "--lr", "fast"], "Invalid value for '--lr'"),
         (["distill", "--store", "x", "--student", "y", "--out", "z", "--no-such-flag"], "No such option: --no-such-flag"),
     ]:

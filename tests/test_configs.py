@@ -53,7 +53,7 @@ from ddk_cache.training.objectives import KDObjective, OnlineKDObjective
     (lambda: LayoutSettings(shard_windows=0), "--shard-windows"),
     (lambda: TeacherDumpConfig("t", None, "o", engine="tgi"), "unknown --engine 'tgi'"),
     (lambda: Capture(mode="topk", top_p=0.9), "--top-p belongs to --mode topp, not topk"),
-    (lambda: Capture(mode="topp", top_p=0.9, draws=4), "--draws belongs to --mode sampled, not topp"),
+    (lambda: Capture(mode="topp", top_p=0.9, draws=4), "--draws belongs to --mode sampled or headtail, not topp"),
 ])
 def test_a_bad_setting_is_refused_where_it_is_built(build, message):
     with pytest.raises(SettingError) as caught:
