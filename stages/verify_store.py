@@ -185,7 +185,7 @@ def _form_problems(reader: CacheReader, domain: str, split: str, start: int, sto
         problems.append("entry ids not strictly ascending" + (" within the head and within the tail" if capture.mode == "headtail" else ""))
     if capture.mode == "headtail":
         problems += _head_and_tail_problems(ids, valid, decoded(reader.array(domain, split, LOGPROBS), slice(start, stop)), capture)
-    elif capture.mode == "sampled":
+    if capture.mode == "sampled":
         counts = reader.array(domain, split, COUNTS)[start:stop].astype(np.int64)
         if np.any(counts.sum(-1) != capture.draws):
             problems.append(f"draw counts do not sum to {capture.draws}")
@@ -196,7 +196,9 @@ def _form_problems(reader: CacheReader, domain: str, split: str, start: int, sto
 
 def _head_and_tail_problems(ids: np.ndarray, valid: np.ndarray, stored: np.ndarray, capture) -> list[str]:
     """headtail: a tail id never repeats a head id (the draws come from outside the head), and each position's tail
-    values log(count / draws) add up to 1 draw in all, up to their quantization (half a level each, relatively)."""
+    values log(count / draws) add up to 1 draw in all, up to their quantization (half a level each, relatively).
+    Log-probs above 0 are the check every log-prob mode shares (on the read entries: the head's, and the tail's
+    rest + share)."""
     k, problems = capture.k, []
     head, tail = ids[..., :k, None], np.where(valid[..., k:], ids[..., k:], -1)[..., None, :]
     if np.any(head == tail):
@@ -205,6 +207,4 @@ def _head_and_tail_problems(ids: np.ndarray, valid: np.ndarray, stored: np.ndarr
     slack = math.expm1(0.5 / capture.logprob_scale) + 1e-6 if capture.logprob_scale else 2e-3
     if np.any(np.abs(shares - 1.0) > slack):
         problems.append("tail shares do not sum to one draw in all")
-    if np.any(np.where(valid, stored, 0) > (0.5 / capture.logprob_scale if capture.logprob_scale else 1e-3)):
-        problems.append("entry log-probs above 0")
     return problems

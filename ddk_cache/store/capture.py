@@ -90,7 +90,9 @@ class Capture:
         """Entry slots per position in the stored arrays."""
         if self.mode == "sampled":
             return int(self.draws)
-        return self.k + int(self.draws) if self.mode == "headtail" else self.k
+        if self.mode == "headtail":
+            return self.k + int(self.draws)
+        return self.k
 
     @property
     def engine_k(self) -> int:
