@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from ddk_cache.store import format as store_format
-from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
+from ddk_cache.store.integrity import checksum_array, decoded_like_zarr, write_checksums
 from ddk_cache.store.reader import CacheReader
 
 
@@ -44,7 +44,7 @@ def format_2_copy(src: str, dst: str) -> None:
                 store_format._create(group, name, specs[name], len(values), old)
                 stored = values.astype(specs[name].dtype)
                 group[name][:] = stored
-                write_checksums(group, name, 0, decoded_like_zarr(stored, group[name].dtype, group[name].filters), old.chunk_windows)
+                write_checksums(checksum_array(group, name), 0, decoded_like_zarr(stored, group[name].dtype, group[name].filters), old.chunk_windows)
     header = dict(root.attrs["ddk_cache"])
     header.update(format_version=2, identity={**header["identity"], "format_version": 2})
     root.attrs["ddk_cache"] = header

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ddk_cache.cli.main import app
 from ddk_cache.store.encodings import array_encoding, decoded
-from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
+from ddk_cache.store.integrity import checksum_array, decoded_like_zarr, write_checksums
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def rewrite(group: zarr.Group, name: str, rows: slice, values: np.ndarray) -> No
     encoding = array_encoding(array.attrs)
     stored = values if encoding is None else encoding.encode(values, array.dtype)
     array[rows] = stored
-    write_checksums(group, name, rows.start, decoded_like_zarr(stored, array.dtype, array.filters), array.chunks[0])
+    write_checksums(checksum_array(group, name), rows.start, decoded_like_zarr(stored, array.dtype, array.filters), array.chunks[0])
 
 
 def test_malformed_entries_and_unmarked_shards_are_reported(store):

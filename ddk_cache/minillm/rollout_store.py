@@ -29,7 +29,7 @@ from ddk_cache.store.format import (
 )
 from ddk_cache.store.header import DomainInfo, SplitInfo, StoreHeader, now
 from ddk_cache.store.header_versions import write_domain_info
-from ddk_cache.store.integrity import decoded_like_zarr, write_checksums
+from ddk_cache.store.integrity import checksum_array, decoded_like_zarr, write_checksums
 
 ROLLOUT_RULE = "rollout-v1"  # `packing.split_rule` of a rollout store: one window per prompt, no packing
 
@@ -61,7 +61,7 @@ def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollout
                 encoding = array_encoding(array.attrs)
                 stored = np.asarray(data[region]).astype(array.dtype, copy=False) if encoding is None else encoding.encode(data[region], array.dtype)
                 array[region] = stored
-                write_checksums(target, name, region.start, decoded_like_zarr(stored, array.dtype, array.filters), layout.chunk_windows)
+                write_checksums(checksum_array(target, name), region.start, decoded_like_zarr(stored, array.dtype, array.filters), layout.chunk_windows)
         digest = hashlib.sha256(np.ascontiguousarray(rollouts.tokens, dtype="<i4").tobytes()).hexdigest()
         infos[split] = SplitInfo(n, n * layout.seq_len, documents[split], digest)
     write_domain_info(group, DomainInfo(domain, **infos))

@@ -76,13 +76,14 @@ def resize_checksums(split_group: zarr.Group, name: str, n_windows: int, chunk_w
         array.resize((n_chunks,))
 
 
-def write_checksums(split_group: zarr.Group, name: str, first_window: int, decoded: np.ndarray, chunk_windows: int) -> None:
-    """Record the checksums of rows `[first_window, first_window + len(decoded))`, a chunk-aligned range."""
+def write_checksums(checksums: zarr.Array, first_window: int, decoded: np.ndarray, chunk_windows: int) -> None:
+    """Record the checksums of rows `[first_window, first_window + len(decoded))`, a chunk-aligned range, in
+    `checksums` (`checksum_array`: the caller opens it, once per array if it writes many shards)."""
     if first_window % chunk_windows:
         raise ValueError(f"checksummed writes start on a chunk boundary, not window {first_window}")
     first_chunk = first_window // chunk_windows
     sums = chunk_checksums(decoded, chunk_windows)
-    checksum_array(split_group, name)[first_chunk : first_chunk + len(sums)] = sums
+    checksums[first_chunk : first_chunk + len(sums)] = sums
 
 
 def mismatched_chunks(expected: np.ndarray, decoded: np.ndarray, first_chunk: int, chunk_windows: int) -> list[int]:
