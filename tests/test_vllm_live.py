@@ -256,18 +256,20 @@ def test_vllm_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_teacher, v
         (unknown, (), {}, "['FrobnicatorForCausalLM'] are not supported"),
         (vllm_teacher, ("--mode", "sampled", "--draws", "8"), {}, "cannot capture --mode sampled"),
     ]
-    for number, (teacher, extra, env, message) in enumerate(cases):
-        out = tmp_path / f"never-{number}.zarr"
-        result = cli(*dump_args(teacher, corpus, out, *extra), cwd=tmp_path, **env)
+    outs = [tmp_path / f"never-{number}.zarr" for number in range(len(cases))]
+    from test_rollout import write_prompt_manifest
+
+    prompts = write_prompt_manifest(tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each child spends most of its time importing vLLM, on one core
+        rollout = pool.submit(cli, "rollout", "--student", str(vllm_teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r.zarr"),
+                              "--generator", "vllm", "--no-progress", cwd=tmp_path, PYTHONPATH=str(broken))
+        results = list(pool.map(lambda case, out: cli(*dump_args(case[0], corpus, out, *case[1]), cwd=tmp_path, **case[2]), cases, outs))
+    for (_, _, _, message), out, result in zip(cases, outs, results):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (message, result.stderr[-2000:])
         assert "Traceback" not in result.stderr.split("error:")[-1]
         assert not out.exists(), "nothing is written before the engine is up"
-    # the rollout generator says the same about a broken install
-    from test_rollout import write_prompt_manifest
-
-    result = cli("rollout", "--student", str(vllm_teacher), "--prompts", str(write_prompt_manifest(tmp_path)), "--out",
-                 str(tmp_path / "r.zarr"), "--generator", "vllm", "--no-progress", cwd=tmp_path, PYTHONPATH=str(broken))
+    result = rollout.result()  # the rollout generator says the same about a broken install
     assert result.returncode == 2 and "cannot be imported" in result.stderr and "--generator hf" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "r.zarr").exists()
 
