@@ -14,9 +14,9 @@ Arms (CE + 0.2 KD, forward KL with the rest bucket, unless named otherwise):
 - `ce`: CE only; `kd_uniform`, `kd_static`: uniform and manifest-weighted domain sampling;
 - `ddk`: the paper's rule; `ddk_ce_ratio`: `--ddk-score ce-ratio`; `ddk_temperature`: the paper's
   score divided by `--ddk-temperature` (see training/domain_samplers.py);
-- `kd_sampled32`, `kd_topp95`, `kd_headtail8x24`, `kd_headtail4x16`: uniform KD from a sampled cache (32 draws), a top-p 0.95 cache
-  (at most 64 entries) and head+tail caches (8 exact + 24 tail draws, 4 + 16) of the same windows; `kd_uniform` is the
-  default top-64 cache;
+- `kd_sampled32`, `kd_sampled16`, `kd_topp95`, `kd_headtail8x24`, `kd_headtail4x16`, `kd_headtail2x8`: uniform KD
+  from sampled caches (32 or 16 draws), a top-p 0.95 cache (at most 64 entries) and head+tail caches (8 exact + 24
+  tail draws, 4 + 16, 2 + 8) of the same windows; `kd_uniform` is the default top-64 cache;
 - `dense_online`: KD against the live teacher's full distribution (uniform sampling).
 
     # from scratch (the first table in RESULTS.md "Quality")
@@ -65,6 +65,8 @@ CACHES = {  # store name -> capture settings, all of the same windows
     "topp95": lambda k: Capture(mode="topp", top_p=0.95, k=k),
     "headtail8x24": lambda k: Capture(mode="headtail", k=8, draws=24),
     "headtail4x16": lambda k: Capture(mode="headtail", k=4, draws=16),
+    "headtail2x8": lambda k: Capture(mode="headtail", k=2, draws=8),
+    "sampled16": lambda k: Capture(mode="sampled", draws=16),
 }
 ARMS = {
     "ce": {"sampler": "uniform", "kd": KDConfig(gamma=0.0)},
@@ -77,6 +79,8 @@ ARMS = {
     "kd_topp95": {"sampler": "uniform", "kd": KDConfig(), "cache": "topp95"},
     "kd_headtail8x24": {"sampler": "uniform", "kd": KDConfig(), "cache": "headtail8x24"},
     "kd_headtail4x16": {"sampler": "uniform", "kd": KDConfig(), "cache": "headtail4x16"},
+    "kd_headtail2x8": {"sampler": "uniform", "kd": KDConfig(), "cache": "headtail2x8"},
+    "kd_sampled16": {"sampler": "uniform", "kd": KDConfig(), "cache": "sampled16"},
     "dense_online": {"sampler": "uniform", "kd": KDConfig(), "online": True},
 }
 

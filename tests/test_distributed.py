@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,12 @@ def runs(tiny_store, tiny_teacher, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("distributed")
     student = make_student(tmp / "student", tiny_teacher)
     outs = {"single": tmp / "single" / "run", "ddp": tmp / "ddp" / "run", "fsdp": tmp / "fsdp" / "run", "dense": tmp / "dense" / "run"}
-    for name, out in outs.items():
-        ranks, extra = {"single": (1, ()), "dense": (1, ("--loss-impl", "dense"))}.get(name, (2, ("--parallel", name)))
-        result = launch(out, tiny_store, student, *extra, ranks=ranks)
+    settings = {"single": (1, ()), "dense": (1, ("--loss-impl", "dense")), "ddp": (2, ("--parallel", "ddp")), "fsdp": (2, ("--parallel", "fsdp"))}
+    with ThreadPoolExecutor(2) as pool:  # the two one-process runs side by side (one thread each, 2 cores), then each 2-rank job alone
+        single = [pool.submit(launch, outs[name], tiny_store, student, *settings[name][1], ranks=1) for name in ("single", "dense")]
+        results = [future.result() for future in single]
+    results += [launch(outs[name], tiny_store, student, *settings[name][1], ranks=2) for name in ("ddp", "fsdp")]
+    for result in results:
         assert result.returncode == 0, result.stderr[-8000:]
     return {**outs, "student": student}
 
