@@ -93,15 +93,21 @@ def cli(*args: str, cwd: Path, runner: Path | None = None, **env: str) -> subpro
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen([*command, *args], stdout=out, stderr=err, text=True, cwd=cwd, start_new_session=True,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        timed_out = False
         try:
             process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            timed_out = True  # say where it hung: the child's own log, not just the timeout
         finally:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+        stdout, stderr = out.read(), err.read()
+        if timed_out:
+            raise AssertionError(f"{' '.join(map(str, args[:3]))}... ran past 600 s; its stderr ends:\n{stderr[-4000:]}\nstdout:\n{stdout[-1000:]}")
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def dump_args(teacher: Path, manifest: Path | None, out: Path, *extra: str) -> list[str]:
