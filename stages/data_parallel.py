@@ -36,6 +36,7 @@ from ddk_cache.store.format import StoreLayout
 from ddk_cache.store.writer import CacheWriter
 
 POLL_SECONDS = 1.0
+SHUTDOWN_SECONDS = 30.0  # per worker and step of `_stop`
 
 
 def run_data_parallel(
@@ -59,6 +60,7 @@ def run_data_parallel(
             process = context.Process(target=_worker_main, args=args, name=f"ddk-dump-{rank}")
             process.start()
         workers.append(process)
+    finished = False
     try:
         infos = _wait_ready(workers, events)
         settings = {repr(info.value_settings) for info in infos}
@@ -73,12 +75,33 @@ def run_data_parallel(
             jobs_queue.put(None)
         with progress_bar(jobs, layout, plan.progress) as bar:
             _collect(workers, events, bar.update)
+        finished = True
         return writer, time.perf_counter() - start
     finally:
-        for process in workers:
-            if process.is_alive():
-                process.terminate()
-            process.join(timeout=30)
+        _stop(workers, finished)
+
+
+def _stop(workers: list, finished: bool) -> None:
+    """End the workers: once they are done, each a while to close its engine first; then SIGTERM; then SIGKILL
+    for it and its engine.
+
+    Why not SIGTERM at once: a worker that has reported "done" is closing its engine. Interrupted there, a vLLM
+    worker was left waiting forever for its half-stopped engine process, and this process, at exit, for the worker
+    (a complete store, and a dump that never returned, seen in CI). Each worker leads its own process group
+    (`_worker_main`), so the last resort takes its engine's processes with it.
+    """
+    for process in workers if finished else []:  # after an error they wait on the queue: end them at once
+        process.join(timeout=SHUTDOWN_SECONDS)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=SHUTDOWN_SECONDS)
+        if process.is_alive():
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                process.kill()
+            process.join(timeout=SHUTDOWN_SECONDS)
 
 
 def worker_environments(n: int, tensor_parallel: int) -> list[dict[str, str]]:
@@ -125,6 +148,7 @@ def _worker_main(rank: int, engine_name: str, plan: ScoringPlan, layout: StoreLa
     """Load the engine, report it, then score and write shards from the queue until a None."""
     # the parent ends a worker with SIGTERM when another fails: exit through `finally`, so the engine is closed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    os.setpgid(0, 0)  # a process group of its own, with its engine's processes: what the parent kills as a last resort
     engine = None
     try:
         engine = create_engine(engine_name, plan.teacher, plan.engine_options, max_k=plan.capture.engine_k)
