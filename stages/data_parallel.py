@@ -90,8 +90,9 @@ def _stop(workers: list, finished: bool) -> None:
     (a complete store, and a dump that never returned, seen in CI). Each worker leads its own process group
     (`_worker_main`), so the last resort takes its engine's processes with it.
     """
-    for process in workers if finished else []:  # after an error they wait on the queue: end them at once
-        process.join(timeout=SHUTDOWN_SECONDS)
+    if finished:  # after an error they wait on the queue or score on: end them at once
+        for process in workers:
+            process.join(timeout=SHUTDOWN_SECONDS)
     for process in workers:
         if process.is_alive():
             process.terminate()

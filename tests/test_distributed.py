@@ -70,11 +70,11 @@ def runs(tiny_store, tiny_teacher, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("distributed")
     student = make_student(tmp / "student", tiny_teacher)
     outs = {"single": tmp / "single" / "run", "ddp": tmp / "ddp" / "run", "fsdp": tmp / "fsdp" / "run", "dense": tmp / "dense" / "run"}
-    settings = {"single": (1, ()), "dense": (1, ("--loss-impl", "dense")), "ddp": (2, ("--parallel", "ddp")), "fsdp": (2, ("--parallel", "fsdp"))}
+    flags = {"single": (), "dense": ("--loss-impl", "dense"), "ddp": ("--parallel", "ddp"), "fsdp": ("--parallel", "fsdp")}
     with ThreadPoolExecutor(2) as pool:  # the two one-process runs side by side (one thread each, 2 cores), then each 2-rank job alone
-        single = [pool.submit(launch, outs[name], tiny_store, student, *settings[name][1], ranks=1) for name in ("single", "dense")]
+        single = [pool.submit(launch, outs[name], tiny_store, student, *flags[name], ranks=1) for name in ("single", "dense")]
         results = [future.result() for future in single]
-    results += [launch(outs[name], tiny_store, student, *settings[name][1], ranks=2) for name in ("ddp", "fsdp")]
+    results += [launch(outs[name], tiny_store, student, *flags[name], ranks=2) for name in ("ddp", "fsdp")]
     for result in results:
         assert result.returncode == 0, result.stderr[-8000:]
     return {**outs, "student": student}

@@ -262,10 +262,9 @@ def test_vllm_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_teacher, v
         (unknown, (), {}, "['FrobnicatorForCausalLM'] are not supported"),
         (vllm_teacher, ("--mode", "sampled", "--draws", "8"), {}, "cannot capture --mode sampled"),
     ]
-    outs = [tmp_path / f"never-{number}.zarr" for number in range(len(cases))]
     from test_rollout import write_prompt_manifest
 
-    prompts = write_prompt_manifest(tmp_path)
+    outs, prompts = [tmp_path / f"never-{number}.zarr" for number in range(len(cases))], write_prompt_manifest(tmp_path)
     with ThreadPoolExecutor(2) as pool:  # two at a time: each child spends most of its time importing vLLM, on one core
         rollout = pool.submit(cli, "rollout", "--student", str(vllm_teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r.zarr"),
                               "--generator", "vllm", "--no-progress", cwd=tmp_path, PYTHONPATH=str(broken))
