@@ -45,6 +45,13 @@ class Divergence(str, Enum):
     tv = "tv"
 
 
+class SingleStepDivergence(str, Enum):
+    """MiniLLM's single-step term: its own reverse KL, or DistiLLM's skew reverse KL."""
+
+    reverse_kl = "reverse_kl"
+    skew_reverse_kl = "skew_reverse_kl"
+
+
 class Tail(str, Enum):
     rest = "rest"
     renorm = "renorm"

@@ -110,3 +110,35 @@ def test_the_loss_ignores_prompt_positions_and_can_drop_the_single_step_term():
 def test_clip_out_of_range_is_refused(clip):
     with pytest.raises(ValueError, match="--ppo-clip must be in"):
         MiniLLMConfig(clip=clip)
+
+
+def test_teacher_mixed_samples_weigh_by_the_student_over_the_mixture_and_keep_the_students_reward():
+    """MiniLLM's code: w = q / mix multiplies the ratio before the clip; the reward stays log p - log q_old."""
+    targets, _ = _targets()
+    logits = torch.tensor([[[1.0, 0.0, 0.5, -1.0]]], requires_grad=True)
+    q = torch.softmax(logits[0, 0].detach(), -1).tolist()
+    teacher_lp, behaviour = torch.log(torch.tensor([[0.9]])), torch.log(torch.tensor([[q[2]]]))  # p(y) = 0.9, q(y) = 0.29
+    mixture = torch.log(torch.tensor([[0.8 * q[2] + 0.2 * 0.9]]))  # a = 0.2: the mixture's probability of the sampled id 2
+    config = MiniLLMConfig(whiten=False, single_step=False, clip=0.2)
+    parts = minillm_loss(logits, torch.tensor([[2]]), targets, teacher_lp, behaviour, torch.ones(1, 1), config, sampling_logprobs=mixture)
+    reward = math.log(0.9) - math.log(q[2])  # > 0 here: the teacher likes id 2 more than the student does
+    weight = q[2] / (0.8 * q[2] + 0.2 * 0.9)
+    assert weight < 0.8  # so with A > 0 the unclipped branch is the pessimistic one and carries the gradient
+    assert parts.policy_gradient.item() == pytest.approx(-reward * weight, rel=1e-5)
+    assert parts.reward.item() == pytest.approx(reward, rel=1e-5) and parts.clipped_fraction.item() == 1.0
+    alone = minillm_loss(logits, torch.tensor([[2]]), targets, teacher_lp, behaviour, torch.ones(1, 1), config)
+    assert alone.policy_gradient.item() == pytest.approx(-reward, rel=1e-5)  # the student alone: ratio 1
+
+
+def test_the_single_step_term_can_be_distillms_skew_reverse_kl():
+    targets, p = _targets()
+    logits = torch.tensor([[[1.0, 0.0, 0.5, -1.0]]])
+    q = torch.softmax(logits[0, 0], -1).tolist()
+    buckets = [q[0], q[1], q[2] + q[3]]
+    alpha = 0.1  # KL(q || (1 - alpha) p + alpha q)
+    expected = sum(qb * (math.log(qb) - math.log((1 - alpha) * pb + alpha * qb)) for qb, pb in zip(buckets, p))
+    parts = minillm_loss(logits, torch.tensor([[2]]), targets, torch.log(torch.tensor([[0.2]])), torch.log(torch.tensor([[q[2]]])),
+                         torch.ones(1, 1), MiniLLMConfig(whiten=False, divergence="skew_reverse_kl", skew_alpha=alpha))
+    assert parts.single_step.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(Exception, match="--divergence reverse_kl or skew_reverse_kl"):
+        MiniLLMConfig(divergence="forward_kl")

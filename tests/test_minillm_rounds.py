@@ -14,21 +14,27 @@ from ddk_cache.minillm.response_quality import rouge_l
 from ddk_cache.store.reader import CacheReader
 
 
-def rounds(student, teacher, prompts, out, n: int):
+def rounds(student, teacher, prompts, out, n: int, *extra: str):
     return CliRunner().invoke(app, ["minillm", "--student", str(student), "--teacher", str(teacher), "--prompts", str(prompts),
                                     "--out", str(out), "--rounds", str(n), "--epochs", "1", "--batch-size", "3", "--lr", "1e-3",
-                                    "--k", "8", "--device", "cpu", "--no-progress"])
+                                    "--k", "8", "--device", "cpu", "--no-progress", *extra])
 
 
 def test_rounds_run_resume_and_log_every_student(tiny_student, tiny_teacher, tmp_path):  # noqa: F811
     prompts = write_prompt_manifest(tmp_path)
     out = tmp_path / "rounds"
-    first = rounds(tiny_student, tiny_teacher, prompts, out, 1)
+    first = rounds(tiny_student, tiny_teacher, prompts, out, 1, "--sft-steps", "2")
     assert first.exit_code == 0, first.output
     assert (out / "round-0" / "student" / "model.safetensors").exists() and CacheReader(str(out / "round-1" / "rollouts.zarr")).complete
     round_0, round_1 = ((out / f"round-{r}" / "rollouts.zarr" / "zarr.json").read_text() for r in (0, 1))
-    second = rounds(tiny_student, tiny_teacher, prompts, out, 2)  # one more round: round 0 is reused, not redone
+    sft = out / "sft" / "student"  # the SFT start: 2 steps of CE on 2 x 3 reference answers, round 0's student
+    assert "SFT start: 2 steps" in first.output and (sft / "model.safetensors").exists()
+    assert CacheReader(str(out / "sft" / "references.zarr")).domain_info("math").train.windows == 6
+    sampled = CacheReader(str(out / "round-0" / "rollouts.zarr")).header.rollout
+    assert sampled.student == str(sft.resolve()) and sampled.teacher_mix == 0.2  # MiniLLM's mixture by default
+    second = rounds(tiny_student, tiny_teacher, prompts, out, 2, "--sft-steps", "2")  # one more round: round 0 is reused, not redone
     assert second.exit_code == 0, second.output
+    assert "SFT start" not in second.output
     assert (out / "round-0" / "rollouts.zarr" / "zarr.json").read_text() == round_0
     assert (out / "round-1" / "rollouts.zarr" / "zarr.json").read_text() == round_1  # the first run's final rollouts are round 1's
     assert "round 0: MiniLLM update" not in second.output and "round 1: MiniLLM update" in second.output
@@ -36,10 +42,31 @@ def test_rounds_run_resume_and_log_every_student(tiny_student, tiny_teacher, tmp
     students = {entry["round"]: entry for entry in logged if "reverse_kl" in entry}
     assert set(students) == {0, 1, 2} and len(students) == len([e for e in logged if "reverse_kl" in e])  # none evaluated twice
     for entry in students.values():
-        assert entry["reverse_kl"] > 0 and 0 <= entry["rouge_l"] <= 100
+        assert entry["reverse_kl"] > 0 and 0 <= entry["rouge_l"] <= 100 and entry["entropy"] > 0
     scored = CacheReader(str(out / "round-1" / "rollouts.zarr"))
     assert scored.header.rollout.round == 1 and scored.header.rollout.student.endswith("round-0/student")
     assert "reverse KL" in second.output and "ROUGE-L" in second.output
+    plotted = CliRunner().invoke(app, ["plot", str(out)])
+    assert plotted.exit_code == 0, plotted.output
+    assert (out / "rounds.png").stat().st_size > 1000 and not (out / "loss.png").exists()
+
+
+def _record(r: int, entropy: float, teacher_ce: float):
+    from ddk_cache.stages.minillm_rounds import RoundRecord
+
+    return RoundRecord(r, "s", 1.0, teacher_ce, None, 10.0, {}, entropy)
+
+
+def test_the_entropy_failure_and_an_untuned_start_are_said_in_one_line():
+    from ddk_cache.stages.minillm_rounds import entropy_failure, untuned_start
+
+    warning = entropy_failure(_record(0, 3.26, 4.61), _record(1, 4.08, 5.20))  # RESULTS.md's round 1
+    assert "entropy rose (3.260 -> 4.080)" in warning and "(4.610 -> 5.200)" in warning and "\n" not in warning
+    assert entropy_failure(_record(0, 3.26, 4.61), _record(1, 3.50, 4.40)) is None  # entropy up alone: ordinary
+    assert entropy_failure(_record(0, 3.26, 4.61), _record(1, 3.00, 4.90)) is None  # teacher CE up alone
+    assert entropy_failure(None, _record(0, 3.0, 4.0)) is None
+    assert "has not been fine-tuned on the task" in untuned_start(_record(0, 3.26, 4.61), 2.1)
+    assert untuned_start(_record(0, 3.26, 2.9), 2.1) is None and untuned_start(_record(0, 3.26, 4.61), None) is None
 
 
 def test_eval_responses_reports_rouge_and_the_reverse_kl_estimate(scored_rollouts, tiny_student, tmp_path):  # noqa: F811

@@ -32,7 +32,9 @@ def distill(
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (default min(1000, steps/10)).", rich_help_panel="Optimiser")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel="Optimiser")] = 0.1,
     clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).", rich_help_panel="Optimiser")] = 1.0,
-    divergence: Annotated[Divergence, typer.Option(help="The KD divergence between teacher and student on the cached entries.", rich_help_panel="KD loss")] = Divergence.forward_kl,
+    divergence: Annotated[Optional[Divergence], typer.Option(
+        help="The divergence between teacher and student on the cached entries (default forward_kl; --objective minillm: its single-step "
+             "term's, reverse_kl or skew_reverse_kl, default reverse_kl).", rich_help_panel="KD loss")] = None,
     tail: Annotated[Tail, typer.Option(help="rest (keep the missing mass as a bucket) or renorm.", rich_help_panel="KD loss")] = Tail.rest,
     temperature: Annotated[float, typer.Option(help="KD temperature T.", rich_help_panel="KD loss")] = 1.0,
     gamma: Annotated[float, typer.Option(help="loss = CE + gamma * KD (DDK: 0.2; 0 = CE only).", rich_help_panel="KD loss")] = 0.2,
@@ -91,13 +93,17 @@ def distill(
     from ddk_cache.stages import distill as stage  # the stage (torch, zarr) loads when the command runs: `--help` stays fast
 
     with user_errors():
+        minillm = objective == Objective.minillm  # --divergence is the single-step term's there, the KD term's otherwise
+        kd_divergence = divergence.value if divergence is not None and not minillm else "forward_kl"
+        single_step_divergence = divergence.value if divergence is not None and minillm else "reverse_kl"
         config = stage.DistillConfig(
             store=store, student=student, out=out, tokenizer=tokenizer, steps=steps, seed=seed,
             batch=stage.BatchSettings(batch_size=batch_size, grad_accum=grad_accum, global_batch_size=global_batch_size),
             optimizer=stage.OptimizerSettings(lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip=clip),
             objective=stage.ObjectiveSettings(
-                name=objective, kd=stage.KDConfig.from_flags(divergence.value, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha),
-                minillm=stage.MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step), pt_store=pt_store, pt_weight=pt_weight,
+                name=objective, kd=stage.KDConfig.from_flags(kd_divergence, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha),
+                minillm=stage.MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step, divergence=single_step_divergence,
+                                            skew_alpha=skew_alpha), pt_store=pt_store, pt_weight=pt_weight,
                 online_teacher=online_teacher, loss_impl=loss_impl),
             sampler=stage.SamplerSettings(name=sampler, alpha=ddk_alpha, smooth=ddk_smooth, score=ddk_score, temperature=ddk_temperature,
                                           update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size),

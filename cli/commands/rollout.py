@@ -26,6 +26,11 @@ def rollout(
         help="sampled: the student answers (MiniLLM); references: the manifest's answers in the same windows (SFT and word-level "
              "KD train on them with distill --objective kd).")] = Responses.sampled,
     generator: Annotated[Generator, typer.Option(help="Who samples: auto (vLLM where installed with a GPU, else hf), hf or vllm.")] = Generator.auto,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="Teacher-mixed sampling (MiniLLM): draw the training responses from (1 - a) student + a teacher, both on this node "
+             "(transformers; the test prompts stay the student's alone).")] = None,
+    teacher_mix: Annotated[Optional[float], typer.Option(help="a, the teacher's share of the mixture, in (0, 1] (default with --teacher: "
+                                                              "0.2, MiniLLM's).")] = None,
     overwrite: Overwrite = False,
     storage_options: StorageOptions = None,
     progress: Progress = True,
@@ -35,7 +40,8 @@ def rollout(
 
     with user_errors():
         summary = run_rollout(RolloutConfig(student=student, prompts=prompts, out=out, round=round_index, seed=seed, batch_size=batch_size,
-                                            device=device, shard_windows=shard_windows, responses=responses.value, generator=generator.value, overwrite=overwrite,
+                                            device=device, shard_windows=shard_windows, responses=responses.value, generator=generator.value, teacher=teacher, teacher_mix=teacher_mix,
+                                            overwrite=overwrite,
                                             storage_options=parse_storage_options(storage_options), progress=progress))
     for split, count in summary.responses.items():
         console.print(f"{split}: {count} responses, {summary.mean_response_tokens[split]:.1f} tokens on average", highlight=False)

@@ -18,10 +18,16 @@ entries (+ rest bucket) and log-prob log p(y_t) of each sampled token.
   student moves away from the policy that sampled them; each token's term is weighted by
   rho_t = q_theta(y_t) / q_old(y_t), and PPO's clipped surrogate max(-A rho, -A clip(rho, 1 - eps,
   1 + eps)) (eps = 0.2) stops a round from pushing the policy far from where its samples came from.
+- **teacher-mixed sampling** (`rollout --teacher T --teacher-mix a`): the paper draws the training responses
+  from mix = (1 - a) q_old + a p, so the student sees continuations the teacher would give where its own
+  samples wander off. The reward keeps its definition (log p - log q_old), and the importance ratio's
+  denominator becomes the mixture: rho_t = q_theta(y_t) / mix(y_t), token by token, clipped as above --
+  MiniLLM's code (`minillm/sampler.py`, `losses.py`: `w = q / mix` multiplies the ratio before the clip).
+  The store's `sampling_logprobs` hold log mix(y_t); without them the mixture is the student.
 
 A language-modelling loss on a pretraining store is added by the trainer (`pt_weight`), as in the paper.
-Left out: teacher-mixed sampling (the paper samples from 0.8 q + 0.2 p), which needs the live teacher
-while the student generates; here generation and scoring are separate jobs.
+The single-step term may be DistiLLM's skew reverse KL, KL(q || (1 - alpha) p + alpha q) (`divergence`,
+`skew_alpha`): bounded where the teacher puts no mass, a stabiliser of the reverse KL that later work uses.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddk_cache.choices import SingleStepDivergence, values
 from ddk_cache.errors import SettingError
 from ddk_cache.lm_head import LMHead
 from ddk_cache.training.fused_loss import sparse_head_loss
@@ -37,19 +44,34 @@ from ddk_cache.training.losses import KDConfig, TeacherTargets, _entries, _kd_pe
 from ddk_cache.training.student_outputs import StudentOutputs
 from ddk_cache.training.window_loader import Batch
 
+SINGLE_STEP_DIVERGENCES = values(SingleStepDivergence)
+
 
 @dataclass(frozen=True)
 class MiniLLMConfig:
     """`clip`: PPO's epsilon; `whiten`: normalise the advantages over the batch (MiniLLM's default);
-    `single_step`: add the single-step term (MiniLLM's default; off leaves the policy gradient alone)."""
+    `single_step`: add the single-step term (MiniLLM's default; off leaves the policy gradient alone);
+    `divergence`: the single-step term's, reverse KL (MiniLLM) or skew reverse KL with `skew_alpha` (DistiLLM's 0.1)."""
 
     clip: float = 0.2
     whiten: bool = True
     single_step: bool = True
+    divergence: str = "reverse_kl"
+    skew_alpha: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 < self.clip < 1:
             raise SettingError(f"--ppo-clip must be in (0, 1), got {self.clip}")
+        if self.divergence not in SINGLE_STEP_DIVERGENCES:
+            raise SettingError(f"--objective minillm takes --divergence {' or '.join(SINGLE_STEP_DIVERGENCES)} for its single-step "
+                               f"term, got {self.divergence!r}")
+        if not 0 < self.skew_alpha < 1:
+            raise SettingError(f"--skew-alpha must be in (0, 1), got {self.skew_alpha}")
+
+    @property
+    def single_step_kd(self) -> KDConfig:
+        """The single-step term as a KD divergence: exact over the cached entries and one rest bucket."""
+        return KDConfig(divergence=self.divergence, tail="rest", skew_alpha=self.skew_alpha)
 
 
 @dataclass
@@ -127,16 +149,21 @@ def minillm_loss(
     mask: torch.Tensor,
     config: MiniLLMConfig = MiniLLMConfig(),
     teacher_vocab: int | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> MiniLLMParts:
     """MiniLLM's loss on a batch of scored rollouts. All per-position tensors are `[B, L]` and describe the
     token *after* each input position: `response_ids` the sampled token, `teacher_logprobs` log p of it
     (the store's `target_logprobs`), `behaviour_logprobs` log q_old of it, `mask` 1 where it is a response
-    token. `student_logits` `[B, L, V]`, `teacher` the cached entries `[B, L, W]`."""
+    token, `sampling_logprobs` log mix of it where the teacher was mixed into sampling (None: the student
+    sampled alone). `student_logits` `[B, L, V]`, `teacher` the cached entries `[B, L, W]`."""
     mask = mask.float()
     logprobs = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1)
     advantages = _advantages(teacher_logprobs, behaviour_logprobs, mask, config)
-    policy_gradient, held = clipped_policy_loss(logprobs, behaviour_logprobs, advantages, mask, config.clip)
-    single_step = kd_loss(student_logits, teacher, divergence="reverse_kl", tail="rest", mask=mask, teacher_vocab=teacher_vocab)
+    sampled_from = behaviour_logprobs if sampling_logprobs is None else sampling_logprobs
+    policy_gradient, held = clipped_policy_loss(logprobs, sampled_from, advantages, mask, config.clip)
+    single = config.single_step_kd
+    single_step = kd_loss(student_logits, teacher, divergence=single.divergence, tail="rest", skew_alpha=single.skew_alpha, mask=mask,
+                          teacher_vocab=teacher_vocab)
     total = policy_gradient + single_step if config.single_step else policy_gradient
     return MiniLLMParts(total, policy_gradient, single_step, *_statistics(teacher_logprobs, behaviour_logprobs, mask), held)
 
@@ -152,21 +179,22 @@ def fused_minillm_loss(
     config: MiniLLMConfig = MiniLLMConfig(),
     teacher_vocab: int | None = None,
     rows: int | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> MiniLLMParts:
     """`minillm_loss` from the final hidden states `[B, L, d]` and the head, a token chunk at a time (`fused_loss.py`):
     both terms need of the head only the log-sum-exp and the logits at the sampled token and the cached entries."""
     mask = mask.float()
     flat_mask = mask.reshape(-1)
     advantages = _advantages(teacher_logprobs, behaviour_logprobs, mask, config).reshape(-1)
-    behaviour = behaviour_logprobs.reshape(-1)
+    sampled_from = (behaviour_logprobs if sampling_logprobs is None else sampling_logprobs).reshape(-1)
     count = flat_mask.sum().clamp_min(1.0)
     entries = teacher.flat()
     ids, valid = _entries(entries, head.vocab)
-    reverse = KDConfig(divergence="reverse_kl", tail="rest")
+    reverse = config.single_step_kd
 
     def rows_loss(lse, _lse_t, at, piece):
         m = flat_mask[piece]
-        per_token, held = _clipped_terms(at[:, 0] - lse, behaviour[piece], advantages[piece], m, config.clip)
+        per_token, held = _clipped_terms(at[:, 0] - lse, sampled_from[piece], advantages[piece], m, config.clip)
         single = _kd_per_position(at[:, 1:] - lse[:, None], entries.rows(piece), valid[piece], reverse, head.vocab, teacher_vocab) * m
         pg_sum, single_sum = per_token.sum() / count, single.sum() / count
         return pg_sum + single_sum if config.single_step else pg_sum, torch.stack([pg_sum, single_sum, held.sum() / count])
@@ -203,9 +231,10 @@ class MiniLLMObjective:
         rollout = batch.rollout
         if outputs.fused:
             return fused_minillm_loss(outputs.hidden, outputs.head, batch.targets, batch.teacher, rollout.teacher_logprobs,
-                                      rollout.behaviour_logprobs, rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab)
+                                      rollout.behaviour_logprobs, rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab,
+                                      sampling_logprobs=rollout.sampling_logprobs)
         return minillm_loss(outputs.logits, batch.targets, batch.teacher, rollout.teacher_logprobs, rollout.behaviour_logprobs,
-                            rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab)
+                            rollout.response_mask, self.config, teacher_vocab=self.teacher_vocab, sampling_logprobs=rollout.sampling_logprobs)
 
     def log_parts(self, parts: MiniLLMParts) -> dict[str, float]:
         return {"loss": float(parts.total.detach()), "policy_gradient": float(parts.policy_gradient.detach()),

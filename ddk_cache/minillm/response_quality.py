@@ -69,3 +69,13 @@ def reverse_kl_estimate(reader: CacheReader, split: str = "valid") -> float:
                                        torch.from_numpy(values[BEHAVIOUR_LOGPROBS].astype(np.float64)), mask)
     has = mask.sum(-1) > 0
     return float(per_sequence[has].mean()) if bool(has.any()) else float("nan")
+
+
+def sample_entropy(reader: CacheReader, split: str = "valid") -> float:
+    """The student's mean -log q over its own sampled responses: an estimate of its per-token entropy. With the teacher's
+    CE on the same tokens it splits the reverse KL, KL(q || p) = CE_p(samples) - H(q) per token, which is how the entropy
+    failure shows (`minillm` warns on it): the reverse KL falls while both the entropy and the teacher's CE rise."""
+    domain = reader.domains[0]
+    values = reader.read_arrays(domain, split, (BEHAVIOUR_LOGPROBS, RESPONSE_MASK))
+    mask = values[RESPONSE_MASK] > 0
+    return float(-values[BEHAVIOUR_LOGPROBS][mask].astype(np.float64).mean()) if mask.any() else float("nan")

@@ -3,7 +3,8 @@
 A rollout store is a *packed* ddk-cache store (status "packed", docs/cache-format.md "Rollout stores"):
 one domain (the prompt manifest's `name`), `train` = responses to this round's training prompts, `valid` =
 responses to the held-out test prompts (their scored log-ratios estimate the reverse KL), each split with
-`tokens`, `response_mask` and `behaviour_logprobs` and their chunk checksums, and a header whose `rollout`
+`tokens`, `response_mask` and `behaviour_logprobs` (+ `sampling_logprobs` where the teacher was mixed into
+sampling) and their chunk checksums, and a header whose `rollout`
 entry says which student sampled them, in which round, how. `teacher-dump --out STORE` (no `--manifest`)
 scores it in place like any packed store, so the MiniLLM loop needs no scoring code of its own.
 """
@@ -22,6 +23,7 @@ from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
     HEADER_ATTR,
     RESPONSE_MASK,
+    SAMPLING_LOGPROBS,
     TOKENS,
     StoreLayout,
     create_rollout_arrays,
@@ -49,11 +51,14 @@ def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollout
     domain = header.domains[0]
     group = root.create_group(domain)
     infos = {}
+    mixed = header.rollout.teacher_mix > 0
     for split, rollouts in splits.items():
         target = group.create_group(split)
         n = len(rollouts.tokens)
-        create_rollout_arrays(target, n, layout)
+        create_rollout_arrays(target, n, layout, teacher_mixed=mixed)
         values = {TOKENS: rollouts.tokens, RESPONSE_MASK: rollouts.response_mask, BEHAVIOUR_LOGPROBS: rollouts.behaviour_logprobs}
+        if mixed:  # a split the student answered alone (the test prompts) was sampled from the student: its log-probs are the mixture's
+            values[SAMPLING_LOGPROBS] = rollouts.behaviour_logprobs if rollouts.sampling_logprobs is None else rollouts.sampling_logprobs
         for shard in range(layout.n_shards(n)):
             region = layout.shard_slice(shard, n)
             for name, data in values.items():

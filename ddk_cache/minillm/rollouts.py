@@ -29,11 +29,13 @@ from ddk_cache.minillm.prompts import Prompt
 @dataclass
 class Rollouts:
     """`tokens` `[n, L + 1]` int32; `response_mask` `[n, L]` uint8 (position t predicts a response token);
-    `behaviour_logprobs` `[n, L]` float32 (log q of token t + 1; 0 where the mask is 0)."""
+    `behaviour_logprobs` `[n, L]` float32 (log q of token t + 1; 0 where the mask is 0); `sampling_logprobs` the
+    same for the distribution that drew the token, where it was not the student alone (`mixed_sampling.py`)."""
 
     tokens: np.ndarray
     response_mask: np.ndarray
     behaviour_logprobs: np.ndarray
+    sampling_logprobs: np.ndarray | None = None
 
     @property
     def response_lengths(self) -> np.ndarray:

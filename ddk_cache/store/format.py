@@ -57,6 +57,7 @@ TARGET_LOGPROBS = "target_logprobs"
 SHARD_DONE = "shard_done"
 RESPONSE_MASK = "response_mask"  # rollout stores: 1 where the next token is one the student sampled
 BEHAVIOUR_LOGPROBS = "behaviour_logprobs"  # rollout stores: the sampling student's log-prob of that token
+SAMPLING_LOGPROBS = "sampling_logprobs"  # teacher-mixed rollout stores: the log-prob of that token under the mixture that drew it
 V1_TOPK_IDS = "topk_ids"
 V1_TOPK_LOGPROBS = "topk_logprobs"
 V1_DATA_ARRAYS = (TOKENS, V1_TOPK_IDS, V1_TOPK_LOGPROBS, TARGET_LOGPROBS)
@@ -213,13 +214,17 @@ def token_spec(seq_len: int) -> ArraySpec:
     return ArraySpec((seq_len + 1,), "int32", shuffle=BloscShuffle.shuffle, clevel=5)
 
 
-def rollout_specs(seq_len: int, format_version: int = FORMAT_VERSION) -> dict[str, ArraySpec]:
+def rollout_specs(seq_len: int, format_version: int = FORMAT_VERSION, teacher_mixed: bool = False) -> dict[str, ArraySpec]:
     """The arrays `ddk-cache rollout` writes beside `tokens` (MiniLLM rounds): which positions predict a sampled
-    response token, and the sampling student's log-prob of it (1/1024 nat, as `target_logprobs`)."""
-    return {
+    response token, and the sampling student's log-prob of it (1/1024 nat, as `target_logprobs`); with teacher-mixed
+    sampling also the mixture's log-prob of it, the denominator of the update's importance ratios."""
+    specs = {
         RESPONSE_MASK: ArraySpec((seq_len,), "uint8", compressor_dtype_size=1),
         BEHAVIOUR_LOGPROBS: _scaled((seq_len,), TARGET_LOGPROB_SCALE, "int32", format_version == 2),
     }
+    if teacher_mixed:
+        specs[SAMPLING_LOGPROBS] = _scaled((seq_len,), TARGET_LOGPROB_SCALE, "int32", format_version == 2)
+    return specs
 
 
 def _scaled(trailing: tuple[int, ...], scale: int, stored: str, v2: bool) -> ArraySpec:
@@ -285,10 +290,10 @@ def create_target_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout)
     group.create_array(SHARD_DONE, shape=(layout.n_shards(n_windows),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
 
 
-def create_rollout_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout) -> None:
-    """A rollout store's split before scoring: `tokens`, `response_mask`, `behaviour_logprobs`."""
+def create_rollout_arrays(group: zarr.Group, n_windows: int, layout: StoreLayout, teacher_mixed: bool = False) -> None:
+    """A rollout store's split before scoring: `tokens`, `response_mask`, `behaviour_logprobs` (+ `sampling_logprobs`)."""
     create_token_array(group, n_windows, layout)
-    for name, spec in rollout_specs(layout.seq_len).items():
+    for name, spec in rollout_specs(layout.seq_len, teacher_mixed=teacher_mixed).items():
         _create(group, name, spec, n_windows, layout)
 
 

@@ -202,6 +202,13 @@ class RolloutInfo(Metadata):
     generator: str  # "hf" (transformers' generate), "vllm", or "references" (the manifest's answers, not samples)
     train_prompts: int
     test_prompts: int
+    # teacher-mixed sampling (MiniLLM): the train split's tokens were drawn from (1 - teacher_mix) q + teacher_mix p, p
+    # being `mix_teacher`'s; its `sampling_logprobs` array holds the mixture's log-prob of each. 0: the student alone.
+    teacher_mix: float = field(default=0.0, metadata={"optional": True})
+    mix_teacher: str | None = None
+    mix_teacher_weights_sha256: str | None = None
+
+    OMIT_NONE: ClassVar[bool] = True  # stores of ddk-cache before teacher mixing have none of the mixture's keys
 
     @property
     def sampled(self) -> bool:

@@ -29,6 +29,7 @@ from ddk_cache.store.format import (
     N_ENTRIES,
     RESPONSE_MASK,
     REST_LOGPROBS,
+    SAMPLING_LOGPROBS,
     SHARD_DONE,
     SPLITS,
     TARGET_LOGPROBS,
@@ -67,6 +68,7 @@ class WindowBlock:
     target_logprobs: np.ndarray
     response_mask: np.ndarray | None = None  # rollout stores `[n, L]`: 1 where the next token is a sampled response token
     behaviour_logprobs: np.ndarray | None = None  # rollout stores `[n, L]`: the sampling student's log-prob of it
+    sampling_logprobs: np.ndarray | None = None  # teacher-mixed rollout stores `[n, L]`: the sampling mixture's log-prob of it
 
 
 def unfinished(url: str, header: StoreHeader) -> str:
@@ -106,7 +108,7 @@ class CacheReader:
         else:
             self.data_arrays = tuple(self._layout().array_specs())
         if header.rollout is not None:  # a rollout store (MiniLLM rounds): the sampled responses' mask and behaviour log-probs
-            self.data_arrays += tuple(rollout_specs(header.seq_len, self.format_version))
+            self.data_arrays += tuple(rollout_specs(header.seq_len, self.format_version, header.rollout.teacher_mix > 0))
 
     @property
     def complete(self) -> bool:
@@ -190,7 +192,7 @@ class CacheReader:
         if (domain, split) in self._checked or self.format_version == 1:
             return
         expected = {TOKENS: token_spec(self.header.seq_len)} if self.capture is None else self._layout().array_specs()
-        expected.update(rollout_specs(self.header.seq_len, self.format_version))
+        expected.update(rollout_specs(self.header.seq_len, self.format_version, True))
         layout = self.header.layout
         for name in self.data_arrays:
             array, spec = self.array(domain, split, name), expected[name]
@@ -296,6 +298,8 @@ class CacheReader:
         rollout = {}
         if RESPONSE_MASK in fetched:
             rollout = {"response_mask": read(RESPONSE_MASK), "behaviour_logprobs": read(BEHAVIOUR_LOGPROBS).astype(np.float32)}
+            if SAMPLING_LOGPROBS in fetched:
+                rollout["sampling_logprobs"] = read(SAMPLING_LOGPROBS).astype(np.float32)
         if self.format_version == 1:
             return WindowBlock(tokens, read(V1_TOPK_IDS), read(V1_TOPK_LOGPROBS).astype(np.float32), None, None, target, **rollout)
         ids, n_entries = read(IDS).astype(np.int32), read(N_ENTRIES)

@@ -32,6 +32,7 @@ from ddk_cache.store.format import (
     N_ENTRIES,
     RESPONSE_MASK,
     REST_LOGPROBS,
+    SAMPLING_LOGPROBS,
     SHARD_DONE,
     SPLITS,
     TARGET_LOGPROB_SCALE,
@@ -51,7 +52,7 @@ from ddk_cache.store.header_versions import parse_header, read_domain_info, read
 from ddk_cache.store.integrity import CHECKSUM_GROUP, checksum_array, decoded_like_zarr, has_checksums, resize_checksums, write_checksums
 from ddk_cache.store.metadata import HeaderError
 
-PACKED_ARRAYS = (TOKENS, RESPONSE_MASK, BEHAVIOUR_LOGPROBS)  # what a store holds before a teacher scores it
+PACKED_ARRAYS = (TOKENS, RESPONSE_MASK, BEHAVIOUR_LOGPROBS, SAMPLING_LOGPROBS)  # what a store holds before a teacher scores it
 PACK_PROGRESS_ATTR = "packing_progress"  # a domain's committed packing progress (streamed_packing.PackProgress)
 
 

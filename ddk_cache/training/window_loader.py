@@ -39,18 +39,20 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda")  # noqa: E731
         teacher = TeacherTargets(*(move(t) for t in (self.teacher.ids, self.teacher.logprobs, self.teacher.valid, self.teacher.rest)))
         rollout = None if self.rollout is None else RolloutTensors(*(move(t) for t in (self.rollout.teacher_logprobs, self.rollout.behaviour_logprobs,
-                                                                                         self.rollout.response_mask)))
+                                                                                         self.rollout.response_mask, self.rollout.sampling_logprobs)))
         return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains), rollout)
 
 
 @dataclass
 class RolloutTensors:
-    """Per position `[B, L]`, about the token after it: the teacher's log-prob of it, the sampling student's, and
-    whether it is a sampled response token (1) or prompt / padding (0)."""
+    """Per position `[B, L]`, about the token after it: the teacher's log-prob of it, the sampling student's, whether
+    it is a sampled response token (1) or prompt / padding (0), and, where the teacher was mixed into sampling, the
+    mixture's log-prob of it (None: the student sampled alone, so the mixture is the student)."""
 
     teacher_logprobs: torch.Tensor
     behaviour_logprobs: torch.Tensor
     response_mask: torch.Tensor
+    sampling_logprobs: torch.Tensor | None = None
 
 
 def domain_orders(reader: CacheReader, domains: list[str], seed: int, split: str = "train") -> list[DomainOrder]:
@@ -97,7 +99,8 @@ class WindowLoader:
         teacher = TeacherTargets(stack("ids", np.int64), stack("logprobs"), stack("valid"), stack("rest_logprobs"))
         rollout = None
         if rows[0][0].response_mask is not None:
-            rollout = RolloutTensors(stack("target_logprobs"), stack("behaviour_logprobs"), stack("response_mask", np.float32))
+            rollout = RolloutTensors(stack("target_logprobs"), stack("behaviour_logprobs"), stack("response_mask", np.float32),
+                                     stack("sampling_logprobs"))
         return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long), rollout)
 
     def _decode(self, domain: int, chunk: int) -> WindowBlock:
