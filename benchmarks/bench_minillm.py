@@ -11,7 +11,12 @@ same number of optimizer steps of the same batch size, the same constant learnin
   (`--mix 0.5`);
 - `minillm`: `--rounds` rounds of rollout -> score -> update (`ddk-cache minillm`), `--epochs` passes per round;
 - `minillm_low_lr`: the same at `--low-lr` (MiniLLM trains with small learning rates; at the shared `--lr` most
-  importance ratios leave the clip range within a round, which `clipped_fraction` in the runs' metrics shows).
+  importance ratios leave the clip range within a round, which `clipped_fraction` in the runs' metrics shows);
+- `recipe`: MiniLLM with the paper's recipe, `--sft-steps` of SFT first (CE on the references, `minillm --sft-steps`),
+  training responses sampled from 0.8 q + 0.2 p (`--teacher-mix 0.2`) and L_PT on `--pt-store`; the rounds fill
+  the rest of the same update budget (SFT steps + round steps = every arm's steps);
+- `recipe_no_sft`, `recipe_no_mix`, `recipe_no_pt`: the recipe with one part left out (without SFT, all the budget
+  goes to rounds), so the table says which part matters.
 
 Every final student is measured the same way on the held-out prompts: ROUGE-L of its greedy answers, and the
 reverse KL estimate from its own samples scored by the teacher (a rollout + teacher-dump of the student). The
@@ -42,6 +47,7 @@ from ddk_cache.devices import resolve_device
 from ddk_cache.engines import EngineOptions, create_engine
 from ddk_cache.minillm.prompts import load_prompt_manifest, load_prompts
 from ddk_cache.minillm.response_quality import evaluate_responses, reverse_kl_estimate
+from ddk_cache.minillm.response_quality import sample_entropy as library_sample_entropy
 from ddk_cache.stages.distill import (
     BatchSettings,
     CheckpointSettings,
@@ -62,6 +68,8 @@ from ddk_cache.training.losses import KDConfig
 from ddk_cache.training.student import load_student
 
 BASELINES = {"sft": KDConfig(gamma=0.0), "word_kd": KDConfig(form="mix", mix=0.5)}
+RECIPES = {"recipe": dict(sft=True, mix=True, pt=True), "recipe_no_sft": dict(sft=False, mix=True, pt=True),
+           "recipe_no_mix": dict(sft=True, mix=False, pt=True), "recipe_no_pt": dict(sft=True, mix=True, pt=False)}
 
 
 def main() -> None:
@@ -80,6 +88,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--low-lr", type=float, default=2e-5, help="the minillm_low_lr arm's learning rate")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--sft-steps", type=int, default=16, help="the recipe arms' SFT start (taken from the shared update budget)")
+    parser.add_argument("--pt-store", help="the recipe arms' L_PT: a cache of fixed text with the student's tokenizer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=["start", "sft", "word_kd", "minillm"])
     parser.add_argument("--json", type=Path, help="results file (merged with what it already holds)")
@@ -132,6 +142,8 @@ def main() -> None:
                           "reverse_kl": rounds[-1].reverse_kl, "rouge_l": rounds[-1].rouge_l, "student_entropy": entropies[-1],
                           "teacher_response_loss": rounds[-1].teacher_response_loss, "response_tokens": rounds[-1].response_tokens,
                           "round_seconds": round_seconds(folder), "lr": lr, "clipped_fraction": clipped_fraction(folder)}
+            elif arm in RECIPES:
+                record = run_recipe(args, prompts, folder, seed, steps, **RECIPES[arm])
             else:
                 run_distill(DistillConfig(
                     store=str(references), student=args.student, out=folder / "student", steps=steps, seed=seed,
@@ -144,6 +156,26 @@ def main() -> None:
             results["runs"][key] = record
             print(key, json.dumps({k: v for k, v in record.items() if k != "rounds"}), flush=True)
             save(args, results)
+
+
+def run_recipe(args: argparse.Namespace, prompts: Path, folder: Path, seed: int, steps: int, sft: bool, mix: bool, pt: bool) -> dict:
+    """A `minillm` run with the recipe's parts as given, its rounds filling what the SFT start leaves of `steps`."""
+    per_round = args.epochs * math.ceil(args.train_prompts / args.batch_size)
+    sft_steps = args.sft_steps if sft else 0
+    if (steps - sft_steps) % per_round or steps <= sft_steps:
+        raise SystemExit(f"--sft-steps {sft_steps} leaves {steps - sft_steps} of {steps} steps, not a whole number of {per_round}-step rounds")
+    if pt and not args.pt_store:
+        raise SystemExit("the recipe arms with L_PT need --pt-store")
+    said: list[str] = []
+    rounds = run_minillm_rounds(MiniLLMRoundsConfig(
+        student=args.student, teacher=args.teacher, prompts=prompts, out=folder, rounds=(steps - sft_steps) // per_round, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, k=args.k, seed=seed, device="cpu", progress=False, sft_steps=sft_steps, sft_lr=args.lr,
+        teacher_mix=0.2 if mix else 0.0, pt_store=args.pt_store if pt else None), log=lambda line: (said.append(line), print(line, flush=True)))
+    return {"rounds": [{**r.to_dict(), "student_entropy": r.entropy} for r in rounds], "reverse_kl": rounds[-1].reverse_kl,
+            "rouge_l": rounds[-1].rouge_l, "student_entropy": rounds[-1].entropy, "teacher_response_loss": rounds[-1].teacher_response_loss,
+            "response_tokens": rounds[-1].response_tokens, "round_seconds": round_seconds(folder), "lr": args.lr,
+            "clipped_fraction": clipped_fraction(folder), "sft_steps": sft_steps, "teacher_mix": 0.2 if mix else 0.0, "pt_store": pt,
+            "warnings": [line for line in said if "warning" in line]}
 
 
 def save(args: argparse.Namespace, results: dict) -> None:
@@ -188,12 +220,8 @@ def measure(args: argparse.Namespace, engine, prompts: Path, student: str, folde
 
 
 def sample_entropy(store: Path) -> float:
-    """The student's mean -log q over its own sampled test responses: an estimate of its per-token entropy. With the
-    teacher's CE on the same tokens it splits the reverse KL: KL(q || p) = CE_p(samples) - H(q) (per token)."""
-    reader = CacheReader(str(store))
-    values = reader.read_arrays(reader.domains[0], "valid", ("behaviour_logprobs", "response_mask"))
-    mask = values["response_mask"] > 0
-    return float(-values["behaviour_logprobs"][mask].astype("float64").mean())
+    """The student's per-token entropy estimate on its sampled test responses (`response_quality.sample_entropy`)."""
+    return library_sample_entropy(CacheReader(str(store)))
 
 
 def round_seconds(folder: Path) -> list[dict]:
@@ -224,7 +252,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def report(results: dict) -> str:
     setup, runs = results["setup"], results["runs"]
-    arms = [a for a in ("start", "sft", "word_kd", "minillm", "minillm_low_lr") if any(k.startswith(f"{a}-") for k in runs)]
+    arms = [a for a in ("start", "sft", "word_kd", "minillm", "minillm_low_lr", *RECIPES) if any(k.startswith(f"{a}-") for k in runs)]
     lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | its own NLL (entropy) | greedy tokens |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -234,7 +262,7 @@ def report(results: dict) -> str:
         lines.append(f"| {arm} | {len(mine)} | {mean('reverse_kl'):.4f} ({per_seed('reverse_kl')}) | {mean('rouge_l'):.2f} "
                      f"({per_seed('rouge_l')}) | {mean('teacher_response_loss'):.4f} | {mean('student_entropy'):.4f} | "
                      f"{mean('response_tokens'):.1f} |")
-    for arm in ("minillm", "minillm_low_lr"):
+    for arm in ("minillm", "minillm_low_lr", *RECIPES):
         minillm = {k: v for k, v in sorted(runs.items()) if k.startswith(f"{arm}-")}
         if not minillm:
             continue

@@ -90,7 +90,9 @@ def render_inspection(reader: CacheReader) -> Group:
         rollout = header.rollout
         rows.append(("rollout", f"round {rollout.round}: {rollout.generator} responses of {rollout.student} "
                                 f"({rollout.student_weights_sha256 or 'weights not hashed'}), seed {rollout.seed}, "
-                                f"{rollout.train_prompts} train / {rollout.test_prompts} test prompts"))
+                                f"{rollout.train_prompts} train / {rollout.test_prompts} test prompts"
+                                + (f"; train responses sampled from {1 - rollout.teacher_mix:g} student + {rollout.teacher_mix:g} "
+                                   f"teacher {rollout.mix_teacher}" if rollout.teacher_mix else "")))
     rows += [
         ("layout", str(header.layout.to_dict())),
         ("packing", str((header.packing or PackingInfo()).to_dict())),

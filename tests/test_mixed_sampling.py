@@ -80,6 +80,8 @@ def test_a_teacher_mixed_rollout_stores_the_mixture_and_trains(tiny_student, tin
     block = CacheReader(str(out)).read("math", "train")
     assert block.sampling_logprobs is not None  # scoring kept it
     assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    inspected = CliRunner().invoke(app, ["inspect", str(out)], env={"COLUMNS": "300"})
+    assert "train responses sampled from 0.75 student + 0.25 teacher" in inspected.output, inspected.output
     trained = update(out, tiny_student, tmp_path / "run")
     assert trained.exit_code == 0, trained.output
     first = next(line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "clipped_fraction" in line)
