@@ -15,6 +15,8 @@ same number of optimizer steps of the same batch size, the same constant learnin
 - `recipe`: MiniLLM with the paper's recipe, `--sft-steps` of SFT first (CE on the references, `minillm --sft-steps`),
   training responses sampled from 0.8 q + 0.2 p (`--teacher-mix 0.2`) and L_PT on `--pt-store`; the rounds fill
   the rest of the same update budget (SFT steps + round steps = every arm's steps);
+- `teacher`: no training, the teacher measured like a student (its ROUGE-L is what imitating it aims at; its reverse
+  KL against itself is 0 up to storage rounding); also the teacher's CE on the test prompts' reference answers;
 - `recipe_no_sft`, `recipe_no_mix`, `recipe_no_pt`: the recipe with one part left out (without SFT, all the budget
   goes to rounds), so the table says which part matters.
 
@@ -126,12 +128,15 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             key = f"{arm}-seed{seed}"
-            if key in results["runs"] or (arm == "start" and seed != args.seeds[0]):
+            if key in results["runs"] or (arm in ("start", "teacher") and seed != args.seeds[0]):
                 continue
             started = time.perf_counter()
             folder = args.out_dir / key
             if arm == "start":
                 record = measure(args, engine, prompts, args.student, folder)
+            elif arm == "teacher":  # the target itself: its greedy answers' ROUGE-L bounds what imitating it can reach
+                record = measure(args, engine, prompts, args.teacher, folder)
+                record["reference_teacher_ce"] = CacheReader(str(references)).domain_info("gsm8k").teacher_valid_loss
             elif arm in ("minillm", "minillm_low_lr"):
                 lr = args.lr if arm == "minillm" else args.low_lr
                 rounds = run_minillm_rounds(MiniLLMRoundsConfig(student=args.student, teacher=args.teacher, prompts=prompts, out=folder,
@@ -152,7 +157,7 @@ def main() -> None:
                     sampler=SamplerSettings(name="uniform", update_every=steps), parallel=ParallelSettings(device="cpu"),
                     checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=False)))
                 record = measure(args, engine, prompts, str(folder / "student"), folder)
-            record.update(seconds=round(time.perf_counter() - started, 1), steps=0 if arm == "start" else steps)
+            record.update(seconds=round(time.perf_counter() - started, 1), steps=0 if arm in ("start", "teacher") else steps)
             results["runs"][key] = record
             print(key, json.dumps({k: v for k, v in record.items() if k != "rounds"}), flush=True)
             save(args, results)
@@ -252,7 +257,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def report(results: dict) -> str:
     setup, runs = results["setup"], results["runs"]
-    arms = [a for a in ("start", "sft", "word_kd", "minillm", "minillm_low_lr", *RECIPES) if any(k.startswith(f"{a}-") for k in runs)]
+    arms = [a for a in ("teacher", "start", "sft", "word_kd", "minillm", "minillm_low_lr", *RECIPES) if any(k.startswith(f"{a}-") for k in runs)]
     lines = ["| arm | seeds | reverse KL (nats/token) | ROUGE-L | teacher CE on its samples | its own NLL (entropy) | greedy tokens |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
