@@ -154,13 +154,8 @@ def run_minillm_rounds(config: MiniLLMRoundsConfig, log: Callable[[str], None] =
             steps = config.epochs * math.ceil(windows / config.batch_size)
             log(f"round {r}: MiniLLM update, {config.epochs} epochs = {steps} steps")
             started = time.perf_counter()
-            run_distill(DistillConfig(
-                store=str(store), student=student, out=update, steps=steps, seed=config.seed + r,
-                batch=BatchSettings(batch_size=config.batch_size),
-                optimizer=OptimizerSettings(lr=config.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0),  # MiniLLM's constant LR
-                objective=ObjectiveSettings(name="minillm", minillm=config.minillm, pt_store=config.pt_store, pt_weight=config.pt_weight),
-                sampler=SamplerSettings(name="uniform", update_every=steps), parallel=ParallelSettings(device=config.device),
-                checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=config.progress)))
+            _train(config, store, student, update, steps, config.seed + r, config.lr,
+                   ObjectiveSettings(name="minillm", minillm=config.minillm, pt_store=config.pt_store, pt_weight=config.pt_weight))
             times["update"] = time.perf_counter() - started
             _append_times(config.out, r, times)
         student = str(update)
@@ -202,13 +197,19 @@ def _sft_start(config: MiniLLMRoundsConfig, manifest, score: Callable[[Path], No
     update = folder / "student"
     if not _finished(update):
         log(f"SFT start: {config.sft_steps} steps of CE on the reference answers")
-        run_distill(DistillConfig(
-            store=str(store), student=config.student, out=update, steps=config.sft_steps, seed=config.seed,
-            batch=BatchSettings(batch_size=config.batch_size), objective=ObjectiveSettings(kd=KDConfig(gamma=0.0)),
-            optimizer=OptimizerSettings(lr=config.sft_lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0),
-            sampler=SamplerSettings(name="uniform", update_every=config.sft_steps), parallel=ParallelSettings(device=config.device),
-            checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=config.progress)))
+        _train(config, store, config.student, update, config.sft_steps, config.seed, config.sft_lr, ObjectiveSettings(kd=KDConfig(gamma=0.0)))
     return str(update), reference_ce
+
+
+def _train(config: MiniLLMRoundsConfig, store: Path, student: str, out: Path, steps: int, seed: int, lr: float,
+           objective: ObjectiveSettings) -> None:
+    """One of the driver's distill runs (the SFT start, a round's update): a fresh AdamW at a constant LR (MiniLLM's), no
+    weight decay, uniform over the store's one domain, resumed from its checkpoint after a kill."""
+    run_distill(DistillConfig(
+        store=str(store), student=student, out=out, steps=steps, seed=seed, batch=BatchSettings(batch_size=config.batch_size),
+        optimizer=OptimizerSettings(lr=lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0), objective=objective,
+        sampler=SamplerSettings(name="uniform", update_every=steps), parallel=ParallelSettings(device=config.device),
+        checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=config.progress)))
 
 
 def entropy_failure(before: RoundRecord | None, after: RoundRecord) -> str | None:

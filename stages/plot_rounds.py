@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ddk_cache.errors import DDKCacheError
+from ddk_cache.stages.plot_run import pyplot, save_figure
 
 ROUNDS_LOG = "rounds.jsonl"
 FIGURE = "rounds.png"
@@ -39,13 +40,7 @@ def read_rounds(folder: Path) -> list[dict[str, Any]]:
 
 
 def plot_rounds(folder: Path, out_dir: Path | None = None) -> list[Path]:
-    try:
-        import matplotlib  # optional: matplotlib (the plot extra)
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # optional: matplotlib (the plot extra)
-    except ImportError:
-        raise DDKCacheError("plot needs matplotlib: pip install 'ddk-cache[plot]'") from None
+    plt = pyplot()
     records = read_rounds(folder)
     out_dir = out_dir or folder
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +53,4 @@ def plot_rounds(folder: Path, out_dir: Path | None = None) -> list[Path]:
         ax.set(xlabel="round (0: the starting student)")
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{folder.name}: MiniLLM rounds")
-    fig.tight_layout()
-    path = out_dir / FIGURE
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / FIGURE)]

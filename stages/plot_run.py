@@ -64,13 +64,7 @@ def perplexity_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the figures into `out_dir` (default: the run folder); returns their paths."""
-    try:
-        import matplotlib  # optional: matplotlib (the plot extra)
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # optional: matplotlib (the plot extra)
-    except ImportError:
-        raise DDKCacheError("plot needs matplotlib: pip install 'ddk-cache[plot]'") from None
+    plt = pyplot()
     records = read_metrics(run_dir)
     out_dir = out_dir or run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +79,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
             ax.plot([r["step"] for r in steps], [r[key] for r in steps], style, label=key)
     ax.set(title=f"{run_dir.name}: training loss", xlabel="step", ylabel="nats")
     ax.legend()
-    paths.append(_save(fig, out_dir / FIGURES[0]))
+    paths.append(save_figure(fig, out_dir / FIGURES[0]))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, domain in enumerate(domains):
@@ -95,7 +89,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     ax.set(title=f"{run_dir.name}: domain sampling weights", xlabel="step", ylabel="probability", ylim=(0, 1))
     if domains:
         ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / FIGURES[1]))
+    paths.append(save_figure(fig, out_dir / FIGURES[1]))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     series = perplexity_series(records)
@@ -106,11 +100,23 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
            yscale="log")
     if series:
         ax.legend(fontsize=8)
-    paths.append(_save(fig, out_dir / FIGURES[2]))
+    paths.append(save_figure(fig, out_dir / FIGURES[2]))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or one line saying how to install it (the plot extra)."""
+    try:
+        import matplotlib  # optional: matplotlib (the plot extra)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # optional: matplotlib (the plot extra)
+    except ImportError:
+        raise DDKCacheError("plot needs matplotlib: pip install 'ddk-cache[plot]'") from None
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt  # optional: matplotlib (the plot extra)
 
     fig.tight_layout()

@@ -161,8 +161,7 @@ def minillm_loss(
     advantages = _advantages(teacher_logprobs, behaviour_logprobs, mask, config)
     sampled_from = behaviour_logprobs if sampling_logprobs is None else sampling_logprobs
     policy_gradient, held = clipped_policy_loss(logprobs, sampled_from, advantages, mask, config.clip)
-    single = config.single_step_kd
-    single_step = kd_loss(student_logits, teacher, divergence=single.divergence, tail="rest", skew_alpha=single.skew_alpha, mask=mask,
+    single_step = kd_loss(student_logits, teacher, divergence=config.divergence, tail="rest", skew_alpha=config.skew_alpha, mask=mask,
                           teacher_vocab=teacher_vocab)
     total = policy_gradient + single_step if config.single_step else policy_gradient
     return MiniLLMParts(total, policy_gradient, single_step, *_statistics(teacher_logprobs, behaviour_logprobs, mask), held)
