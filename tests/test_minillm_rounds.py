@@ -108,3 +108,17 @@ def test_rounds_refuse_a_manifest_without_references_unless_rouge_is_off(tiny_st
     prompts = write_prompt_manifest(tmp_path, reference_field=None)
     result = rounds(tiny_student, tiny_teacher, prompts, tmp_path / "r", 1)
     assert result.exit_code == 2 and "ROUGE-L needs reference answers" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bad_recipe_settings_are_refused_in_one_line_before_anything_is_written(tiny_student, tiny_teacher, tmp_path):  # noqa: F811
+    (tmp_path / "plain").mkdir()
+    with_references, without = write_prompt_manifest(tmp_path), write_prompt_manifest(tmp_path / "plain", reference_field=None)
+    cases = [(without, ("--no-rouge", "--sft-steps", "2"), "--sft-steps trains on reference answers"),
+             (with_references, ("--teacher-mix", "1.5"), "--teacher-mix must be in [0, 1]"),
+             (with_references, ("--sft-steps", "-1"), "--sft-steps must be >= 0"),
+             (with_references, ("--divergence", "skew_reverse_kl", "--skew-alpha", "1"), "--skew-alpha must be in (0, 1)")]
+    for index, (prompts, extra, fragment) in enumerate(cases):
+        out = tmp_path / f"r{index}"
+        result = rounds(tiny_student, tiny_teacher, prompts, out, 1, *extra)
+        assert result.exit_code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, (extra, result.output)
+        assert not out.exists()
