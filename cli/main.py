@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddk_cache.cli.commands import (
+    attach_tokenizer,
     distill,
     eval_responses,
     evaluate,
@@ -89,6 +90,7 @@ COMMANDS = {
     "pack": pack.pack,
     "inspect": inspect.inspect,
     "verify": verify.verify,
+    "attach-tokenizer": attach_tokenizer.attach_tokenizer,
     "distill": distill.distill,
     "eval": evaluate.evaluate,
     "plot": plot.plot,

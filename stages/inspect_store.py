@@ -74,6 +74,8 @@ def render_inspection(reader: CacheReader) -> Group:
         ("format", f"{FORMAT_NAME} v{header.format_version}"),
         ("tokenizer", f"{tokenizer.name_or_path} ({tokenizer.class_name}, {tokenizer.size} tokens)"),
         ("tokenizer fingerprint", tokenizer.fingerprint),
+        ("tokenizer files", f"in the store: {', '.join(tokenizer.files)}" if tokenizer.files
+         else "not in the store (written before stores carried them): add them with `ddk-cache attach-tokenizer`"),
     ]
     teacher, engine, capture = header.teacher, header.engine, header.capture
     if teacher is None or capture is None:

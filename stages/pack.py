@@ -33,6 +33,7 @@ from ddk_cache.errors import DDKCacheError, StoreError, first_line
 from ddk_cache.hub import require_loadable
 from ddk_cache.ranges import AT_LEAST_ONE, Range, check_ranges
 from ddk_cache.store.capture import Capture
+from ddk_cache.store.embedded_tokenizer import file_hashes, tokenizer_files
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description
 from ddk_cache.store.format import FORMAT_VERSION, HEADER_ATTR, SPLITS, TOKENS, StoreLayout, zarr_store
 from ddk_cache.store.header import DomainInfo, LayoutInfo, PackingInfo, StoreHeader, TokenizerInfo, now
@@ -92,13 +93,16 @@ def run_pack(config: PackConfig) -> PackSummary:
     except ValueError as exc:
         raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
     names = [d.name for d in manifest.domains]
-    header = packing_header(manifest, tokenizer, layout, names, PackingInfo(SPLIT_RULE, config.valid_fraction))
+    files = tokenizer_files(tokenizer)
+    header = packing_header(manifest, tokenizer, layout, names, PackingInfo(SPLIT_RULE, config.valid_fraction), files)
     with WriterLease(config.out, "node-0", "pack", config.storage_options):  # the same place a single-node dump takes
-        return _pack(config, manifest, tokenizer, layout, names, header)
+        return _pack(config, manifest, tokenizer, layout, names, header, files)
 
 
-def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: StoreHeader) -> PackSummary:
-    writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options)
+def _pack(config: PackConfig, manifest: Manifest, tokenizer, layout: StoreLayout, names: list[str], header: StoreHeader,
+          files: dict[str, bytes]) -> PackSummary:
+    writer = CacheWriter.open_for_packing(config.out, header, names, layout, config.overwrite, config.storage_options,
+                                          tokenizer_files=files)
     if writer is None:  # the same data, tokenizer and layout are packed there already
         root = zarr.open_group(zarr_store(config.out, read_only=True, storage_options=config.storage_options), mode="r")
         return PackSummary(config.out, [read_domain_info(root[name], config.out) for name in names], already_packed=True)
@@ -127,14 +131,15 @@ def load_tokenizer(name_or_path: str, revision: str | None):
         raise DDKCacheError(f"cannot load tokenizer {name_or_path!r}: {first_line(exc)}") from None
 
 
-def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_names: list[str], packing: PackingInfo) -> StoreHeader:
-    """What packing knows: the data, its tokenizer and the windows' geometry (no teacher yet)."""
+def packing_header(manifest: Manifest, tokenizer, layout: StoreLayout, domain_names: list[str], packing: PackingInfo,
+                   files: dict[str, bytes]) -> StoreHeader:
+    """What packing knows: the data, its tokenizer (and the `files` embedded of it) and the windows' geometry (no teacher yet)."""
     return StoreHeader(
         format_version=FORMAT_VERSION,
         status="packing",
         created_by=f"ddk-cache {__version__}",
         created_at=now(),
-        tokenizer=TokenizerInfo.from_dict(tokenizer_description(tokenizer)),
+        tokenizer=TokenizerInfo.from_dict({**tokenizer_description(tokenizer), "files": file_hashes(files)}),
         layout=LayoutInfo(manifest.seq_len, layout.chunk_windows, layout.shard_windows),
         manifest=manifest.raw,
         manifest_sha256=manifest.sha256(),

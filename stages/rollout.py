@@ -31,6 +31,7 @@ from ddk_cache.minillm.rollouts import reference_rollouts, sample_rollouts
 from ddk_cache.minillm.vllm_rollouts import vllm_generator
 from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.store.capture import Capture
+from ddk_cache.store.embedded_tokenizer import file_hashes, tokenizer_files
 from ddk_cache.store.fingerprints import require_same_tokenizer, tokenizer_description, weights_sha256
 from ddk_cache.store.format import StoreLayout, zarr_store
 from ddk_cache.store.header import FORMAT_VERSION, LayoutInfo, PackingInfo, RolloutInfo, StoreHeader, TokenizerInfo, now
@@ -124,9 +125,10 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
                 sample = None if generate is None else (lambda ids, seed=seed: generate(ids, seed))
                 splits[split] = sample_rollouts(model, tokenizer, chosen, manifest.max_prompt_tokens, manifest.max_new_tokens, seed,
                                                 config.batch_size, progress=bar.update, generate=sample)
+    files = tokenizer_files(tokenizer)
     header = StoreHeader(
         format_version=FORMAT_VERSION, status="packing", created_by=f"ddk-cache {__version__}", created_at=now(),
-        tokenizer=TokenizerInfo.from_dict(tokenizer_description(tokenizer)),
+        tokenizer=TokenizerInfo.from_dict({**tokenizer_description(tokenizer), "files": file_hashes(files)}),
         layout=LayoutInfo(layout.seq_len, layout.chunk_windows, layout.shard_windows),
         manifest=manifest.raw, manifest_sha256=manifest.sha256(), seed=manifest.seed, domains=(manifest.name,),
         versions=package_versions(), packing=PackingInfo(ROLLOUT_RULE), integrity=INTEGRITY,
@@ -139,7 +141,8 @@ def run_rollout(config: RolloutConfig, generate: Callable[[list[list[int]], int]
                             mix_teacher=_model_name(config.teacher) if teacher_mix else None,
                             mix_teacher_weights_sha256=weights_sha256(config.teacher) if teacher_mix else None),
     )
-    write_rollout_store(config.out, header, splits, layout, {split: len(chosen) for split, chosen in prompts.items()}, config.storage_options)
+    write_rollout_store(config.out, header, splits, layout, {split: len(chosen) for split, chosen in prompts.items()}, config.storage_options,
+                        tokenizer_files=files)
     summary = RolloutSummary(config.out, seconds=time.perf_counter() - start)
     for split, rollouts in splits.items():
         summary.responses[split] = len(rollouts.tokens)

@@ -29,6 +29,7 @@ from ddk_cache.stages.nodes import NodePlace, NodeSettings, all_shards_done, ope
 from ddk_cache.stages.pack import check_same_tokenizer, load_tokenizer, open_packed, packing_header
 from ddk_cache.stages.scoring import ProcessSettings, ScoringPlan, ShardJob, pending_jobs, progress_bar, score_jobs
 from ddk_cache.store.capture import Capture
+from ddk_cache.store.embedded_tokenizer import tokenizer_files
 from ddk_cache.store.fingerprints import teacher_description, tokenizer_fingerprint
 from ddk_cache.store.format import FORMAT_VERSION, SPLITS, LayoutSettings, StoreLayout
 from ddk_cache.store.header import PERMUTATION_RULE, CaptureInfo, EngineRecord, LayoutInfo, PackingInfo, StoreHeader, TeacherInfo
@@ -122,9 +123,11 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
         except ValueError as exc:
             raise DDKCacheError(f"{exc}: fix --chunk-windows / --shard-windows") from None
         # packing.py's in-memory rule
-        packed_header = packing_header(manifest, tokenizer, layout, [d.name for d in domains], PackingInfo(PERMUTATION_RULE))
+        files = tokenizer_files(tokenizer)  # embedded in the store, so its ids stay readable without the teacher's folder
+        packed_header = packing_header(manifest, tokenizer, layout, [d.name for d in domains], PackingInfo(PERMUTATION_RULE), files)
     else:  # score a store that `ddk-cache pack` wrote: its windows, tokenizer and layout are fixed
         packed_header, domains = open_packed(config.out, config.storage_options)
+        files = None  # `pack` embedded the tokenizer (stores packed before it did can have it attached)
         if config.layout.given:
             raise DDKCacheError(f"{config.out} is packed: its chunks and shards are fixed; drop --chunk-windows / --shard-windows")
         tokenizer = teacher_tokenizer(config, packed_header)
@@ -152,7 +155,7 @@ def _dump(config: TeacherDumpConfig, engine: TeacherEngine | None, node: NodePla
             if config.manifest is None:
                 return CacheWriter.add_targets(config.out, header, domains, sized, config.overwrite, config.storage_options)
             return CacheWriter.create_or_resume(config.out, header, domains, sized, config.overwrite, config.storage_options,
-                                                clean_partial=node.count == 1)
+                                                clean_partial=node.count == 1, tokenizer_files=files)
         wait_for_store(config.out, header.identity, config.storage_options, config.nodes.create_timeout)
         return open_as_follower(config.out, sized, domains if config.manifest is not None else [], config.storage_options)
 

@@ -36,6 +36,7 @@ class VerifyReport:
     shards_checked: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # limits of the check, not problems
+    checksummed: bool = True  # whether chunk checksums were there to check
 
     @property
     def ok(self) -> bool:
@@ -51,7 +52,9 @@ def verify_store(reader: CacheReader) -> VerifyReport:
     report = VerifyReport()
     if not reader.complete:
         report.problems.append(f"status is {reader.header.status!r}, not 'complete': run teacher-dump again to finish it")
+    _verify_tokenizer(reader, report)
     if not reader.checksummed:
+        report.checksummed = False
         report.notes.append("written before chunk checksums existed: a shard moved within the store or an edited codec "
                             "cannot be detected; re-create the store to get them")
     unsealed = []
@@ -74,6 +77,18 @@ def verify_store(reader: CacheReader) -> VerifyReport:
         report.notes.append(f"domain info of {', '.join(unsealed)} written before its sha256 existed: an edited size or teacher "
                             "validation loss cannot be detected; re-create the store to get it")
     return report
+
+
+def _verify_tokenizer(reader: CacheReader, report: VerifyReport) -> None:
+    """The embedded tokenizer's files against their sha256 in the header; a store without them gets a note."""
+    if not reader.embeds_tokenizer:
+        report.notes.append(f"does not carry its tokenizer's files: readers need the tokenizer's own folder; add them with "
+                            f"`ddk-cache attach-tokenizer {reader.url} TOKENIZER_DIR`")
+        return
+    try:
+        reader.tokenizer_files()
+    except StoreError as exc:
+        report.problems.append(str(exc).split(": ", 1)[1])
 
 
 def _verify_split(reader: CacheReader, domain: str, split: str, report: VerifyReport) -> None:

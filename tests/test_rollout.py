@@ -107,6 +107,7 @@ def test_a_teacher_scores_a_rollout_store_in_place(rollout_store, tiny_teacher, 
     assert result.exit_code == 0, result.output
     reader = CacheReader(str(scored))
     assert reader.header.scored and reader.header.rollout.round == 0
+    assert reader.load_tokenizer().decode(reader.read("math", "valid", 0, 1).tokens[0])  # the student's tokenizer, carried by the store
     block = reader.read("math", "valid")
     before = CacheReader(str(rollout_store), allow_incomplete=True).read_arrays("math", "valid", ("response_mask", "behaviour_logprobs"))
     np.testing.assert_array_equal(block.response_mask, before["response_mask"])  # scoring kept the rollout's arrays

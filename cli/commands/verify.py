@@ -22,5 +22,5 @@ def verify(store: StoreArgument, storage_options: StorageOptions = None) -> None
     if not report.ok:
         error_console.print(f"{store}: {len(report.problems)} problem(s) in {report.shards_checked} shards", markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    checked = "present, decoded, matching their checksums and well-formed" if not report.notes else "present, decoded and well-formed"
+    checked = "present, decoded, matching their checksums and well-formed" if report.checksummed else "present, decoded and well-formed"
     console.print(f"{store}: ok ({report.shards_checked} shards {checked})", markup=False, soft_wrap=True)

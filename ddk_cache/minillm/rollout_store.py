@@ -18,6 +18,7 @@ import zarr
 
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.minillm.rollouts import Rollouts
+from ddk_cache.store.embedded_tokenizer import write_tokenizer_files
 from ddk_cache.store.encodings import array_encoding
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
@@ -37,7 +38,7 @@ ROLLOUT_RULE = "rollout-v1"  # `packing.split_rule` of a rollout store: one wind
 
 
 def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollouts], layout: StoreLayout, documents: dict[str, int],
-                        storage_options: dict | None = None) -> None:
+                        storage_options: dict | None = None, tokenizer_files: dict[str, bytes] | None = None) -> None:
     """Create the store at `url` (replacing what is there) and write every split whole, shard by shard.
 
     The header says "packing" until the last shard is written and "packed" after, so a killed rollout is
@@ -46,6 +47,8 @@ def write_rollout_store(url: str, header: StoreHeader, splits: dict[str, Rollout
     try:
         store = zarr_store(url, read_only=False, storage_options=storage_options)
         root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header.with_status("packing").to_dict()})
+        if tokenizer_files:  # the files `header.tokenizer.files` names
+            write_tokenizer_files(root, tokenizer_files)
     except OSError as exc:
         raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
     domain = header.domains[0]

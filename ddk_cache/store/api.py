@@ -82,6 +82,12 @@ class Store:
         """Name, class, size and fingerprint of the tokenizer the windows were made with."""
         return self.header.tokenizer
 
+    def load_tokenizer(self):
+        """That tokenizer itself (transformers), from the files the store carries: ids become text without the hub.
+
+        Stores written before tokenizers were embedded raise one line naming `ddk-cache attach-tokenizer`."""
+        return self.reader.load_tokenizer()
+
     @property
     def domains(self) -> list[str]:
         return self.reader.domains

@@ -63,7 +63,12 @@ def check_domains(raw: dict[str, Any]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class TokenizerInfo(Metadata):
-    """The tokenizer the windows were made with; `fingerprint` changes exactly when an id means another token."""
+    """The tokenizer the windows were made with; `fingerprint` changes exactly when an id means another token.
+
+    `files` (name -> sha256) names the tokenizer's own files embedded in the store's `_tokenizer` group
+    (`embedded_tokenizer.py`); None where they are not (stores written before the tokenizer was embedded, until
+    `ddk-cache attach-tokenizer` adds it).
+    """
 
     name_or_path: str
     class_name: str = field(metadata={"key": "class"})
@@ -71,10 +76,15 @@ class TokenizerInfo(Metadata):
     size: int
     eos_token_id: int | None
     bos_token_id: int | None
+    files: dict[str, str] | None = field(default=None, metadata={"omit_none": True})
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "tokenizer") -> "TokenizerInfo":
-        return super().from_dict(raw, where)
+        info = super().from_dict(raw, where)
+        if info.files is not None and not all(isinstance(k, str) and isinstance(v, str) and v.startswith("sha256:")
+                                              for k, v in info.files.items()):
+            raise HeaderError(f"the store header's '{where}.files' must map file names to \"sha256:...\" digests")
+        return info
 
 
 @dataclass(frozen=True)

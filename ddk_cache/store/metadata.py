@@ -141,6 +141,6 @@ class Metadata:
             value, key = getattr(self, f.name), _json_key(f)
             if key is None:
                 out.update(value)
-            elif not (value is None and self.OMIT_NONE):
+            elif not (value is None and (self.OMIT_NONE or f.metadata.get("omit_none", False))):
                 out[key] = _plain(value)
         return out

@@ -19,6 +19,7 @@ from zarr.core.sync import sync
 
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.store.capture import Capture, estimated_logprobs, sampled_logprobs
+from ddk_cache.store.embedded_tokenizer import load_tokenizer_files, read_tokenizer_files
 from ddk_cache.store.encodings import ENCODING_ATTR, Encoding, array_encoding
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
@@ -165,6 +166,22 @@ class CacheReader:
             else:
                 self._arrays[key] = None
         return self._arrays[key]
+
+    @property
+    def embeds_tokenizer(self) -> bool:
+        """Whether the store carries its tokenizer's files (`embedded_tokenizer.py`); older stores until attached do not."""
+        return bool(self.header.tokenizer.files)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The embedded tokenizer's files by name, each checked against its sha256 in the header."""
+        if not self.embeds_tokenizer:
+            raise StoreError(f"{self.url} does not carry its tokenizer (written before stores did): attach it with "
+                             f"`ddk-cache attach-tokenizer {self.url} TOKENIZER_DIR`")
+        return read_tokenizer_files(self.root, self.header.tokenizer.files, self.url)
+
+    def load_tokenizer(self):
+        """The tokenizer the windows were made with, from the store alone (transformers), checked against the fingerprint."""
+        return load_tokenizer_files(self.tokenizer_files(), self.header.tokenizer.fingerprint, self.url)
 
     @property
     def checksummed(self) -> bool:

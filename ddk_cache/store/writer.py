@@ -22,6 +22,7 @@ from ddk_cache.data.packing import PackedDomain, PackedSplit
 from ddk_cache.data.streamed_packing import PackProgress
 from ddk_cache.errors import StoreError, first_line
 from ddk_cache.store.capture import EncodedTargets
+from ddk_cache.store.embedded_tokenizer import file_hashes, write_tokenizer_files
 from ddk_cache.store.encodings import array_encoding, decoded
 from ddk_cache.store.format import (
     BEHAVIOUR_LOGPROBS,
@@ -84,18 +85,20 @@ class CacheWriter:
         overwrite: bool = False,
         storage_options: dict | None = None,
         clean_partial: bool = True,
+        tokenizer_files: dict[str, bytes] | None = None,
     ) -> "CacheWriter":
         """Open `url` for writing: create it, or resume it if it was made with the same identity.
 
         `header.identity` holds everything that must match for shards from two runs to
-        belong in one store; a mismatch is refused unless `overwrite` is set.
+        belong in one store; a mismatch is refused unless `overwrite` is set. `tokenizer_files` (named by
+        `header.tokenizer.files`) are embedded in a new store; a resumed one keeps what it has.
         """
         store, existing = _open_for_writing(url, storage_options, overwrite)
         if existing is not None and (overwrite or existing.status == "creating"):
             existing = None  # replaced below; a store killed while "creating" holds no scored data yet
         if existing is None:
             # "creating" until every group and array exists, so a kill during creation is detectable
-            root = _new_root(store, url, header.with_status("creating"))
+            root = _new_root(store, url, header.with_status("creating"), tokenizer_files)
             _create_domains(store, domains, layout)
             write_header(root, _describing_codecs(header, root, domains[0].name).with_status("writing"))
             return cls(root, url, layout)
@@ -116,7 +119,7 @@ class CacheWriter:
     @classmethod
     def open_for_packing(
         cls, url: str, header: StoreHeader, domains: list[str], layout: StoreLayout, overwrite: bool = False,
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, tokenizer_files: dict[str, bytes] | None = None,
     ) -> "CacheWriter | None":
         """A store to pack into: new (status "packing"), or one a killed `pack` left; None if packed already.
 
@@ -132,7 +135,7 @@ class CacheWriter:
                 return None
             if all(name in zarr.open_group(store, mode="r") for name in domains):
                 return cls(zarr.open_group(store, mode="r+"), url, layout)
-        root = _new_root(store, url, header.with_status("packing"))  # new, or killed before its groups existed
+        root = _new_root(store, url, header.with_status("packing"), tokenizer_files)  # new, or killed before its groups existed
         for name in domains:  # every group, with empty `tokens` arrays that grow shard by shard
             group = root.create_group(name)
             for split in SPLITS:
@@ -325,10 +328,15 @@ def _open_for_writing(url: str, storage_options: dict | None, overwrite: bool) -
         raise StoreError(f"cannot open {url} for writing: {first_line(exc)}: check the URL, credentials and --storage-options") from None
 
 
-def _new_root(store, url: str, header: StoreHeader) -> zarr.Group:
-    """An empty root group holding `header` (whatever was at `url` is replaced)."""
+def _new_root(store, url: str, header: StoreHeader, tokenizer_files: dict[str, bytes] | None = None) -> zarr.Group:
+    """An empty root group holding `header` and the tokenizer's files (whatever was at `url` is replaced)."""
+    if tokenizer_files is not None and file_hashes(tokenizer_files) != header.tokenizer.files:
+        raise ValueError("the tokenizer files to embed are not the ones the header names")  # a caller's bug, not bad input
     try:
-        return zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header.to_dict()})
+        root = zarr.open_group(store, mode="w", attributes={HEADER_ATTR: header.to_dict()})
+        if tokenizer_files:
+            write_tokenizer_files(root, tokenizer_files)
+        return root
     except OSError as exc:  # object stores: missing bucket, no write permission
         raise StoreError(f"cannot write to {url}: {first_line(exc)}: check the URL, credentials and --storage-options") from None
 
