@@ -128,8 +128,24 @@ def test_open_store_and_dataset_read_a_store_in_a_bucket(s3_options, tiny_store)
     assert remote.summary()["domains"] == local.summary()["domains"] and remote.header == local.header
     far, near = ddk_cache.CacheDataset(remote, "math")[3], ddk_cache.CacheDataset(local, "math")[3]
     assert all(torch.equal(far[key], near[key]) for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs", "teacher_rest"))
+    assert remote.load_tokenizer().get_vocab() == local.load_tokenizer().get_vocab()  # the embedded tokenizer, read from the bucket
     with pytest.raises(StoreError, match="no ddk-cache store at s3://"):
         ddk_cache.open_store(f"s3://{BUCKET}/absent.zarr", storage_options=s3_options)
+
+
+def test_attach_tokenizer_writes_into_a_store_in_a_bucket(s3_options, tiny_store, tiny_teacher, tmp_path):
+    import shutil
+
+    import s3fs
+    from test_embedded_tokenizer import as_before_tokenizers_were_embedded
+
+    old = as_before_tokenizers_were_embedded(tiny_store, tmp_path / "old.zarr")
+    s3fs.S3FileSystem(**s3_options).put(str(old), f"{BUCKET}/old.zarr", recursive=True)
+    shutil.rmtree(old)
+    url, options = f"s3://{BUCKET}/old.zarr", json.dumps(s3_options)
+    result = CliRunner().invoke(app, ["attach-tokenizer", url, str(tiny_teacher), "--storage-options", options])
+    assert result.exit_code == 0 and "now carries" in result.output, result.output
+    assert CacheReader(url, storage_options=s3_options).load_tokenizer().get_vocab() == CacheReader(str(tiny_store)).load_tokenizer().get_vocab()
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])
