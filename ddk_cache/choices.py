@@ -67,6 +67,12 @@ class LossImpl(str, Enum):
     dense = "dense"  # from the model's [tokens x vocabulary] logits: the reference
 
 
+class CrossTokenizer(str, Enum):
+    off = "off"  # the student reads the cache's ids: its tokenizer must be the teacher's
+    gold = "gold"  # exact part (tokens with the same bytes) + rest bucket, ULD on the rest (training/cross_tokenizer_loss.py)
+    uld = "uld"  # sorted probabilities only (Universal Logit Distillation)
+
+
 class Responses(str, Enum):
     sampled = "sampled"  # the student's own answers (MiniLLM)
     references = "references"  # the prompt manifest's reference answers (SFT, word-level KD)

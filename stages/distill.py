@@ -27,23 +27,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddk_cache.choices import LossImpl, Objective, parse_choice
+from ddk_cache.choices import CrossTokenizer, LossImpl, Objective, parse_choice
 from ddk_cache.errors import DDKCacheError, SettingError, first_line
 from ddk_cache.hub import require_loadable
 from ddk_cache.minillm.objective import MiniLLMConfig, MiniLLMObjective, MiniLLMParts
 from ddk_cache.minillm.pretraining_data import PretrainingData
-from ddk_cache.ranges import AT_LEAST_ONE, NON_NEGATIVE, Range, check_ranges
+from ddk_cache.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, Range, check_ranges
 from ddk_cache.store.fingerprints import weights_sha256
 from ddk_cache.store.header import StoreHeader
 from ddk_cache.store.reader import CacheReader
 from ddk_cache.training.checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointSettings, ModelAndOptimizer, has_checkpoint
+from ddk_cache.training.cross_tokenizer_windows import CrossTokenizerView, require_coverage
 from ddk_cache.training.data_order import BatchSettings, BatchShape, GlobalBatchPlanner, WindowRef, micro_batches, rank_slice
 from ddk_cache.training.distributed import ParallelContext, agree, all_reduce_sum, init_parallel, launched_by_torchrun, shutdown
 from ddk_cache.training.domain_samplers import COLLAPSE_WEIGHT, DDKSampler, DomainSampler, SamplerSettings
 from ddk_cache.training.lora import LoRASettings, is_adapter_folder, save_merged
 from ddk_cache.training.losses import KDConfig, LossParts, check_sampled_config
 from ddk_cache.training.metrics_log import METRICS_NAME, MetricsLog, ReportingSettings
-from ddk_cache.training.objectives import KDObjective, OnlineKDObjective, TrainingObjective, language_model_loss
+from ddk_cache.training.objectives import CrossTokenizerObjective, KDObjective, OnlineKDObjective, TrainingObjective, language_model_loss
 from ddk_cache.training.optimizer import OptimizerSettings
 from ddk_cache.training.parallelize import (
     ParallelSettings,
@@ -56,7 +57,7 @@ from ddk_cache.training.parallelize import (
     unwrap,
     uses_autocast,
 )
-from ddk_cache.training.student import check_compatible, load_student
+from ddk_cache.training.student import check_compatible, load_student, student_context
 from ddk_cache.training.student_outputs import student_outputs
 from ddk_cache.training.validation_loss import DomainEval, evaluate_domains
 from ddk_cache.training.window_loader import Batch, WindowLoader, domain_orders
@@ -68,11 +69,12 @@ class DataSettings:
 
     storage_options: dict[str, Any] | None = None
     reader_threads: int = 2
+    student_seq_len: int | None = None  # --cross-tokenizer: the student's window (None: what the first windows need)
 
-    RANGES: ClassVar[dict[str, Range]] = {"reader_threads": Range(1, 64)}
+    RANGES: ClassVar[dict[str, Range]] = {"reader_threads": Range(1, 64), "student_seq_len": Range(2)}
 
     def __post_init__(self) -> None:
-        check_ranges({"reader_threads": self.reader_threads}, self.RANGES)
+        check_ranges({"reader_threads": self.reader_threads, "student_seq_len": self.student_seq_len}, self.RANGES)
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,27 @@ class ObjectiveSettings:
     pt_weight: float = 1.0  # minillm: loss = policy gradient + single step + pt_weight * L_PT
     online_teacher: str | None = None
     loss_impl: LossImpl = LossImpl.fused  # dense: the [tokens x vocabulary] logits, the reference
+    cross_tokenizer: CrossTokenizer = CrossTokenizer.off  # a student of another tokenizer (training/cross_tokenizer_loss.py)
+    uld_weight: float = 1.0  # gold: the weight of ULD's term on what does not map exactly
+    min_aligned: float = 0.5  # cross-tokenizer: the least share of student positions with a teacher distribution
 
-    RANGES: ClassVar[dict[str, Range]] = {"pt_weight": NON_NEGATIVE}
+    RANGES: ClassVar[dict[str, Range]] = {"pt_weight": NON_NEGATIVE, "uld_weight": NON_NEGATIVE, "min_aligned": FRACTION}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", parse_choice(Objective, self.name, "--objective"))
         object.__setattr__(self, "loss_impl", parse_choice(LossImpl, self.loss_impl, "--loss-impl"))
-        check_ranges({"pt_weight": self.pt_weight}, self.RANGES)
+        object.__setattr__(self, "cross_tokenizer", parse_choice(CrossTokenizer, self.cross_tokenizer, "--cross-tokenizer"))
+        check_ranges({"pt_weight": self.pt_weight, "uld_weight": self.uld_weight, "min_aligned": self.min_aligned}, self.RANGES)
+        if self.cross and (self.name != Objective.kd or self.online_teacher is not None):
+            raise SettingError("--cross-tokenizer distils from a cache of fixed text with --objective kd (no --online-teacher)")
+        if self.cross and self.kd.divergence != "forward_kl":
+            raise SettingError("--cross-tokenizer compares the distributions its own way (gold, uld): drop --divergence")
         if self.pt_store is not None and self.name != Objective.minillm:
             raise SettingError("--pt-store is MiniLLM's pretraining term: it belongs to --objective minillm")
+
+    @property
+    def cross(self) -> bool:
+        return self.cross_tokenizer != CrossTokenizer.off
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,8 @@ class DistillConfig:
             "ddk_temperature": s.temperature, "update_every": s.update_every, "eval_windows": s.eval_windows,
             "eval_batch_size": s.eval_batch_size, "checkpoint_every": self.checkpoint.every,
         }
+        if obj.cross:  # only then: runs of the teacher's tokenizer resume checkpoints written before it existed
+            data.update(cross_tokenizer=obj.cross_tokenizer.value, uld_weight=obj.uld_weight, student_seq_len=self.data.student_seq_len)
         for key in ("store", "student", "tokenizer", "online_teacher"):  # `run` and `$PWD/run` are the same folder
             if data[key] is not None and "://" not in data[key] and Path(data[key]).exists():
                 data[key] = str(Path(data[key]).resolve())
@@ -237,12 +253,28 @@ class Trainer:
             raise SettingError("LoRA students train with --parallel ddp (FSDP2 over peft's wrapped layers is not supported yet)")
         if config.lora.enabled:
             self.model = config.lora.apply(self.model)
-        check_compatible(self.model, self.tokenizer, self.reader.header)
+        self.view = self._cross_tokenizer_view() if objective.cross else None
+        check_compatible(self.model, self.tokenizer, self.reader.header, cross_tokenizer=objective.cross,
+                         seq_len=self.view.seq_len if self.view else None)
         if self.pt_reader is not None:
             check_compatible(self.model, self.tokenizer, self.pt_reader.header)
         self.online_teacher = (_load_online_teacher(objective.online_teacher, self.reader.header, self.ctx.device)
                                if objective.online_teacher else None)
         config.out.mkdir(parents=True, exist_ok=True)  # only once everything was checked: a refused run writes nothing
+
+    def _cross_tokenizer_view(self) -> CrossTokenizerView:
+        """The cache in the student's tokens, refused in one line when too few of its positions align."""
+        config = self.config
+        if self.reader.header.rollout is not None:
+            raise DDKCacheError(f"{config.store} is a rollout store: --cross-tokenizer distils from a cache of fixed text")
+        view = CrossTokenizerView.for_store(self.reader, self.tokenizer, config.data.student_seq_len, context=student_context(self.model))
+        self.coverage = view.coverage(self.reader, self.reader.domains)
+        require_coverage(self.coverage, config.objective.min_aligned, config.student)
+        if self.ctx.is_main and config.reporting.progress:
+            tqdm.write(f"cross-tokenizer: student windows of {view.seq_len} tokens; {self.coverage.aligned_share:.1%} of positions "
+                       f"aligned, {self.coverage.exact_mass_share:.1%} of the teacher's mass there maps exactly, "
+                       f"{self.coverage.cut_share:.1%} of student tokens cut", file=sys.stderr)
+        return view
 
     def _build(self) -> None:
         config, reader = self.config, self.reader
@@ -254,10 +286,10 @@ class Trainer:
         self.sampler: DomainSampler = config.sampler.build(self.domains, list(reader.header.manifest_weights().values()))
         orders = domain_orders(reader, self.domains, config.seed)
         self.planner = GlobalBatchPlanner(orders, self.shape.global_size, config.seed)
-        self.loader = WindowLoader(reader, orders, threads=config.data.reader_threads)
+        self.loader = WindowLoader(reader, orders, threads=config.data.reader_threads, view=self.view)
         self.state = TrainState()
         self.objective = build_objective(config.objective, reader.header.teacher.vocab_size, self.online_teacher, self._autocast)
-        self.tokens_per_step = self.shape.global_size * reader.header.seq_len
+        self.tokens_per_step = self.shape.global_size * (self.view.seq_len if self.view else reader.header.seq_len)
         self.pretraining = None if self.pt_reader is None else PretrainingData(self.pt_reader, self.shape.global_size, config.seed + 1)
         states = {"model_and_optimizer": ModelAndOptimizer(self.model, self.optimizer), "lr_scheduler": self.scheduler,
                   "sampler": self.sampler, "data": self.planner, "train_state": self.state}
@@ -385,7 +417,7 @@ class Trainer:
         model = unwrap(self.model)  # DDP needs no wrapper to run forwards; FSDP2 is the module itself
         sampler = self.config.sampler
         evals = evaluate_domains(model, self.reader, self.domains, sampler.eval_windows, sampler.eval_batch_size, self.autocast_dtype, self.ctx,
-                                 self.config.objective.loss_impl)
+                                 self.config.objective.loss_impl, self.view)
         reshard(self.model)
         return evals
 
@@ -427,6 +459,8 @@ def build_objective(settings: ObjectiveSettings, teacher_vocab: int, online_teac
         return OnlineKDObjective(online_teacher, settings.kd, autocast)
     if settings.name == Objective.minillm:
         return MiniLLMObjective(settings.minillm, teacher_vocab)
+    if settings.cross:
+        return CrossTokenizerObjective(settings.kd, settings.cross_tokenizer.value, settings.uld_weight)
     return KDObjective(settings.kd, teacher_vocab)
 
 

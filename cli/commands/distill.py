@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddk_cache.choices import DDKScore, Divergence, LossImpl, Objective, ParallelMode, ReportTarget, SamplerName, Tail
+from ddk_cache.choices import CrossTokenizer, DDKScore, Divergence, LossImpl, Objective, ParallelMode, ReportTarget, SamplerName, Tail
 from ddk_cache.cli.boundary import user_errors
 from ddk_cache.cli.options import Device, LossImplOption, Progress, Seed, StorageOptions, parse_storage_options
 from ddk_cache.cli.output import console, say
@@ -42,6 +42,17 @@ def distill(
     jsd_beta: Annotated[float, typer.Option(help="jsd: the mixture weight.", rich_help_panel="KD loss")] = 0.5,
     skew_alpha: Annotated[float, typer.Option(help="skew_*_kl: the skew (DistiLLM: 0.1).", rich_help_panel="KD loss")] = 0.1,
     loss_impl: LossImplOption = LossImpl.fused,
+    cross_tokenizer: Annotated[CrossTokenizer, typer.Option(
+        help="A student whose tokenizer differs from the cache's: gold (tokens with the same bytes compared exactly, the rest by "
+             "sorted probabilities) or uld (sorted probabilities only); the store must carry its tokenizer.",
+        rich_help_panel="Cross-tokenizer")] = CrossTokenizer.off,
+    uld_weight: Annotated[float, typer.Option(help="gold: the weight of the sorted-probability term on what does not map exactly.",
+                                              rich_help_panel="Cross-tokenizer")] = 1.0,
+    min_aligned: Annotated[float, typer.Option(help="Refuse a student tokenizer whose share of positions aligned with the teacher's "
+                                               "is below this.", rich_help_panel="Cross-tokenizer")] = 0.5,
+    student_seq_len: Annotated[Optional[int], typer.Option(
+        help="The student's window in its own tokens (default: the most the first windows of each domain need; longer is cut).",
+        rich_help_panel="Cross-tokenizer")] = None,
     objective: Annotated[Objective, typer.Option(
         help="kd: CE + KD on a cache of fixed text; minillm: MiniLLM's update (policy gradient + single-step reverse KL) on a "
              "scored rollout store (ddk-cache rollout, then teacher-dump).", rich_help_panel="MiniLLM")] = Objective.kd,
@@ -104,13 +115,15 @@ def distill(
                 name=objective, kd=stage.KDConfig.from_flags(kd_divergence, tail.value, temperature, gamma, mix, jsd_beta, skew_alpha),
                 minillm=stage.MiniLLMConfig(clip=ppo_clip, whiten=whiten, single_step=single_step, divergence=single_step_divergence,
                                             skew_alpha=skew_alpha), pt_store=pt_store, pt_weight=pt_weight,
-                online_teacher=online_teacher, loss_impl=loss_impl),
+                online_teacher=online_teacher, loss_impl=loss_impl, cross_tokenizer=cross_tokenizer, uld_weight=uld_weight,
+                min_aligned=min_aligned),
             sampler=stage.SamplerSettings(name=sampler, alpha=ddk_alpha, smooth=ddk_smooth, score=ddk_score, temperature=ddk_temperature,
                                           update_every=update_every, eval_windows=eval_windows, eval_batch_size=eval_batch_size),
             parallel=stage.ParallelSettings(mode=parallel, device=device, dist_timeout=dist_timeout),
             checkpoint=stage.CheckpointSettings(every=checkpoint_every, resume="auto" if auto_resume else resume),
             reporting=stage.ReportingSettings(progress=progress, report_to=tuple(report_to or ())),
-            data=stage.DataSettings(storage_options=parse_storage_options(storage_options), reader_threads=reader_threads),
+            data=stage.DataSettings(storage_options=parse_storage_options(storage_options), reader_threads=reader_threads,
+                                    student_seq_len=student_seq_len),
             lora=stage.LoRASettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=tuple((lora_targets or "").split(",")),
                                     merge=lora_merge),
         )

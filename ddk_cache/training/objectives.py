@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from ddk_cache.lm_head import hidden_states
+from ddk_cache.training.cross_tokenizer_loss import cross_tokenizer_kd
 from ddk_cache.training.fused_loss import fused_distillation_loss, fused_online_loss
 from ddk_cache.training.losses import KDConfig, LossParts, TeacherTargets, dense_distillation_loss, distillation_loss
 from ddk_cache.training.student_outputs import StudentOutputs
@@ -59,6 +60,36 @@ class KDObjective:
         if outputs.fused:
             return fused_distillation_loss(outputs.hidden, outputs.head, targets, teacher, self.kd, self.teacher_vocab, mask)
         return distillation_loss(outputs.logits, targets, teacher, self.kd, teacher_vocab=self.teacher_vocab, mask=mask)
+
+    def log_parts(self, parts: LossParts) -> dict[str, float]:
+        return kd_log_parts(parts)
+
+
+@dataclass(frozen=True)
+class CrossTokenizerObjective:
+    """CE on every student position + KD at the positions aligned with the teacher's (`cross_tokenizer_loss.py`).
+
+    The KD term is summed over aligned positions and divided by all real positions, so an unaligned position
+    contributes CE alone and the term keeps its per-token scale; mixed with CE as `kd.form` says (DDK's CE +
+    gamma KD by default). The student's logits are needed whole (`[tokens x student vocabulary]`): a fused
+    forward's head is applied here, which the small vocabularies of students of another tokenizer afford.
+    """
+
+    kd: KDConfig
+    method: str
+    uld_weight: float
+
+    def loss(self, outputs: StudentOutputs, batch: Batch) -> LossParts:
+        mask = batch.mask if batch.mask is not None else torch.ones(batch.targets.shape, dtype=torch.bool, device=batch.targets.device)
+        logits = outputs.logits[mask] if not outputs.fused else outputs.head.logits(outputs.hidden[mask])  # [real positions, V]
+        count = mask.sum().clamp(min=1)
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets[mask], reduction="sum") / count
+        teacher = batch.teacher
+        ids, logprobs, valid = teacher.ids[mask], teacher.logprobs[mask], teacher.valid[mask]
+        aligned = valid.any(-1)
+        kd = cross_tokenizer_kd(logits[aligned], ids[aligned], logprobs[aligned], valid[aligned], self.method, self.uld_weight).sum() / count
+        total = ce + self.kd.gamma * kd if self.kd.form == "add" else (1 - self.kd.mix) * ce + self.kd.mix * kd
+        return LossParts(total, ce, kd)
 
     def log_parts(self, parts: LossParts) -> dict[str, float]:
         return kd_log_parts(parts)

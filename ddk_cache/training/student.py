@@ -90,15 +90,24 @@ def student_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
-def check_compatible(model, tokenizer, header: StoreHeader) -> None:
-    """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids."""
+def check_compatible(model, tokenizer, header: StoreHeader, cross_tokenizer: bool = False, seq_len: int | None = None) -> None:
+    """Refuse a student whose tokenizer or vocabulary cannot read the cache's token ids (`cross_tokenizer`: its own ids,
+    in windows of `seq_len` tokens, made from the cache's text)."""
     cached = header.tokenizer
-    require_same_tokenizer(tokenizer, cached, "student's", "the cache's", "distill with the teacher's tokenizer")
-    seq_len = header.seq_len
+    if not cross_tokenizer:
+        require_same_tokenizer(tokenizer, cached, "student's", "the cache's",
+                               "distill with the teacher's tokenizer, or pass --cross-tokenizer gold to distil across tokenizers")
+    seq_len = seq_len or header.seq_len
     context = student_context(model)
     if context is not None and context < seq_len:
-        raise DDKCacheError(f"the student's context ({context} positions) is shorter than the cache's windows ({seq_len} tokens): "
-                            "use a student with max_position_embeddings >= seq_len")
+        windows = "its windows" if cross_tokenizer else "the cache's windows"
+        raise DDKCacheError(f"the student's context ({context} positions) is shorter than {windows} ({seq_len} tokens): "
+                            "use a student with max_position_embeddings >= seq_len" + (", or lower --student-seq-len" if cross_tokenizer else ""))
+    if cross_tokenizer:
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            raise DDKCacheError(f"the student's vocabulary ({model.get_input_embeddings().weight.shape[0]} embeddings) is smaller than "
+                                f"its tokenizer ({len(tokenizer)} tokens): resize the student's embeddings")
+        return
     student_vocab = model.get_input_embeddings().weight.shape[0]
     if student_vocab < cached.size:
         raise DDKCacheError(

@@ -24,6 +24,7 @@ from ddk_cache.choices import LossImpl
 from ddk_cache.lm_head import map_rows
 from ddk_cache.store.format import RESPONSE_MASK, TARGET_LOGPROBS, TOKENS
 from ddk_cache.store.reader import CacheReader
+from ddk_cache.training.cross_tokenizer_windows import CrossTokenizerView
 from ddk_cache.training.distributed import ParallelContext, all_reduce_sum
 from ddk_cache.training.student_outputs import StudentOutputs, student_outputs
 
@@ -35,6 +36,7 @@ class DomainEval:
     student_loss: float
     teacher_loss: float
     student_ece: float = float("nan")
+    per: str = "token"  # what the losses are per: "byte" for a student of another tokenizer
 
     @property
     def student_ppl(self) -> float:
@@ -58,6 +60,7 @@ def evaluate_domains(
     autocast_dtype: torch.dtype | None = None,
     ctx: ParallelContext | None = None,
     loss_impl: LossImpl | str = LossImpl.fused,
+    view: CrossTokenizerView | None = None,
 ) -> list[DomainEval]:
     """Mean next-token CE (nats) of `model` and of the teacher on the first `max_windows` valid windows.
 
@@ -70,12 +73,16 @@ def evaluate_domains(
     `loss_impl`: fused (the default) scores the positions from the hidden states a token chunk of logits at a
     time; dense from the model's `[tokens x vocabulary]` logits. Every rank runs the same number of forward passes (a rank with a shorter slice runs one on a
     window that counts for nothing): FSDP2 gathers parameters in every forward, collectively.
+
+    `view`: a student with another tokenizer reads the windows in its own tokens (`cross_tokenizer_windows.py`); then
+    both losses are per byte of the text (the student's summed over its tokens, the teacher's over its own), since a
+    nat per token of one vocabulary is not one of another: DDK's ratio then compares like with like again.
     """
     ctx = ctx or ParallelContext(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     bins = CalibrationBins()
-    sums = torch.zeros(len(domains), 3 + 3 * bins.bins, dtype=torch.float64)  # student CE, teacher CE, positions, ECE bins
+    sums = torch.zeros(len(domains), 4 + 3 * bins.bins, dtype=torch.float64)  # student CE, teacher CE, their units, ECE bins
     windows = []
     for d, domain in enumerate(domains):
         n = reader.array(domain, "valid", TOKENS).shape[0]
@@ -86,13 +93,18 @@ def evaluate_domains(
         valid = reader.read_arrays(domain, "valid", names, start, stop)  # checked against the chunk checksums
         tokens, teacher = valid[TOKENS], valid[TARGET_LOGPROBS]
         counted = valid[RESPONSE_MASK] > 0 if RESPONSE_MASK in valid else np.ones(teacher.shape, dtype=bool)
+        student_units = teacher_units = float(counted.sum())
+        if view is not None:  # the student's own tokens of the same windows, scored per byte
+            windows_of = view.windows(reader.read(domain, "valid", start, stop))
+            tokens, counted = windows_of.tokens, windows_of.mask
+            student_units, teacher_units = float(windows_of.units.sum()), float(windows_of.teacher_units.sum())
         calibration = CalibrationBins()
         student_total = 0.0
         for begin in range(0, _share_size(n, ctx.world_size), batch_size):
             rows = tokens[begin : begin + batch_size]
             real = len(rows)
             if real == 0:  # this rank's slice is shorter: a forward on a window that counts for nothing
-                rows = reader.array(domain, "valid", TOKENS)[:1]
+                rows = np.zeros((1, tokens.shape[1]), dtype=np.int64)
             batch = torch.as_tensor(rows, dtype=torch.long, device=ctx.device)
             autocast = torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
             with autocast:
@@ -103,14 +115,17 @@ def evaluate_domains(
             loss, confidence, prediction = _scores(outputs, batch[:, 1:].flatten(), keep)
             student_total += loss
             calibration.add(confidence, prediction, batch[:, 1:].flatten()[keep])
-        sums[d, :3] = torch.tensor([student_total, float(-np.sum(teacher[counted], dtype=np.float64)), counted.sum()], dtype=torch.float64)
-        sums[d, 3:] = calibration.as_tensor()
+        teacher_counted = teacher[counted] if view is None else teacher
+        sums[d, :4] = torch.tensor([student_total, float(-np.sum(teacher_counted, dtype=np.float64)), student_units, teacher_units],
+                                   dtype=torch.float64)
+        sums[d, 4:] = calibration.as_tensor()
     sums = all_reduce_sum(ctx, sums)
     model.train(was_training)
     results = []
     for d, domain in enumerate(domains):
-        student, teacher, count = (float(v) for v in sums[d, :3])
-        results.append(DomainEval(domain, windows[d], student / count, teacher / count, CalibrationBins.from_tensor(sums[d, 3:]).ece()))
+        student, teacher, student_units, teacher_units = (float(v) for v in sums[d, :4])
+        results.append(DomainEval(domain, windows[d], student / student_units, teacher / teacher_units,
+                                  CalibrationBins.from_tensor(sums[d, 4:]).ece(), "byte" if view is not None else "token"))
     return results
 
 

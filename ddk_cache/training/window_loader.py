@@ -21,6 +21,7 @@ import torch
 
 from ddk_cache.store.format import TOKENS
 from ddk_cache.store.reader import CacheReader, WindowBlock
+from ddk_cache.training.cross_tokenizer_windows import CrossTokenizerView, StudentWindows
 from ddk_cache.training.data_order import DomainOrder, WindowRef
 from ddk_cache.training.losses import TeacherTargets
 
@@ -34,13 +35,14 @@ class Batch:
     teacher: TeacherTargets  # sparse teacher entries [B, L, W] (+ validity, rest)
     domains: torch.Tensor  # int64 [B], index into the store's domain list
     rollout: "RolloutTensors | None" = None  # rollout stores (MiniLLM): what the policy gradient needs
+    mask: torch.Tensor | None = None  # bool [B, L]: real positions (cross-tokenizer windows are padded); None: all
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda")  # noqa: E731
         teacher = TeacherTargets(*(move(t) for t in (self.teacher.ids, self.teacher.logprobs, self.teacher.valid, self.teacher.rest)))
         rollout = None if self.rollout is None else RolloutTensors(*(move(t) for t in (self.rollout.teacher_logprobs, self.rollout.behaviour_logprobs,
                                                                                          self.rollout.response_mask, self.rollout.sampling_logprobs)))
-        return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains), rollout)
+        return Batch(move(self.input_ids), move(self.targets), teacher, move(self.domains), rollout, move(self.mask))
 
 
 @dataclass
@@ -67,8 +69,10 @@ def domain_orders(reader: CacheReader, domains: list[str], seed: int, split: str
 class WindowLoader:
     """Decodes the chunks a rank needs, ahead of need, and stacks windows into batches."""
 
-    def __init__(self, reader: CacheReader, orders: list[DomainOrder], threads: int = 2, split: str = "train") -> None:
-        self.reader, self.orders, self.split = reader, orders, split
+    def __init__(self, reader: CacheReader, orders: list[DomainOrder], threads: int = 2, split: str = "train",
+                 view: "CrossTokenizerView | None" = None) -> None:
+        """`view`: a student with another tokenizer; each decoded chunk is re-tokenized and aligned in the same threads."""
+        self.reader, self.orders, self.split, self.view = reader, orders, split, view
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ddk-reader")
         self._chunks: dict[tuple[int, int], Future] = {}
 
@@ -101,12 +105,14 @@ class WindowLoader:
         if rows[0][0].response_mask is not None:
             rollout = RolloutTensors(stack("target_logprobs"), stack("behaviour_logprobs"), stack("response_mask", np.float32),
                                      stack("sampling_logprobs"))
-        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long), rollout)
+        return Batch(tokens[:, :-1], tokens[:, 1:], teacher, torch.as_tensor([ref.domain for ref in refs], dtype=torch.long), rollout,
+                     stack("mask") if self.view is not None else None)
 
-    def _decode(self, domain: int, chunk: int) -> WindowBlock:
+    def _decode(self, domain: int, chunk: int) -> "WindowBlock | StudentWindows":
         order = self.orders[domain]
         start = chunk * order.chunk_windows
-        return self.reader.read(order.domain, self.split, start, start + order.chunk_size(chunk))
+        block = self.reader.read(order.domain, self.split, start, start + order.chunk_size(chunk))
+        return block if self.view is None else self.view.windows(block)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
