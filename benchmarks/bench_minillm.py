@@ -20,6 +20,10 @@ same number of optimizer steps of the same batch size, the same constant learnin
 - `recipe_no_sft`, `recipe_no_mix`, `recipe_no_pt`: the recipe with one part left out (without SFT, all the budget
   goes to rounds), so the table says which part matters.
 
+`--teacher-sft-steps N` first fine-tunes the teacher itself on the reference answers (CE, `--teacher-sft-lr`), as the
+paper's teachers are, and every arm then uses that teacher: MiniLLM pulls the student towards its teacher, so with
+a teacher that answers worse than an SFT'd student (the instruct model here) no MiniLLM arm can beat SFT.
+
 Every final student is measured the same way on the held-out prompts: ROUGE-L of its greedy answers, and the
 reverse KL estimate from its own samples scored by the teacher (a rollout + teacher-dump of the student). The
 MiniLLM arm also spends inference on its rollouts and their scoring; the seconds of each part are reported.
@@ -30,6 +34,9 @@ MiniLLM arm also spends inference on its rollouts and their scoring; the seconds
     python benchmarks/bench_minillm.py --teacher /work/teacher-smollm2 --student /tmp/q/student-healed10 \\
         --corpus ../shared/corpora/math_gsm8k --out-dir /tmp/mini --seeds 0 1 --json benchmarks/results/minillm.json
     python benchmarks/bench_minillm.py ... --json benchmarks/results/minillm.json --report    # the tables in RESULTS.md
+    python benchmarks/bench_minillm.py --teacher /work/teacher-smollm2 --student /tmp/q/student-healed10 \
+        --corpus ../shared/corpora/math_gsm8k --out-dir /tmp/mini-ft --teacher-sft-steps 48 --arms teacher sft recipe \
+        --json benchmarks/results/minillm_sft_teacher.json                # the paper's setting: a fine-tuned teacher
 """
 
 from __future__ import annotations
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--sft-steps", type=int, default=16, help="the recipe arms' SFT start (taken from the shared update budget)")
     parser.add_argument("--pt-store", help="the recipe arms' L_PT: a cache of fixed text with the student's tokenizer")
+    parser.add_argument("--teacher-sft-steps", type=int, default=0, help="fine-tune the teacher on the references first (0: as given)")
+    parser.add_argument("--teacher-sft-lr", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=["start", "sft", "word_kd", "minillm"])
     parser.add_argument("--json", type=Path, help="results file (merged with what it already holds)")
@@ -103,6 +112,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prompts = write_prompt_manifest(args)
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    if args.teacher_sft_steps:
+        args.base_teacher, args.teacher = args.teacher, str(fine_tune_teacher(args))
     results.update(setup=settings(args), runs=results.get("runs", {}))
     engine = create_engine("hf", args.teacher, EngineOptions(device="cpu", batch_size=args.batch_size), max_k=args.k)
     steps = args.rounds * args.epochs * math.ceil(args.train_prompts / args.batch_size)  # MiniLLM's total updates, every arm's
@@ -183,6 +194,28 @@ def run_recipe(args: argparse.Namespace, prompts: Path, folder: Path, seed: int,
             "warnings": [line for line in said if "warning" in line]}
 
 
+def fine_tune_teacher(args: argparse.Namespace) -> Path:
+    """The teacher after `--teacher-sft-steps` of CE on the references of every round's prompts (scored by itself)."""
+    folder = args.out_dir / "teacher-sft"
+    if (folder / "student" / "model.safetensors").exists():
+        return folder / "student"
+    folder.mkdir(parents=True, exist_ok=True)
+    store = folder / "references.zarr"
+    if not (store.exists() and CacheReader(str(store), allow_incomplete=True).complete):
+        every_round = write_prompt_manifest(args, "prompts-all-rounds.yaml", args.rounds * args.train_prompts)
+        run_rollout(RolloutConfig(student=args.teacher, prompts=every_round, out=str(store), responses="references",
+                                  batch_size=args.batch_size, device="cpu", overwrite=True, progress=False))
+        engine = create_engine("hf", args.teacher, EngineOptions(device="cpu", batch_size=args.batch_size), max_k=args.k)
+        score(args, engine, store)
+    run_distill(DistillConfig(
+        store=str(store), student=args.teacher, out=folder / "student", steps=args.teacher_sft_steps, seed=0,
+        batch=BatchSettings(batch_size=args.batch_size), objective=ObjectiveSettings(kd=KDConfig(gamma=0.0)),
+        optimizer=OptimizerSettings(lr=args.teacher_sft_lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0),
+        sampler=SamplerSettings(name="uniform", update_every=args.teacher_sft_steps), parallel=ParallelSettings(device="cpu"),
+        checkpoint=CheckpointSettings(resume="auto"), reporting=ReportingSettings(progress=False)))
+    return folder / "student"
+
+
 def save(args: argparse.Namespace, results: dict) -> None:
     """Results are written after every run, so a long benchmark killed half-way keeps what it measured."""
     if args.json:
@@ -252,7 +285,9 @@ def settings(args: argparse.Namespace) -> dict:
     return {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, cpu",
             "teacher": args.teacher, "student": args.student, "corpus": str(args.corpus), "train_prompts": args.train_prompts,
             "test_prompts": args.test_prompts, "max_prompt_tokens": args.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
-            "rounds": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "k": args.k}
+            "rounds": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "k": args.k,
+            "sft_steps": args.sft_steps, "teacher_sft_steps": args.teacher_sft_steps, "teacher_sft_lr": args.teacher_sft_lr,
+            "base_teacher": getattr(args, "base_teacher", args.teacher)}
 
 
 def report(results: dict) -> str:
