@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import ddk_cache
+from ddk_cache.errors import StoreError
 from ddk_cache.training.cross_tokenizer_windows import CrossTokenizerView
 
 
@@ -90,3 +91,34 @@ def test_what_cross_tokenizer_kd_cannot_use_is_refused_in_one_line(tiny_store, o
     refused(distill(tiny_store, other_student, tmp_path / "f", "--cross-tokenizer", "gold", "--student-seq-len", "500"), "lower --student-seq-len")
     assert not any((tmp_path / name).exists() for name in "abcdef")
     shutil.rmtree(old)
+
+
+def test_the_public_api_yields_student_token_items_with_aligned_teacher_targets(tiny_store, other_student, tiny_student):
+    """`CacheDataset(..., student_tokenizer=)` and `CacheMixture`: the items `distill --cross-tokenizer` trains on,
+    for another trainer; `cross_tokenizer_kd` on them gives a finite loss with gradients."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_tokenizer = AutoTokenizer.from_pretrained(other_student)
+    dataset = ddk_cache.CacheDataset(str(tiny_store), "prose", student_tokenizer=student_tokenizer, seq_len=24)
+    batch = ddk_cache.collate([dataset[0], dataset[1], dataset[len(dataset) - 1]])
+    assert batch["input_ids"].shape == (3, 24) and batch["teacher_ids"].shape[:2] == (3, 24) and batch["loss_mask"].dtype == torch.bool
+    store = ddk_cache.open_store(str(tiny_store))
+    cached = store.load_tokenizer().decode(store.read("prose", "train", 0, 1).tokens[0], skip_special_tokens=True)
+    seen = student_tokenizer.decode(batch["input_ids"][0][batch["loss_mask"][0]], skip_special_tokens=True)
+    assert len(seen) > 20 and seen.strip()[:20] in cached  # the cached window's own text, in the student's tokens
+    assert (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()  # already shifted, as the teacher-token items
+    assert not (batch["teacher_valid"].any(-1) & ~batch["loss_mask"]).any() and batch["teacher_valid"].any()
+    assert (batch["byte_count"] > 0).all()
+
+    model = AutoModelForCausalLM.from_pretrained(other_student)
+    logits = model(input_ids=batch["input_ids"]).logits
+    aligned = batch["teacher_valid"].any(-1)
+    kd = ddk_cache.cross_tokenizer_kd(logits[aligned], batch["teacher_ids"][aligned], batch["teacher_logprobs"][aligned],
+                                      batch["teacher_valid"][aligned]).mean()
+    kd.backward()
+    assert torch.isfinite(kd) and kd > 0 and model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+    mixture = iter(ddk_cache.CacheMixture(str(tiny_store), student_tokenizer=student_tokenizer, seq_len=24))
+    assert next(mixture)["input_ids"].shape == (24,)
+    with pytest.raises(StoreError, match="the cache's own tokenizer"):
+        ddk_cache.CacheDataset(str(tiny_store), "prose", student_tokenizer=AutoTokenizer.from_pretrained(tiny_student))

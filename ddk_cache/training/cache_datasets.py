@@ -22,6 +22,15 @@ stacks items into a batch of the same names. `CacheDataset` is map-style over on
 domain's split; `CacheMixture` is an endless iterable over several domains drawn with fixed
 weights (DDK's moving weights are `ddk-cache distill`'s job: they need periodic evaluation).
 
+A student with another tokenizer (`student_tokenizer=`, the store must embed its teacher's tokenizer): items
+are in the student's tokens, re-tokenized from the cached window's text and aligned by byte spans
+(`cross_tokenizer_windows.py`, what `distill --cross-tokenizer` reads). `input_ids`/`labels` `[L]` are the
+student's (L: `seq_len`, estimated from the first windows when not given), `loss_mask` `[L]` marks its real
+positions (CE counts them), `teacher_ids` are the aligned teacher entries' *student* ids (-1 where no student
+token has the entry's bytes: the entry still counts in `cross_tokenizer_kd`'s rest bucket and ULD term),
+`teacher_valid` is false at unaligned positions (KD skips them), and `byte_count` is the number of text bytes
+the window's labels stand for, so that losses of different tokenizers compare per byte.
+
 Decoding is per chunk (zarr's unit of decompression): a dataset keeps the last few decoded
 chunks, so reading windows in order, or a shuffled order that stays inside chunks, costs one
 decode per chunk. Use `num_workers=0` in a DataLoader (or `multiprocessing_context="spawn"`):
@@ -41,26 +50,29 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ddk_cache.errors import StoreError
 from ddk_cache.store.api import Store, open_store
+from ddk_cache.store.fingerprints import tokenizer_fingerprint
 from ddk_cache.store.format import TOKENS
 from ddk_cache.store.reader import WindowBlock
+from ddk_cache.training.cross_tokenizer_windows import CrossTokenizerView, StudentWindows
 from ddk_cache.training.window_loader import domain_orders
 
 
 class _ChunkCache:
-    """The last `size` decoded chunks of a store, by (domain, split, chunk)."""
+    """The last `size` decoded chunks of a store, by (domain, split, chunk); seen through `view` when given."""
 
-    def __init__(self, store: Store, size: int) -> None:
-        self.store, self.size = store, size
-        self._blocks: OrderedDict[tuple[str, str, int], WindowBlock] = OrderedDict()
+    def __init__(self, store: Store, size: int, view: CrossTokenizerView | None = None) -> None:
+        self.store, self.size, self.view = store, size, view
+        self._blocks: OrderedDict[tuple[str, str, int], WindowBlock | StudentWindows] = OrderedDict()
 
-    def window(self, domain: str, split: str, index: int) -> tuple[WindowBlock, int]:
+    def window(self, domain: str, split: str, index: int) -> tuple[WindowBlock | StudentWindows, int]:
         tokens = self.store.reader.array(domain, split, TOKENS)
         per_chunk, windows = tokens.chunks[0], tokens.shape[0]
         chunk = index // per_chunk
         key = (domain, split, chunk)
         if key not in self._blocks:
             start = chunk * per_chunk
-            self._blocks[key] = self.store.read(domain, split, start, min(start + per_chunk, windows))
+            block = self.store.read(domain, split, start, min(start + per_chunk, windows))
+            self._blocks[key] = self.view.windows(block) if self.view is not None else block
             while len(self._blocks) > self.size:
                 self._blocks.popitem(last=False)
         self._blocks.move_to_end(key)
@@ -85,6 +97,26 @@ def window_item(block: WindowBlock, row: int, domain_index: int, sampled: bool) 
     return item
 
 
+def student_item(windows: StudentWindows, row: int, domain_index: int, sampled: bool) -> dict[str, Any]:
+    """Row `row` of windows seen by a student of another tokenizer, as the tensors named in the module docstring."""
+    tokens = torch.from_numpy(windows.tokens[row])
+    return {
+        "input_ids": tokens[:-1],
+        "labels": tokens[1:],
+        "loss_mask": torch.from_numpy(windows.mask[row]),
+        "teacher_ids": torch.from_numpy(windows.ids[row]),
+        "teacher_logprobs": torch.from_numpy(windows.logprobs[row]),
+        "teacher_valid": torch.from_numpy(windows.valid[row]),
+        "byte_count": torch.tensor(int(windows.units[row]), dtype=torch.long),
+        "domain": torch.tensor(domain_index, dtype=torch.long),
+        "teacher_sampled": torch.tensor(sampled),
+    }
+
+
+def _item(block: WindowBlock | StudentWindows, row: int, domain_index: int, sampled: bool) -> dict[str, Any]:
+    return (student_item if isinstance(block, StudentWindows) else window_item)(block, row, domain_index, sampled)
+
+
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack a list of items into one batch (tensors gain a leading batch dimension)."""
     if not items:
@@ -96,17 +128,28 @@ def _as_store(store: Store | str, storage_options: dict | None) -> Store:
     return store if isinstance(store, Store) else open_store(store, storage_options=storage_options)
 
 
+def _student_view(store: Store, student_tokenizer, seq_len: int | None, domains: list[str]) -> CrossTokenizerView | None:
+    """The alignment for `student_tokenizer` (None: the teacher's own tokens); refused when it is the teacher's."""
+    if student_tokenizer is None:
+        return None
+    if tokenizer_fingerprint(student_tokenizer) == store.header.tokenizer.fingerprint:
+        raise StoreError("student_tokenizer is the cache's own tokenizer: leave it out to read the cached tokens as they are")
+    return CrossTokenizerView.for_store(store.reader, student_tokenizer, seq_len, domains)
+
+
 class CacheDataset(Dataset):
-    """Map-style: item i is window i of one domain's `train` or `valid` split."""
+    """Map-style: item i is window i of one domain's `train` or `valid` split (in `student_tokenizer`'s tokens
+    when given, `seq_len` of them per window)."""
 
     def __init__(self, store: Store | str, domain: str, split: str = "train", storage_options: dict | None = None,
-                 cached_chunks: int = 2) -> None:
+                 cached_chunks: int = 2, student_tokenizer=None, seq_len: int | None = None) -> None:
         self.store = _as_store(store, storage_options)
         self.domain, self.split = domain, split
         self.windows = self.store.split(domain, split).windows  # also checks domain and split
         self._domain_index = self.store.domains.index(domain)
         self._sampled = self.store.capture.drawn
-        self._chunks = _ChunkCache(self.store, max(1, cached_chunks))
+        self.view = _student_view(self.store, student_tokenizer, seq_len, [domain])
+        self._chunks = _ChunkCache(self.store, max(1, cached_chunks), self.view)
 
     def __len__(self) -> int:
         return self.windows
@@ -115,7 +158,7 @@ class CacheDataset(Dataset):
         if not -self.windows <= index < self.windows:
             raise IndexError(f"window {index} out of range: {self.domain}/{self.split} has {self.windows}")
         block, row = self._chunks.window(self.domain, self.split, index % self.windows)
-        return window_item(block, row, self._domain_index, self._sampled)
+        return _item(block, row, self._domain_index, self._sampled)
 
 
 class CacheMixture(IterableDataset):
@@ -126,10 +169,12 @@ class CacheMixture(IterableDataset):
     defaults to uniform; `"manifest"` takes the manifest's weights. Under several DataLoader
     workers or data-parallel ranks, pass `rank` / `world_size` (workers are split further) so
     each process takes every n-th draw of one shared stream: no window twice in a round.
+    `student_tokenizer` / `seq_len`: items in another tokenizer's tokens, as `CacheDataset`'s.
     """
 
     def __init__(self, store: Store | str, weights: Mapping[str, float] | str | None = None, split: str = "train", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, storage_options: dict | None = None, cached_chunks: int = 2) -> None:
+                 rank: int = 0, world_size: int = 1, storage_options: dict | None = None, cached_chunks: int = 2,
+                 student_tokenizer=None, seq_len: int | None = None) -> None:
         self.store = _as_store(store, storage_options)
         self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
         if not 0 <= rank < world_size:
@@ -150,12 +195,13 @@ class CacheMixture(IterableDataset):
         self._domain_index = [domains.index(d) for d in self.domains]
         self._sampled = self.store.capture.drawn
         self._cached_chunks = max(1, cached_chunks)
+        self.view = _student_view(self.store, student_tokenizer, seq_len, self.domains)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         stride, offset = self.world_size * workers, self.rank * workers + worker_id
-        chunks = _ChunkCache(self.store, self._cached_chunks * len(self.domains))
+        chunks = _ChunkCache(self.store, self._cached_chunks * len(self.domains), self.view)
         rng = np.random.default_rng([self.seed, 0x31C7])
         cursors = [[0, 0] for _ in self.domains]  # (epoch, position) per domain
         draw = 0
@@ -170,4 +216,4 @@ class CacheMixture(IterableDataset):
                 order = self._orders[pick]
                 _, row = order.locate(epoch, position)
                 block, in_chunk = chunks.window(order.domain, self.split, row)
-                yield window_item(block, in_chunk, self._domain_index[pick], self._sampled)
+                yield _item(block, in_chunk, self._domain_index[pick], self._sampled)
