@@ -23,12 +23,12 @@ def rounds(student, teacher, prompts, out, n: int, *extra: str):
 def test_rounds_run_resume_and_log_every_student(tiny_student, tiny_teacher, tmp_path):  # noqa: F811
     prompts = write_prompt_manifest(tmp_path)
     out = tmp_path / "rounds"
-    first = rounds(tiny_student, tiny_teacher, prompts, out, 1, "--sft-steps", "2")
+    first = rounds(tiny_student, tiny_teacher, prompts, out, 1)  # the SFT start by default: one pass over 1 round x 6 prompts
     assert first.exit_code == 0, first.output
     assert (out / "round-0" / "student" / "model.safetensors").exists() and CacheReader(str(out / "round-1" / "rollouts.zarr")).complete
     round_0, round_1 = ((out / f"round-{r}" / "rollouts.zarr" / "zarr.json").read_text() for r in (0, 1))
     sft = out / "sft" / "student"  # the SFT start: 2 steps of CE on 2 x 3 reference answers, round 0's student
-    assert "SFT start: 2 steps" in first.output and (sft / "model.safetensors").exists()
+    assert "SFT start: 2 steps of CE on the reference answers (the default" in first.output and (sft / "model.safetensors").exists()
     assert CacheReader(str(out / "sft" / "references.zarr")).domain_info("math").train.windows == 6
     sampled = CacheReader(str(out / "round-0" / "rollouts.zarr")).header.rollout
     assert sampled.student == str(sft.resolve()) and sampled.teacher_mix == 0.2  # MiniLLM's mixture by default
@@ -122,3 +122,10 @@ def test_bad_recipe_settings_are_refused_in_one_line_before_anything_is_written(
         result = rounds(tiny_student, tiny_teacher, prompts, out, 1, *extra)
         assert result.exit_code == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, (extra, result.output)
         assert not out.exists()
+
+
+def test_the_default_sft_start_is_one_pass_over_the_rounds_references():
+    from ddk_cache.stages.minillm_rounds import default_sft_steps
+
+    assert default_sft_steps(2, 64, 8, True) == 16  # the benchmark's recipe arm: 2 rounds x 64 prompts, batch 8
+    assert default_sft_steps(1, 6, 4, True) == 2 and default_sft_steps(3, 64, 8, False) == 0  # no references: no SFT start

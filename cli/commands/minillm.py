@@ -31,7 +31,10 @@ def minillm(
     skew_alpha: Annotated[float, typer.Option(help="skew_reverse_kl: a (DistiLLM: 0.1).")] = 0.1,
     teacher_mix: Annotated[float, typer.Option(
         help="The teacher's share of the mixture the training responses are sampled from, in [0, 1] (MiniLLM: 0.2; 0: the student alone).")] = 0.2,
-    sft_steps: Annotated[int, typer.Option(help="Steps of CE on the reference answers before round 0 (MiniLLM starts from an SFT'd student).")] = 0,
+    sft_steps: Annotated[Optional[int], typer.Option(
+        help="Steps of CE on the reference answers before round 0 (MiniLLM starts from an SFT'd student). "
+             "Default: one pass over the references of every prompt the rounds see (0 without references).",
+        show_default=False)] = None,
     sft_lr: Annotated[float, typer.Option(help="The SFT start's learning rate (constant).")] = 1e-4,
     pt_store: Annotated[Optional[str], typer.Option(help="A cache of fixed text whose next-token CE is added to every update (L_PT).")] = None,
     pt_weight: Annotated[float, typer.Option(help="The weight of the --pt-store term.")] = 1.0,
