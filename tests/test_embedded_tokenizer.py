@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from conftest import write_other_tokenizer
+from typer.testing import CliRunner
 
 import ddk_cache
+from ddk_cache.cli.main import app
 from ddk_cache.errors import StoreError
 from ddk_cache.store.embedded_tokenizer import GROUP
 from ddk_cache.store.fingerprints import tokenizer_fingerprint
@@ -22,7 +23,9 @@ from ddk_cache.store.reader import CacheReader
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddk_cache.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    """The CLI in this process (typer's runner keeps stdout and stderr apart), as the user's exit code and lines."""
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def as_before_tokenizers_were_embedded(source: Path, out: Path) -> Path:
