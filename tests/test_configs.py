@@ -73,7 +73,7 @@ def test_settings_hold_the_choices_and_are_never_changed():
 def test_every_numeric_distill_flag_has_a_range():
     flags = {"steps", "seed", "batch_size", "grad_accum", "global_batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
              "ddk_alpha", "ddk_temperature", "update_every", "eval_windows", "eval_batch_size", "pt_weight", "dist_timeout",
-             "checkpoint_every", "reader_threads", "lora_rank", "lora_alpha", "lora_dropout"}
+             "checkpoint_every", "reader_threads", "lora_rank", "lora_alpha", "lora_dropout", "student_seq_len", "uld_weight", "min_aligned"}
     assert set(DISTILL_RANGES) == flags
 
 

@@ -58,7 +58,9 @@ def test_blocked_log_softmax_matches_unblocked(tiny_teacher, windows, monkeypatc
     monkeypatch.setattr(hf_engine, "LOGPROB_BLOCK_ELEMENTS", 3 * engine.config.vocab_size)  # 3 rows per block
     blocked = engine.score(windows, K)
     np.testing.assert_array_equal(blocked.topk_ids, whole.topk_ids)
-    np.testing.assert_array_equal(blocked.target_logprobs, whole.target_logprobs)
+    # the head's matmul on fewer rows may round differently (1 ulp seen on an AMD EPYC): equal up to float32 rounding,
+    # where a wrong normaliser or a misplaced row would be off by far more
+    np.testing.assert_allclose(blocked.target_logprobs, whole.target_logprobs, rtol=0, atol=1e-5)
 
 
 def test_progress_reports_every_scored_token(tiny_teacher, windows):
